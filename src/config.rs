@@ -1,0 +1,273 @@
+//! `config`: the TOML schema of /etc/twinvol/twinvol.toml, loading, and validation whose errors
+//! name the field and the fix.
+//!
+//! Unknown fields are errors (a misspelt key must never be silently ignored). Validation that
+//! needs no I/O lives in [`Config::validate`]; it never touches devices or the network.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::engine::{CacheMode, EngineKind};
+
+/// Errors loading a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source} (pass --config with the right path)")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, a field has the wrong type, or a field is unknown.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's account, naming the key, line and column.
+        message: String,
+    },
+    /// A field has a value twinvol cannot use.
+    #[error("config {path}: field `{field}`: {problem}; {fix}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Dotted path of the field, e.g. `volume[0].device`.
+        field: String,
+        /// What is wrong with the value.
+        problem: String,
+        /// What to write instead.
+        fix: String,
+    },
+}
+
+/// Engine choice in a config file: a specific backend, or probe at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineChoice {
+    /// io_uring if the kernel allows it, else sync (the choice is logged).
+    #[default]
+    Auto,
+    /// Always io_uring; fail if unavailable.
+    Uring,
+    /// Always the blocking-pool backend.
+    Sync,
+}
+
+impl EngineChoice {
+    /// The forced backend, if any.
+    pub fn forced(self) -> Option<EngineKind> {
+        match self {
+            EngineChoice::Auto => None,
+            EngineChoice::Uring => Some(EngineKind::Uring),
+            EngineChoice::Sync => Some(EngineKind::Sync),
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node.
+    pub node: NodeConfig,
+    /// Volumes served by this node (at least one).
+    #[serde(rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
+}
+
+/// Identity of this node.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Short name of this node, unique in the pair (letters, digits, '-', '_').
+    pub id: String,
+}
+
+/// One volume: a local device and how it is exported.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// Name of the volume (letters, digits, '-', '_'); used in device links and status.
+    pub name: String,
+    /// Backing device. Use a stable name: /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol...
+    pub device: PathBuf,
+    /// I/O backend.
+    #[serde(default)]
+    pub engine: EngineChoice,
+    /// Page-cache mode.
+    #[serde(default = "default_cache")]
+    pub cache: CacheMode,
+    /// How the volume is exported over NBD.
+    #[serde(default)]
+    pub export: ExportConfig,
+}
+
+fn default_cache() -> CacheMode {
+    CacheMode::None
+}
+
+/// NBD export settings of a volume.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// Unix socket path to listen on.
+    pub socket: Option<PathBuf>,
+    /// TCP address to listen on (loopback unless the operator says otherwise).
+    pub listen: Option<SocketAddr>,
+    /// Export name clients ask for; empty by default.
+    #[serde(default)]
+    pub name: String,
+    /// Refuse writes.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+fn valid_ident(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl Config {
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates TOML text; `path` is used in messages only.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks values that parse but cannot work. Warnings (not errors) are logged.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: String, problem: String, fix: &str| ConfigError::Invalid {
+            path: path.into(),
+            field,
+            problem,
+            fix: fix.into(),
+        };
+        if !valid_ident(&self.node.id) {
+            return Err(invalid(
+                "node.id".into(),
+                format!("{:?} is not a valid node name", self.node.id),
+                "use 1-64 letters, digits, '-' or '_', e.g. id = \"node-a\"",
+            ));
+        }
+        if self.volumes.is_empty() {
+            return Err(invalid("volume".into(), "no volume is configured".into(), "add a [[volume]] table with name and device"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, v) in self.volumes.iter().enumerate() {
+            if !valid_ident(&v.name) {
+                return Err(invalid(
+                    format!("volume[{i}].name"),
+                    format!("{:?} is not a valid volume name", v.name),
+                    "use 1-64 letters, digits, '-' or '_', e.g. name = \"data\"",
+                ));
+            }
+            if !names.insert(v.name.as_str()) {
+                return Err(invalid(format!("volume[{i}].name"), format!("{:?} is used twice", v.name), "give every volume its own name"));
+            }
+            if !v.device.is_absolute() {
+                return Err(invalid(
+                    format!("volume[{i}].device"),
+                    format!("{} is not an absolute path", v.device.display()),
+                    "use a stable absolute path such as /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0123...",
+                ));
+            }
+            if unstable_device_name(&v.device) {
+                tracing::warn!(
+                    volume = %v.name,
+                    device = %v.device.display(),
+                    "device names like /dev/nvmeXnY change across reboots; use /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol... instead"
+                );
+            }
+            if v.export.socket.is_none() && v.export.listen.is_none() {
+                return Err(invalid(
+                    format!("volume[{i}].export"),
+                    "neither socket nor listen is set".into(),
+                    "set export.socket = \"/run/twinvol/<volume>.sock\" or export.listen = \"127.0.0.1:10809\"",
+                ));
+            }
+            if v.export.name.len() > 4096 || v.export.name.contains('\0') {
+                return Err(invalid(
+                    format!("volume[{i}].export.name"),
+                    "export names must be at most 4096 bytes without NUL".into(),
+                    "use a short name or leave it empty",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// True for kernel names that are not stable across reboots on Nitro instances (/dev/nvme1n1).
+pub fn unstable_device_name(p: &Path) -> bool {
+    let s = p.to_string_lossy();
+    s.strip_prefix("/dev/nvme").is_some_and(|rest| rest.contains('n') && !rest.contains('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+id = "node-a"
+
+[[volume]]
+name = "data"
+device = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0123"
+[volume.export]
+socket = "/run/twinvol/data.sock"
+"#;
+
+    #[test]
+    fn good_config_loads_with_defaults() {
+        let c = Config::parse(Path::new("t.toml"), GOOD).unwrap();
+        assert_eq!(c.volumes[0].engine, EngineChoice::Auto);
+        assert_eq!(c.volumes[0].cache, CacheMode::None);
+        assert_eq!(c.volumes[0].export.name, "");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let text = GOOD.replace("name = \"data\"", "name = \"data\"\ndevcie = \"/x\"");
+        let e = Config::parse(Path::new("t.toml"), &text).unwrap_err().to_string();
+        assert!(e.contains("devcie"), "{e}");
+    }
+
+    #[test]
+    fn relative_device_names_field_and_fix() {
+        let text = GOOD.replace("/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0123", "disk.img");
+        let e = Config::parse(Path::new("t.toml"), &text).unwrap_err().to_string();
+        assert!(e.contains("volume[0].device") && e.contains("/dev/disk/by-id"), "{e}");
+    }
+
+    #[test]
+    fn missing_export_endpoint_is_refused() {
+        let text = GOOD.replace("socket = \"/run/twinvol/data.sock\"", "");
+        let e = Config::parse(Path::new("t.toml"), &text).unwrap_err().to_string();
+        assert!(e.contains("volume[0].export") && e.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn bad_engine_value_is_named() {
+        let text = GOOD.replace("name = \"data\"", "name = \"data\"\nengine = \"aio\"");
+        let e = Config::parse(Path::new("t.toml"), &text).unwrap_err().to_string();
+        assert!(e.contains("aio") && e.contains("engine"), "{e}");
+    }
+
+    #[test]
+    fn nvme_kernel_names_are_unstable() {
+        assert!(unstable_device_name(Path::new("/dev/nvme1n1")));
+        assert!(!unstable_device_name(Path::new("/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol1")));
+    }
+}

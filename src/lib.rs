@@ -1,0 +1,10 @@
+//! twinvol: mirrored block volumes for two-node clusters, exported over NBD, with cloud failover.
+//!
+//! Rooms (see docs/ARCHITECTURE.md): `config` (TOML schema), `engine` (local disk I/O),
+//! `block` (the contract between an exporter and what it exports), `nbd` (protocol, server,
+//! kernel attach). Lower rooms never import higher ones.
+
+pub mod block;
+pub mod config;
+pub mod engine;
+pub mod nbd;
