@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh Debian 12 machine with Rust (idempotent).
+# System packages from Debian; Python tools (moto) into a virtualenv outside the checkout.
+set -euo pipefail
+
+APT_PACKAGES=(nbdkit libnbd-bin fio nftables qemu-utils iproute2 e2fsprogs fuse3 python3-venv curl)
+VENV="${TWINVOL_VENV:-$HOME/.cache/twinvol-venv}"
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "test-deps: creating virtualenv $VENV"
+  python3 -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c 'import moto, flask' >/dev/null 2>&1; then
+  echo "test-deps: installing moto[server] into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6'
+fi
+echo "test-deps: ok"
