@@ -1,1 +1,115 @@
-fn main() {}
+//! The `twinvol` command line: parses arguments, then calls one library function per subcommand.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use twinvol::engine::{CacheMode, EngineKind};
+use twinvol::nbd::export::{self, Endpoint, ExportOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "twinvol",
+    version,
+    about = "Mirrored block volumes with NBD export and cloud failover"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a local device or file over NBD (Unix socket, TCP or stdio).
+    Export(ExportArgs),
+    /// Load and validate configuration files; prints nothing but errors and warnings.
+    CheckConfig {
+        /// Files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// Device or file to export (a regular file must already have its size).
+    path: PathBuf,
+    /// Listen on this Unix socket.
+    #[arg(long, conflicts_with_all = ["listen", "stdio"])]
+    socket: Option<PathBuf>,
+    /// Listen on this TCP address (e.g. 127.0.0.1:10809).
+    #[arg(long, conflicts_with = "stdio")]
+    listen: Option<SocketAddr>,
+    /// Speak NBD on stdin/stdout with one client (for fuzzing and inetd-style use).
+    #[arg(long)]
+    stdio: bool,
+    /// Export name clients ask for (default: the empty name).
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Refuse writes.
+    #[arg(long)]
+    read_only: bool,
+    /// Force the I/O engine (default: io_uring if the kernel allows it, else sync).
+    #[arg(long, value_enum)]
+    engine: Option<EngineKind>,
+    /// Page-cache mode: none = O_DIRECT, writeback = buffered.
+    #[arg(long, value_enum, default_value_t = CacheMode::None)]
+    cache: CacheMode,
+    /// Seconds in-flight requests may take after SIGTERM.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace: u64,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TWINVOL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn run_export(a: ExportArgs) -> anyhow::Result<()> {
+    let endpoint = match (a.socket, a.listen, a.stdio) {
+        (Some(p), _, _) => Endpoint::Unix(p),
+        (None, Some(addr), _) => Endpoint::Tcp(addr),
+        (None, None, true) => Endpoint::Stdio,
+        (None, None, false) => {
+            anyhow::bail!("say where to listen: --socket PATH, --listen HOST:PORT or --stdio")
+        }
+    };
+    let mut server = twinvol::nbd::server::ServerConfig::default();
+    server.shutdown_grace = std::time::Duration::from_secs(a.shutdown_grace);
+    export::run(ExportOptions {
+        path: a.path,
+        endpoint,
+        name: a.name,
+        read_only: a.read_only,
+        engine: a.engine,
+        cache: a.cache,
+        server,
+    })?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Export(a) => run_export(a),
+        Command::CheckConfig { files } => files.iter().try_for_each(|f| {
+            twinvol::config::Config::load(f)?;
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("twinvol: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
