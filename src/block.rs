@@ -136,3 +136,108 @@ pub trait BlockTarget {
     /// `len` (the caller may ask again for the remainder).
     async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>>;
 }
+
+pub mod mem {
+    //! [`MemTarget`]: a RAM disk implementing [`BlockTarget`], for tests, fuzzing and benchmarks
+    //! of the layers above the engine.
+
+    use std::cell::RefCell;
+
+    use super::{BlockResult, BlockTarget, Extent, TargetInfo, ZeroFlags};
+    use crate::engine::buf::AlignedBuf;
+
+    /// A byte vector behind the block-target contract. Never fails; counts flushes.
+    ///
+    /// Invariant: `data.len() == info.size`.
+    pub struct MemTarget {
+        info: TargetInfo,
+        data: RefCell<Vec<u8>>,
+        flushes: std::cell::Cell<u64>,
+    }
+
+    impl MemTarget {
+        /// A zeroed RAM disk of `size` bytes with every capability on.
+        pub fn new(size: u64) -> Self {
+            let info = TargetInfo {
+                size,
+                min_block: 1,
+                preferred_block: 4096,
+                max_block: 32 * 1024 * 1024,
+                read_only: false,
+                rotational: false,
+                can_flush: true,
+                can_fua: true,
+                can_trim: true,
+                can_zero: true,
+                can_fast_zero: true,
+                can_cache: true,
+                can_multi_conn: true,
+                description: "in-memory test disk".into(),
+            };
+            Self { info, data: RefCell::new(vec![0; size as usize]), flushes: Default::default() }
+        }
+
+        /// A copy of the bytes in `[offset, offset+len)`.
+        pub fn snapshot(&self, offset: u64, len: usize) -> Vec<u8> {
+            self.data.borrow()[offset as usize..offset as usize + len].to_vec()
+        }
+
+        /// Number of flushes served.
+        pub fn flushes(&self) -> u64 {
+            self.flushes.get()
+        }
+
+        fn fill(&self, offset: u64, len: u64, byte: u8) {
+            self.data.borrow_mut()[offset as usize..(offset + len) as usize].fill(byte);
+        }
+    }
+
+    impl BlockTarget for MemTarget {
+        fn info(&self) -> &TargetInfo {
+            &self.info
+        }
+        fn alloc_buf(&self, len: usize) -> AlignedBuf {
+            AlignedBuf::new(len, 512)
+        }
+        async fn read(&self, offset: u64, mut buf: AlignedBuf) -> (BlockResult<()>, AlignedBuf) {
+            let n = buf.len();
+            buf.copy_from_slice(&self.data.borrow()[offset as usize..offset as usize + n]);
+            (Ok(()), buf)
+        }
+        async fn write(&self, offset: u64, buf: AlignedBuf, _fua: bool) -> (BlockResult<()>, AlignedBuf) {
+            self.data.borrow_mut()[offset as usize..offset as usize + buf.len()].copy_from_slice(&buf);
+            (Ok(()), buf)
+        }
+        async fn flush(&self) -> BlockResult<()> {
+            self.flushes.set(self.flushes.get() + 1);
+            Ok(())
+        }
+        async fn trim(&self, offset: u64, len: u64, _fua: bool) -> BlockResult<()> {
+            self.fill(offset, len, 0);
+            Ok(())
+        }
+        async fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> BlockResult<()> {
+            self.fill(offset, len, 0);
+            Ok(())
+        }
+        async fn cache(&self, _offset: u64, _len: u64) -> BlockResult<()> {
+            Ok(())
+        }
+        async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
+            // Runs of all-zero 4 KiB blocks are reported as zero (not holes: RAM is allocated).
+            let data = self.data.borrow();
+            let mut out: Vec<Extent> = Vec::new();
+            let mut pos = offset;
+            while pos < offset + len {
+                let end = ((pos / 4096 + 1) * 4096).min(offset + len);
+                let zero = data[pos as usize..end as usize].iter().all(|&b| b == 0);
+                match out.last_mut() {
+                    Some(e) if e.zero == zero => e.length += end - pos,
+                    _ => out.push(Extent { length: end - pos, hole: false, zero }),
+                }
+                pos = end;
+            }
+            Ok(out)
+        }
+    }
+}
