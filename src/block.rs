@@ -174,7 +174,11 @@ pub mod mem {
                 can_multi_conn: true,
                 description: "in-memory test disk".into(),
             };
-            Self { info, data: RefCell::new(vec![0; size as usize]), flushes: Default::default() }
+            Self {
+                info,
+                data: RefCell::new(vec![0; size as usize]),
+                flushes: Default::default(),
+            }
         }
 
         /// A copy of the bytes in `[offset, offset+len)`.
@@ -204,8 +208,14 @@ pub mod mem {
             buf.copy_from_slice(&self.data.borrow()[offset as usize..offset as usize + n]);
             (Ok(()), buf)
         }
-        async fn write(&self, offset: u64, buf: AlignedBuf, _fua: bool) -> (BlockResult<()>, AlignedBuf) {
-            self.data.borrow_mut()[offset as usize..offset as usize + buf.len()].copy_from_slice(&buf);
+        async fn write(
+            &self,
+            offset: u64,
+            buf: AlignedBuf,
+            _fua: bool,
+        ) -> (BlockResult<()>, AlignedBuf) {
+            self.data.borrow_mut()[offset as usize..offset as usize + buf.len()]
+                .copy_from_slice(&buf);
             (Ok(()), buf)
         }
         async fn flush(&self) -> BlockResult<()> {
@@ -233,7 +243,11 @@ pub mod mem {
                 let zero = data[pos as usize..end as usize].iter().all(|&b| b == 0);
                 match out.last_mut() {
                     Some(e) if e.zero == zero => e.length += end - pos,
-                    _ => out.push(Extent { length: end - pos, hole: false, zero }),
+                    _ => out.push(Extent {
+                        length: end - pos,
+                        hole: false,
+                        zero,
+                    }),
                 }
                 pos = end;
             }

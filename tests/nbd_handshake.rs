@@ -4,12 +4,19 @@
 use proptest::prelude::*;
 use twinvol::block::mem::MemTarget;
 use twinvol::block::BlockTarget;
-use twinvol::nbd::proto::client::{encode_info_request, encode_meta_request, encode_option, parse_option_reply, OptionReply};
-use twinvol::nbd::proto::consts::{cf, info, opt, rep, tf, BASE_ALLOCATION, NBDMAGIC, IHAVEOPT};
-use twinvol::nbd::proto::handshake::{greeting, ExportSpec, HandshakeError, Outcome, ServerHandshake, MAX_OPTION_LEN};
+use twinvol::nbd::proto::client::{
+    encode_info_request, encode_meta_request, encode_option, parse_option_reply, OptionReply,
+};
+use twinvol::nbd::proto::consts::{cf, info, opt, rep, tf, BASE_ALLOCATION, IHAVEOPT, NBDMAGIC};
+use twinvol::nbd::proto::handshake::{
+    greeting, ExportSpec, HandshakeError, Outcome, ServerHandshake, MAX_OPTION_LEN,
+};
 
 fn spec(name: &str) -> ExportSpec {
-    ExportSpec { name: name.into(), info: MemTarget::new(1 << 20).info().clone() }
+    ExportSpec {
+        name: name.into(),
+        info: MemTarget::new(1 << 20).info().clone(),
+    }
 }
 
 fn flags(f: u32) -> Vec<u8> {
@@ -37,7 +44,10 @@ fn replies(mut out: &[u8]) -> Vec<OptionReply> {
         v.push(r);
         out = &out[n..];
     }
-    assert!(out.is_empty(), "trailing bytes after option replies: {out:?}");
+    assert!(
+        out.is_empty(),
+        "trailing bytes after option replies: {out:?}"
+    );
     v
 }
 
@@ -53,7 +63,10 @@ fn greeting_is_fixed_newstyle_with_no_zeroes() {
 fn go_sends_export_info_block_size_and_ack() {
     let mut hs = ServerHandshake::new(spec(""));
     let mut input = flags(cf::FIXED_NEWSTYLE | cf::NO_ZEROES);
-    input.extend(encode_option(opt::GO, &encode_info_request("", &[info::BLOCK_SIZE, info::NAME, info::DESCRIPTION])));
+    input.extend(encode_option(
+        opt::GO,
+        &encode_info_request("", &[info::BLOCK_SIZE, info::NAME, info::DESCRIPTION]),
+    ));
     let (out, outcome, _) = run(&mut hs, &input);
     let r = replies(&out);
     assert_eq!(r.len(), 5);
@@ -94,7 +107,16 @@ fn unknown_and_unsupported_options_get_err_unsup_and_parsing_continues() {
     let (out, outcome, _) = run(&mut hs, &input);
     let r = replies(&out);
     let types: Vec<u32> = r.iter().map(|r| r.reply_type).collect();
-    assert_eq!(types, vec![rep::ERR_UNSUP, rep::ERR_UNSUP, rep::ERR_UNSUP, rep::SERVER, rep::ACK]);
+    assert_eq!(
+        types,
+        vec![
+            rep::ERR_UNSUP,
+            rep::ERR_UNSUP,
+            rep::ERR_UNSUP,
+            rep::SERVER,
+            rep::ACK
+        ]
+    );
     assert_eq!(outcome, Outcome::NeedMore);
 }
 
@@ -114,7 +136,10 @@ fn oversized_option_is_skipped_without_buffering_and_refused() {
             let step = hs.feed(&pending);
             pending.drain(..step.consumed);
             out.extend(step.output);
-            assert!(pending.len() < 70_000, "the handshake must not buffer an oversized option");
+            assert!(
+                pending.len() < 70_000,
+                "the handshake must not buffer an oversized option"
+            );
             if step.consumed == 0 || step.outcome != Outcome::NeedMore {
                 break;
             }
@@ -128,10 +153,19 @@ fn oversized_option_is_skipped_without_buffering_and_refused() {
 fn meta_context_needs_structured_replies_then_selects_base_allocation() {
     let mut hs = ServerHandshake::new(spec(""));
     let mut input = flags(cf::FIXED_NEWSTYLE);
-    input.extend(encode_option(opt::SET_META_CONTEXT, &encode_meta_request("", &[BASE_ALLOCATION])));
+    input.extend(encode_option(
+        opt::SET_META_CONTEXT,
+        &encode_meta_request("", &[BASE_ALLOCATION]),
+    ));
     input.extend(encode_option(opt::STRUCTURED_REPLY, &[]));
-    input.extend(encode_option(opt::LIST_META_CONTEXT, &encode_meta_request("", &[])));
-    input.extend(encode_option(opt::SET_META_CONTEXT, &encode_meta_request("", &["qemu:dirty-bitmap:x", BASE_ALLOCATION])));
+    input.extend(encode_option(
+        opt::LIST_META_CONTEXT,
+        &encode_meta_request("", &[]),
+    ));
+    input.extend(encode_option(
+        opt::SET_META_CONTEXT,
+        &encode_meta_request("", &["qemu:dirty-bitmap:x", BASE_ALLOCATION]),
+    ));
     input.extend(encode_option(opt::GO, &encode_info_request("", &[])));
     let (out, outcome, _) = run(&mut hs, &input);
     let r = replies(&out);
@@ -144,7 +178,15 @@ fn meta_context_needs_structured_replies_then_selects_base_allocation() {
     match outcome {
         Outcome::Transmission(n) => {
             assert!(n.structured);
-            assert_eq!(n.base_allocation, Some(u32::from_be_bytes([r[4].data[0], r[4].data[1], r[4].data[2], r[4].data[3]])));
+            assert_eq!(
+                n.base_allocation,
+                Some(u32::from_be_bytes([
+                    r[4].data[0],
+                    r[4].data[1],
+                    r[4].data[2],
+                    r[4].data[3]
+                ]))
+            );
         }
         o => panic!("expected transmission, got {o:?}"),
     }
@@ -159,7 +201,10 @@ fn malformed_info_and_list_data_get_err_invalid() {
     input.extend(encode_option(opt::STRUCTURED_REPLY, b"junk"));
     let (out, _, _) = run(&mut hs, &input);
     let types: Vec<u32> = replies(&out).iter().map(|r| r.reply_type).collect();
-    assert_eq!(types, vec![rep::ERR_INVALID, rep::ERR_INVALID, rep::ERR_INVALID]);
+    assert_eq!(
+        types,
+        vec![rep::ERR_INVALID, rep::ERR_INVALID, rep::ERR_INVALID]
+    );
 }
 
 #[test]
@@ -168,13 +213,20 @@ fn export_name_for_unknown_export_closes_and_known_one_answers_with_padding() {
     let mut input = flags(cf::FIXED_NEWSTYLE);
     input.extend(encode_option(opt::EXPORT_NAME, b"/"));
     let (_, outcome, _) = run(&mut hs, &input);
-    assert_eq!(outcome, Outcome::Close(HandshakeError::UnknownExport("/".into())));
+    assert_eq!(
+        outcome,
+        Outcome::Close(HandshakeError::UnknownExport("/".into()))
+    );
 
     let mut hs = ServerHandshake::new(spec(""));
     let mut input = flags(cf::FIXED_NEWSTYLE);
     input.extend(encode_option(opt::EXPORT_NAME, b""));
     let (out, outcome, _) = run(&mut hs, &input);
-    assert_eq!(out.len(), 8 + 2 + 124, "size, flags and 124 zero bytes without NO_ZEROES");
+    assert_eq!(
+        out.len(),
+        8 + 2 + 124,
+        "size, flags and 124 zero bytes without NO_ZEROES"
+    );
     assert!(matches!(outcome, Outcome::Transmission(_)));
 }
 
@@ -183,10 +235,16 @@ fn bad_option_magic_unknown_client_flags_and_abort_close() {
     let mut hs = ServerHandshake::new(spec(""));
     let mut input = flags(cf::FIXED_NEWSTYLE);
     input.extend(b"NOTMAGIC\0\0\0\x07\0\0\0\0");
-    assert!(matches!(run(&mut hs, &input).1, Outcome::Close(HandshakeError::BadOptionMagic(_))));
+    assert!(matches!(
+        run(&mut hs, &input).1,
+        Outcome::Close(HandshakeError::BadOptionMagic(_))
+    ));
 
     let mut hs = ServerHandshake::new(spec(""));
-    assert!(matches!(run(&mut hs, &flags(0x80)).1, Outcome::Close(HandshakeError::UnknownClientFlags(0x80))));
+    assert!(matches!(
+        run(&mut hs, &flags(0x80)).1,
+        Outcome::Close(HandshakeError::UnknownClientFlags(0x80))
+    ));
 
     let mut hs = ServerHandshake::new(spec(""));
     let mut input = flags(cf::FIXED_NEWSTYLE);
@@ -198,7 +256,8 @@ fn bad_option_magic_unknown_client_flags_and_abort_close() {
 
 #[test]
 fn nbdkit_seed_streams_reach_the_expected_phase() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/nbd-client-streams");
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/nbd-client-streams");
     let expect = [
         ("newstyle-cflags", "needmore"),
         ("newstyle-cflags-exportname", "close"),
@@ -219,7 +278,11 @@ fn nbdkit_seed_streams_reach_the_expected_phase() {
         };
         assert_eq!(got, want, "{file}");
         if want == "transmission" {
-            assert_eq!((bytes.len() - consumed) % 28 == 0 || file.ends_with("write"), true, "{file}: requests left intact");
+            assert_eq!(
+                (bytes.len() - consumed) % 28 == 0 || file.ends_with("write"),
+                true,
+                "{file}: requests left intact"
+            );
         }
     }
 }
@@ -228,10 +291,16 @@ fn arb_option() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         Just(encode_option(opt::LIST, &[])),
         Just(encode_option(opt::STRUCTURED_REPLY, &[])),
-        "[a-z]{0,8}".prop_map(|n| encode_option(opt::INFO, &encode_info_request(&n, &[info::NAME, info::BLOCK_SIZE]))),
-        proptest::collection::vec(any::<u8>(), 0..64).prop_map(|d| encode_option(opt::LIST_META_CONTEXT, &d)),
-        proptest::collection::vec(any::<u8>(), 0..64).prop_map(|d| encode_option(opt::SET_META_CONTEXT, &d)),
-        (12u32..100, proptest::collection::vec(any::<u8>(), 0..32)).prop_map(|(o, d)| encode_option(o, &d)),
+        "[a-z]{0,8}".prop_map(|n| encode_option(
+            opt::INFO,
+            &encode_info_request(&n, &[info::NAME, info::BLOCK_SIZE])
+        )),
+        proptest::collection::vec(any::<u8>(), 0..64)
+            .prop_map(|d| encode_option(opt::LIST_META_CONTEXT, &d)),
+        proptest::collection::vec(any::<u8>(), 0..64)
+            .prop_map(|d| encode_option(opt::SET_META_CONTEXT, &d)),
+        (12u32..100, proptest::collection::vec(any::<u8>(), 0..32))
+            .prop_map(|(o, d)| encode_option(o, &d)),
         Just(encode_option(opt::GO, &encode_info_request("", &[]))),
     ]
 }

@@ -8,8 +8,11 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::watch;
 use twinvol::block::mem::MemTarget;
-use twinvol::nbd::proto::client::{encode_info_request, encode_meta_request, encode_option, parse_option_reply, parse_reply_header, ReplyHeader};
-use twinvol::nbd::proto::consts::{cf, chunk, cmd, cflag, err, opt, rep, BASE_ALLOCATION};
+use twinvol::nbd::proto::client::{
+    encode_info_request, encode_meta_request, encode_option, parse_option_reply,
+    parse_reply_header, ReplyHeader,
+};
+use twinvol::nbd::proto::consts::{cf, cflag, chunk, cmd, err, opt, rep, BASE_ALLOCATION};
 use twinvol::nbd::proto::transmission::RequestHeader;
 use twinvol::nbd::server::{serve_connection, ServerConfig, Shared};
 
@@ -28,17 +31,27 @@ struct Reply {
 }
 
 impl Client {
-    async fn connect(shared: Shared<MemTarget>, structured: bool) -> (Client, tokio::task::JoinHandle<Result<(), String>>) {
+    async fn connect(
+        shared: Shared<MemTarget>,
+        structured: bool,
+    ) -> (Client, tokio::task::JoinHandle<Result<(), String>>) {
         let (a, b) = tokio::io::duplex(1 << 20);
         let (r, w) = tokio::io::split(b);
-        let server = tokio::task::spawn_local(async move { serve_connection(shared, r, w).await.map_err(|e| e.to_string()) });
+        let server = tokio::task::spawn_local(async move {
+            serve_connection(shared, r, w)
+                .await
+                .map_err(|e| e.to_string())
+        });
         let mut c = Client { s: a, structured };
         let mut greeting = [0u8; 18];
         c.s.read_exact(&mut greeting).await.unwrap();
         let mut hello = (cf::FIXED_NEWSTYLE | cf::NO_ZEROES).to_be_bytes().to_vec();
         if structured {
             hello.extend(encode_option(opt::STRUCTURED_REPLY, &[]));
-            hello.extend(encode_option(opt::SET_META_CONTEXT, &encode_meta_request("", &[BASE_ALLOCATION])));
+            hello.extend(encode_option(
+                opt::SET_META_CONTEXT,
+                &encode_meta_request("", &[BASE_ALLOCATION]),
+            ));
         }
         hello.extend(encode_option(opt::GO, &encode_info_request("", &[])));
         c.s.write_all(&hello).await.unwrap();
@@ -46,7 +59,11 @@ impl Client {
         loop {
             if let Some((r, n)) = parse_option_reply(&buf).unwrap() {
                 buf.drain(..n);
-                assert!(r.reply_type & rep::ERR_BIT == 0, "option {} refused", r.option);
+                assert!(
+                    r.reply_type & rep::ERR_BIT == 0,
+                    "option {} refused",
+                    r.option
+                );
                 if r.option == opt::GO && r.reply_type == rep::ACK {
                     break;
                 }
@@ -60,8 +77,22 @@ impl Client {
         (c, server)
     }
 
-    async fn send(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
-        let h = RequestHeader { flags, kind, cookie, offset, length };
+    async fn send(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) {
+        let h = RequestHeader {
+            flags,
+            kind,
+            cookie,
+            offset,
+            length,
+        };
         self.s.write_all(&h.encode()).await.unwrap();
         self.s.write_all(payload).await.unwrap();
     }
@@ -80,18 +111,36 @@ impl Client {
             ReplyHeader::Simple { error, cookie } => {
                 let mut data = vec![0; if error == 0 { read_len(cookie) } else { 0 }];
                 self.s.read_exact(&mut data).await.ok()?;
-                Some(Reply { cookie, error, data, chunks: vec![] })
+                Some(Reply {
+                    cookie,
+                    error,
+                    data,
+                    chunks: vec![],
+                })
             }
-            ReplyHeader::Chunk { flags, kind, cookie, length } => {
+            ReplyHeader::Chunk {
+                flags,
+                kind,
+                cookie,
+                length,
+            } => {
                 let mut payload = vec![0; length as usize];
                 self.s.read_exact(&mut payload).await.ok()?;
-                assert!(flags & chunk::FLAG_DONE != 0, "twinvol sends single-chunk replies");
+                assert!(
+                    flags & chunk::FLAG_DONE != 0,
+                    "twinvol sends single-chunk replies"
+                );
                 let (error, data) = match kind {
                     chunk::OFFSET_DATA => (0, payload[8..].to_vec()),
                     chunk::ERROR => (u32::from_be_bytes(payload[..4].try_into().unwrap()), vec![]),
                     _ => (0, payload),
                 };
-                Some(Reply { cookie, error, data, chunks: vec![kind] })
+                Some(Reply {
+                    cookie,
+                    error,
+                    data,
+                    chunks: vec![kind],
+                })
             }
         }
     }
@@ -100,11 +149,18 @@ impl Client {
 fn shared(size: u64) -> (Shared<MemTarget>, Rc<MemTarget>, watch::Sender<bool>) {
     let t = Rc::new(MemTarget::new(size));
     let (tx, rx) = watch::channel(false);
-    (Shared::new(t.clone(), String::new(), &ServerConfig::default(), rx), t, tx)
+    (
+        Shared::new(t.clone(), String::new(), &ServerConfig::default(), rx),
+        t,
+        tx,
+    )
 }
 
 fn local<F: std::future::Future<Output = ()>>(f: F) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     tokio::task::LocalSet::new().block_on(&rt, f);
 }
 
@@ -115,7 +171,15 @@ fn pipelined_writes_and_reads_echo_every_cookie_once() {
         let (mut c, _srv) = Client::connect(sh, true).await;
         for i in 0..64u64 {
             let data = vec![i as u8; 4096];
-            c.send(cmd::WRITE, 0, 0xdead_0000_0000_0000 | i, i * 4096, 4096, &data).await;
+            c.send(
+                cmd::WRITE,
+                0,
+                0xdead_0000_0000_0000 | i,
+                i * 4096,
+                4096,
+                &data,
+            )
+            .await;
         }
         let mut seen = std::collections::HashSet::new();
         for _ in 0..64 {
@@ -140,12 +204,17 @@ fn simple_replies_for_clients_without_structured_replies_keep_cookies_byte_exact
     local(async {
         let (sh, _t, _tx) = shared(1 << 20);
         let (mut c, _srv) = Client::connect(sh, false).await;
-        c.send(cmd::WRITE, cflag::FUA, u64::MAX, 512, 3, b"abc").await;
+        c.send(cmd::WRITE, cflag::FUA, u64::MAX, 512, 3, b"abc")
+            .await;
         let r = c.recv(|_| 0).await.unwrap();
         assert_eq!((r.cookie, r.error), (u64::MAX, 0));
-        c.send(cmd::READ, 0, 0x0102_0304_0506_0708, 512, 3, &[]).await;
+        c.send(cmd::READ, 0, 0x0102_0304_0506_0708, 512, 3, &[])
+            .await;
         let r = c.recv(|_| 3).await.unwrap();
-        assert_eq!((r.cookie, r.data.as_slice()), (0x0102_0304_0506_0708, &b"abc"[..]));
+        assert_eq!(
+            (r.cookie, r.data.as_slice()),
+            (0x0102_0304_0506_0708, &b"abc"[..])
+        );
         // BLOCK_STATUS without a negotiated context is invalid.
         c.send(cmd::BLOCK_STATUS, 0, 5, 0, 4096, &[]).await;
         assert_eq!(c.recv(|_| 0).await.unwrap().error, err::EINVAL);
@@ -162,7 +231,8 @@ fn refused_requests_get_errors_and_the_stream_stays_in_sync() {
         c.send(cmd::WRITE, 0, 1, 0, big.len() as u32, &big).await;
         assert_eq!(c.recv(|_| 0).await.unwrap().error, err::EINVAL);
         // Past the end.
-        c.send(cmd::WRITE, 0, 2, (1 << 20) - 512, 1024, &[1u8; 1024]).await;
+        c.send(cmd::WRITE, 0, 2, (1 << 20) - 512, 1024, &[1u8; 1024])
+            .await;
         assert_eq!(c.recv(|_| 0).await.unwrap().error, err::ENOSPC);
         c.send(cmd::READ, 0, 3, 1 << 20, 1, &[]).await;
         assert_eq!(c.recv(|_| 0).await.unwrap().error, err::EINVAL);
@@ -185,9 +255,15 @@ fn bad_request_magic_closes_the_connection() {
         let (sh, _t, _tx) = shared(1 << 20);
         let (mut c, srv) = Client::connect(sh, true).await;
         c.s.write_all(&[0xffu8; 28]).await.unwrap();
-        let res = tokio::time::timeout(Duration::from_secs(5), srv).await.expect("server ends").unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(5), srv)
+            .await
+            .expect("server ends")
+            .unwrap();
         assert!(res.unwrap_err().contains("bad request magic"));
-        assert!(c.recv(|_| 0).await.is_none(), "connection closed without a reply");
+        assert!(
+            c.recv(|_| 0).await.is_none(),
+            "connection closed without a reply"
+        );
     });
 }
 
@@ -198,15 +274,20 @@ fn trim_zero_and_block_status_report_zeroes() {
         let (mut c, _srv) = Client::connect(sh, true).await;
         c.send(cmd::WRITE, 0, 1, 0, 8192, &[9u8; 8192]).await;
         c.recv(|_| 0).await.unwrap();
-        c.send(cmd::WRITE_ZEROES, cflag::NO_HOLE, 2, 4096, 4096, &[]).await;
+        c.send(cmd::WRITE_ZEROES, cflag::NO_HOLE, 2, 4096, 4096, &[])
+            .await;
         assert_eq!(c.recv(|_| 0).await.unwrap().error, 0);
         assert_eq!(target.snapshot(4096, 4096), vec![0; 4096]);
         c.send(cmd::BLOCK_STATUS, 0, 3, 0, 16384, &[]).await;
         let r = c.recv(|_| 0).await.unwrap();
         assert_eq!(r.chunks, vec![chunk::BLOCK_STATUS]);
         // context id, then (4096 data), (12288 zero)
-        assert_eq!(&r.data[4..20], &[0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0x30, 0, 0, 0, 0, 2]);
-        c.send(cmd::BLOCK_STATUS, cflag::REQ_ONE, 4, 0, 16384, &[]).await;
+        assert_eq!(
+            &r.data[4..20],
+            &[0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0x30, 0, 0, 0, 0, 2]
+        );
+        c.send(cmd::BLOCK_STATUS, cflag::REQ_ONE, 4, 0, 16384, &[])
+            .await;
         assert_eq!(c.recv(|_| 0).await.unwrap().data.len(), 12);
         c.send(cmd::TRIM, cflag::FUA, 5, 0, 4096, &[]).await;
         assert_eq!(c.recv(|_| 0).await.unwrap().error, 0);
@@ -229,7 +310,10 @@ fn after_shutdown_new_requests_get_eshutdown_and_disc_closes_cleanly() {
         c.send(cmd::WRITE, 0, 2, 0, 4, b"late").await;
         assert_eq!(c.recv(|_| 0).await.unwrap().error, err::ESHUTDOWN);
         c.send(cmd::DISC, 0, 3, 0, 0, &[]).await;
-        let res = tokio::time::timeout(Duration::from_secs(5), srv).await.expect("server ends").unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(5), srv)
+            .await
+            .expect("server ends")
+            .unwrap();
         assert!(res.is_ok(), "{res:?}");
     });
 }
