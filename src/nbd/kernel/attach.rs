@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::device::device_index;
 use super::error::KernelError;
 use super::ioctl::{attach_ioctl, detach_ioctl, IoctlAttachment, IoctlConfig};
-use super::netlink::nbd_family::{ConnectRequest, DeviceStatus};
+use super::netlink::nbd_family::{ConnectRequest, DeviceStatus, ReconfigureRequest};
 use super::netlink::NbdNetlink;
 
 /// What to attach. Invariants checked by [`attach`]: `device` is /dev/nbdN; `block_size` is a
@@ -82,6 +82,10 @@ impl Attached {
     }
 }
 
+/// The most sockets one device takes (keeps the CONNECT message well inside netlink's 16-bit
+/// attribute lengths; real deployments use one per CPU at most).
+pub const MAX_SOCKETS: usize = 1024;
+
 /// Rounds a duration up to whole seconds (a sub-second timeout must not become "none").
 pub fn whole_seconds(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
@@ -108,6 +112,12 @@ pub fn validate(params: &AttachParams, sockets: &[OwnedFd]) -> Result<u32, Kerne
     }
     if sockets.is_empty() {
         return Err(invalid("at least one connected socket is needed".into()));
+    }
+    if sockets.len() > MAX_SOCKETS {
+        return Err(invalid(format!(
+            "{} sockets given, at most {MAX_SOCKETS} are supported",
+            sockets.len()
+        )));
     }
     if params.backend_id.contains('\0') {
         return Err(invalid(
@@ -184,6 +194,31 @@ pub fn detach(device: &Path) -> Result<(), KernelError> {
         Err(KernelError::ModuleNotLoaded) => detach_ioctl(device),
         Err(e) => Err(e),
     }
+}
+
+/// Hands new sockets (in the transmission phase) to an attached device whose connections
+/// died: the kernel replaces dead connections with them (netlink RECONFIGURE). This is how a
+/// restarted server takes over within the device's dead-connection timeout without the
+/// filesystem seeing I/O errors. The kernel silently ignores sockets beyond the number of dead
+/// connections. Needs the netlink interface: with ioctls a device cannot be reconnected.
+pub fn reconnect(device: &Path, sockets: Vec<OwnedFd>) -> Result<(), KernelError> {
+    let index = device_index(device)?;
+    if sockets.is_empty() || sockets.len() > MAX_SOCKETS {
+        return Err(KernelError::InvalidParams {
+            device: device.to_path_buf(),
+            what: format!(
+                "{} sockets given, between 1 and {MAX_SOCKETS} are needed",
+                sockets.len()
+            ),
+        });
+    }
+    let mut nl = NbdNetlink::open()?;
+    nl.reconfigure(&ReconfigureRequest {
+        index,
+        timeout_secs: None,
+        dead_conn_timeout_secs: None,
+        socket_fds: sockets.iter().map(|s| s.as_raw_fd() as u32).collect(),
+    })
 }
 
 /// The kernel's view of device `index` (netlink STATUS): `None` when no such device exists.
@@ -311,6 +346,8 @@ mod tests {
         let e = detach(Path::new("/dev/nbd0")).unwrap_err();
         assert_eq!(e.to_string(), MODULE_NOT_LOADED);
         let e = status(0).unwrap_err();
+        assert_eq!(e.to_string(), MODULE_NOT_LOADED);
+        let e = reconnect(Path::new("/dev/nbd0"), vec![socket()]).unwrap_err();
         assert_eq!(e.to_string(), MODULE_NOT_LOADED);
     }
 }

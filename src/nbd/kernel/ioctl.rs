@@ -228,6 +228,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::unnecessary_cast)] // ioctl_num_type is c_int on musl
     fn request_codes_are_io_without_direction_or_size() {
         assert_eq!(NBD_SET_SOCK as u64, 0xab00);
         assert_eq!(NBD_SET_BLKSIZE as u64, 0xab01);
@@ -243,6 +244,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::unnecessary_cast)]
     fn iow_encoding_would_differ_from_the_driver_codes() {
         // What `ioctl_write_int!` would produce: direction and size bits set.
         let iow = nix::request_code_write!(NBD_IOCTL_TYPE, 0, std::mem::size_of::<libc::c_int>());

@@ -247,6 +247,28 @@ pub fn encode_status_reply(
     bytes
 }
 
+/// Runs every reply parser over `bytes` and discards the results: the entry point of the
+/// fuzz target and of the "never panics" property test. Returns how many messages parsed.
+pub fn parse_any_reply(bytes: &[u8]) -> usize {
+    let Ok(messages) = super::codec::split_messages(bytes) else {
+        return 0;
+    };
+    for msg in &messages {
+        if let Ok(super::codec::Reply::Data(genl)) = super::codec::classify(msg) {
+            let _ = parse_status(&genl);
+            let _ = parse_connect_reply(&genl);
+            let _ = super::codec::parse_family_id(&genl);
+            if let Ok(attrs) = attributes(genl.attrs) {
+                for a in &attrs {
+                    let _ = a.nested();
+                    let _ = a.as_str();
+                }
+            }
+        }
+    }
+    messages.len()
+}
+
 /// Clears `NLA_F_NESTED` on every attribute of a well-formed area, recursing into nests
 /// (a helper for [`encode_status_reply`], whose nests it knows).
 fn clear_nested_flags(area: &mut [u8]) {
@@ -270,6 +292,7 @@ fn clear_nested_flags(area: &mut [u8]) {
 mod tests {
     use super::super::codec::{classify, split_messages, Reply, NLA_F_NESTED};
     use super::*;
+    use proptest::prelude::*;
 
     const FAMILY: u16 = 0x1d;
 
@@ -531,5 +554,130 @@ mod tests {
         };
         assert_eq!(parse_connect_reply(&genl).unwrap(), 4);
         assert_eq!(classify(&msgs[1]).unwrap(), Reply::Ack);
+    }
+
+    /// Reads a CONNECT request back with the reply parser's attribute functions (test helper:
+    /// the kernel is the only real reader of these bytes).
+    fn decode_connect(bytes: &[u8]) -> (u16, u32, ConnectRequest) {
+        let msgs = split_messages(bytes).unwrap();
+        assert_eq!(msgs.len(), 1);
+        let Reply::Data(genl) = classify(&msgs[0]).unwrap() else {
+            panic!("not data")
+        };
+        assert_eq!(
+            (genl.cmd, genl.version),
+            (NBD_CMD_CONNECT, NBD_GENL_VERSION)
+        );
+        let attrs = attributes(genl.attrs).unwrap();
+        let u64_of = |ty| find(&attrs, ty).map(|a| a.as_u64().unwrap());
+        let sockets = find(&attrs, NBD_ATTR_SOCKETS).unwrap();
+        assert!(sockets.nested_flag);
+        let socket_fds = sockets
+            .nested()
+            .unwrap()
+            .iter()
+            .map(|item| {
+                assert_eq!(item.ty, NBD_SOCK_ITEM);
+                assert!(item.nested_flag);
+                let fields = item.nested().unwrap();
+                find(&fields, NBD_SOCK_FD).unwrap().as_u32().unwrap()
+            })
+            .collect();
+        let req = ConnectRequest {
+            index: find(&attrs, NBD_ATTR_INDEX).map(|a| a.as_u32().unwrap()),
+            size_bytes: u64_of(NBD_ATTR_SIZE_BYTES).unwrap(),
+            block_size: u64_of(NBD_ATTR_BLOCK_SIZE_BYTES).unwrap(),
+            server_flags: u64_of(NBD_ATTR_SERVER_FLAGS).unwrap(),
+            timeout_secs: u64_of(NBD_ATTR_TIMEOUT),
+            dead_conn_timeout_secs: u64_of(NBD_ATTR_DEAD_CONN_TIMEOUT),
+            backend_id: find(&attrs, NBD_ATTR_BACKEND_IDENTIFIER)
+                .map(|a| a.as_str().unwrap().to_string()),
+            socket_fds,
+        };
+        (msgs[0].ty, msgs[0].seq, req)
+    }
+
+    fn arb_connect() -> impl Strategy<Value = ConnectRequest> {
+        (
+            proptest::option::of(any::<u32>()),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of("[a-zA-Z0-9:/._-]{0,40}"),
+            proptest::collection::vec(any::<u32>(), 0..16),
+        )
+            .prop_map(
+                |(
+                    index,
+                    size_bytes,
+                    block_size,
+                    server_flags,
+                    timeout_secs,
+                    dead_conn_timeout_secs,
+                    backend_id,
+                    socket_fds,
+                )| {
+                    ConnectRequest {
+                        index,
+                        size_bytes,
+                        block_size,
+                        server_flags,
+                        timeout_secs,
+                        dead_conn_timeout_secs,
+                        backend_id,
+                        socket_fds,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn connect_request_round_trips_through_the_attribute_parser(
+            req in arb_connect(), family in 0x11u16..0xffff, seq in any::<u32>()
+        ) {
+            let bytes = encode_connect(family, seq, &req);
+            prop_assert_eq!(bytes.len() % 4, 0);
+            prop_assert_eq!(u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize, bytes.len());
+            let (got_family, got_seq, got) = decode_connect(&bytes);
+            prop_assert_eq!(got_family, family);
+            prop_assert_eq!(got_seq, seq);
+            prop_assert_eq!(got, req);
+        }
+
+        #[test]
+        fn status_reply_round_trips(
+            devices in proptest::collection::vec((any::<u32>(), any::<bool>()), 0..64),
+            nested_flag in any::<bool>(),
+        ) {
+            let devices: Vec<DeviceStatus> =
+                devices.into_iter().map(|(index, connected)| DeviceStatus { index, connected }).collect();
+            let bytes = encode_status_reply(FAMILY, 9, &devices, nested_flag);
+            let msgs = split_messages(&bytes).unwrap();
+            let Reply::Data(genl) = classify(&msgs[0]).unwrap() else { panic!("not data") };
+            prop_assert_eq!(parse_status(&genl).unwrap(), devices);
+        }
+
+        #[test]
+        fn arbitrary_reply_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            parse_any_reply(&bytes);
+        }
+
+        #[test]
+        fn corrupted_status_reply_never_panics(
+            devices in proptest::collection::vec((any::<u32>(), any::<bool>()), 1..8),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let devices: Vec<DeviceStatus> =
+                devices.into_iter().map(|(index, connected)| DeviceStatus { index, connected }).collect();
+            let mut bytes = encode_status_reply(FAMILY, 9, &devices, false);
+            for (at, value) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] = value;
+            }
+            parse_any_reply(&bytes);
+        }
     }
 }
