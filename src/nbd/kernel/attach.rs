@@ -86,6 +86,9 @@ impl Attached {
 /// attribute lengths; real deployments use one per CPU at most).
 pub const MAX_SOCKETS: usize = 1024;
 
+/// The longest backend identifier accepted (the kernel shows it in sysfs; keep it short).
+pub const MAX_BACKEND_ID_LEN: usize = 1024;
+
 /// Rounds a duration up to whole seconds (a sub-second timeout must not become "none").
 pub fn whole_seconds(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
@@ -117,6 +120,12 @@ pub fn validate(params: &AttachParams, sockets: &[OwnedFd]) -> Result<u32, Kerne
         return Err(invalid(format!(
             "{} sockets given, at most {MAX_SOCKETS} are supported",
             sockets.len()
+        )));
+    }
+    if params.backend_id.len() > MAX_BACKEND_ID_LEN {
+        return Err(invalid(format!(
+            "the backend identifier is {} bytes long, at most {MAX_BACKEND_ID_LEN} are allowed",
+            params.backend_id.len()
         )));
     }
     if params.backend_id.contains('\0') {
@@ -305,6 +314,20 @@ mod tests {
             let e = validate(&p, &[socket()]).unwrap_err();
             assert!(e.to_string().contains("power of two"), "{bs}: {e}");
         }
+    }
+
+    #[test]
+    fn overlong_backend_identifier_is_rejected() {
+        let p = AttachParams {
+            backend_id: "x".repeat(MAX_BACKEND_ID_LEN + 1),
+            ..params()
+        };
+        let e = validate(&p, &[socket()]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("backend identifier is 1025 bytes long"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -148,6 +148,8 @@ impl GenlMessageBuilder {
     }
 
     /// Appends an attribute with a raw payload, padded with zeros to 4 bytes.
+    /// Precondition: the payload is at most 65531 bytes (`nla_len` is 16 bits); callers bound
+    /// what they put in (see `attach::validate`), a longer one would be refused by the kernel.
     pub fn put_bytes(&mut self, ty: u16, payload: &[u8]) -> &mut Self {
         let len = NLA_HDRLEN + payload.len();
         let len16 = u16::try_from(len).unwrap_or(u16::MAX);
@@ -196,6 +198,7 @@ impl GenlMessageBuilder {
     }
 
     /// Closes a nested attribute: its length now covers everything added since it was opened.
+    /// Precondition as for [`Self::put_bytes`]: the nest holds at most 65531 bytes.
     pub fn end_nested(&mut self, start: NestStart) -> &mut Self {
         let len = self.buf.len() - start.0;
         let len16 = u16::try_from(len).unwrap_or(u16::MAX);
