@@ -37,36 +37,42 @@ fn genl<'a>(reply: &'a OwnedGenlReply, family: u16) -> GenlMessage<'a> {
     }
 }
 
+/// Asks the generic-netlink controller for the id of family `name`. An unknown family is
+/// [`KernelError::NetlinkRefused`] with errno ENOENT.
+pub fn resolve_family(socket: &mut GenlSocket, name: &str) -> Result<u16, KernelError> {
+    let msg = encode_get_family(socket.next_seq(), name);
+    let replies = socket.request("CTRL_CMD_GETFAMILY", &msg)?;
+    let reply =
+        replies
+            .iter()
+            .find(|r| r.cmd == CTRL_CMD_NEWFAMILY)
+            .ok_or(KernelError::NetlinkReply {
+                request: "CTRL_CMD_GETFAMILY",
+                source: codec::ParseError::MissingAttribute {
+                    request: "CTRL_CMD_GETFAMILY",
+                    attribute: "CTRL_CMD_NEWFAMILY reply",
+                },
+            })?;
+    parse_family_id(&genl(reply, GENL_ID_CTRL)).map_err(|source| KernelError::NetlinkReply {
+        request: "CTRL_CMD_GETFAMILY",
+        source,
+    })
+}
+
 impl NbdNetlink {
     /// Opens a socket and resolves the "nbd" family. When the family does not exist (the
     /// module is not loaded, or predates netlink support) this is [`KernelError::ModuleNotLoaded`]
     /// and the caller may fall back to ioctls.
     pub fn open() -> Result<Self, KernelError> {
         let mut socket = GenlSocket::open()?;
-        let msg = encode_get_family(socket.next_seq(), NBD_GENL_FAMILY_NAME);
-        let replies = match socket.request("CTRL_CMD_GETFAMILY", &msg) {
-            Ok(r) => r,
+        let family = match resolve_family(&mut socket, NBD_GENL_FAMILY_NAME) {
+            Ok(id) => id,
             Err(KernelError::NetlinkRefused {
                 errno: libc::ENOENT,
                 ..
             }) => return Err(KernelError::ModuleNotLoaded),
             Err(e) => return Err(e),
         };
-        let reply = replies.iter().find(|r| r.cmd == CTRL_CMD_NEWFAMILY).ok_or(
-            KernelError::NetlinkReply {
-                request: "CTRL_CMD_GETFAMILY",
-                source: codec::ParseError::MissingAttribute {
-                    request: "CTRL_CMD_GETFAMILY",
-                    attribute: "CTRL_CMD_NEWFAMILY reply",
-                },
-            },
-        )?;
-        let family = parse_family_id(&genl(reply, GENL_ID_CTRL)).map_err(|source| {
-            KernelError::NetlinkReply {
-                request: "CTRL_CMD_GETFAMILY",
-                source,
-            }
-        })?;
         Ok(Self { socket, family })
     }
 
@@ -189,6 +195,32 @@ mod tests {
                 assert!(devices.iter().all(|d| d.index == 0));
             }
         }
+    }
+
+    /// The socket layer against the real kernel, no nbd needed: the controller knows itself.
+    #[test]
+    fn controller_resolves_its_own_family_id_over_a_real_socket() {
+        let mut socket = GenlSocket::open().unwrap();
+        assert_eq!(resolve_family(&mut socket, "nlctrl").unwrap(), GENL_ID_CTRL);
+        // A second request on the same socket uses the next sequence number and still works.
+        assert_eq!(resolve_family(&mut socket, "nlctrl").unwrap(), GENL_ID_CTRL);
+    }
+
+    #[test]
+    fn unknown_family_is_refused_with_enoent_over_a_real_socket() {
+        let mut socket = GenlSocket::open().unwrap();
+        let e = resolve_family(&mut socket, "twinvol-nofam").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KernelError::NetlinkRefused {
+                    errno: libc::ENOENT,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("CTRL_CMD_GETFAMILY"), "{e}");
     }
 
     #[test]
