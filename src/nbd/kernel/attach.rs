@@ -239,6 +239,11 @@ pub fn status(index: u32) -> Result<Option<DeviceStatus>, KernelError> {
         .find(|d| d.index == index))
 }
 
+/// Every NBD device the kernel knows, with whether it is connected (netlink STATUS).
+pub fn status_all() -> Result<Vec<DeviceStatus>, KernelError> {
+    NbdNetlink::open()?.status(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,6 +374,8 @@ mod tests {
         let e = detach(Path::new("/dev/nbd0")).unwrap_err();
         assert_eq!(e.to_string(), MODULE_NOT_LOADED);
         let e = status(0).unwrap_err();
+        assert_eq!(e.to_string(), MODULE_NOT_LOADED);
+        let e = status_all().unwrap_err();
         assert_eq!(e.to_string(), MODULE_NOT_LOADED);
         let e = reconnect(Path::new("/dev/nbd0"), vec![socket()]).unwrap_err();
         assert_eq!(e.to_string(), MODULE_NOT_LOADED);
