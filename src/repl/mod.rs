@@ -7,4 +7,5 @@
 //!
 //! The sender/receiver/resync machinery is built on these two and lives in later modules.
 
+pub mod link;
 pub mod wire;

@@ -279,6 +279,7 @@ proptest! {
 }
 
 /// Builds a frame with a valid header CRC around arbitrary header fields and payload.
+#[allow(clippy::too_many_arguments)]
 fn forge(
     kind: u8,
     flags: u16,
@@ -524,4 +525,50 @@ fn encoder_refuses_payloads_above_its_limit_and_leaves_output_untouched() {
 fn invalid_zstd_level_is_refused_with_the_fix() {
     let e = FrameEncoder::new(1000, MAX).unwrap_err().to_string();
     assert!(e.contains("compression_level"), "{e}");
+}
+
+#[test]
+fn every_bit_of_compressed_and_raw_frames_is_protected() {
+    let msgs = [
+        Message::Data(Data {
+            seq: 9,
+            epoch: 3,
+            offset: 1 << 20,
+            flags: DataFlags(DataFlags::FUA),
+            data: json_like(2048).into(),
+        }),
+        Message::Hello(Hello {
+            proto_min: 1,
+            proto_max: 2,
+            volume_uuid: [3; 16],
+            node_id: "node-a".into(),
+            peer_node_id: "node-b".into(),
+            generations: Generations {
+                current: 1,
+                bitmap: 2,
+                history1: 3,
+                history2: 4,
+            },
+            disk_state: 5,
+            bitmap_granularity: 4096,
+            device_size: 1 << 34,
+            features: 7,
+        }),
+    ];
+    for m in msgs {
+        for level in [0, 1] {
+            let good = encode(level, &m);
+            for bit in 0..good.len() * 8 {
+                let mut bytes = good.clone();
+                bytes[bit / 8] ^= 1 << (bit % 8);
+                if let Ok(got) = decode_all(&bytes) {
+                    assert_eq!(
+                        got,
+                        vec![m.clone()],
+                        "level {level} bit {bit}: a different message was accepted"
+                    );
+                }
+            }
+        }
+    }
 }
