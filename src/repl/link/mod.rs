@@ -6,6 +6,7 @@
 //! - Listening binds the same address; connections from any IP but the configured peer's are
 //!   closed before a byte is read.
 //! - [`connect_retrying`] reconnects with exponential backoff and jitter ([`backoff`]).
+//! - [`liveness`] decides when to ping and when a silent peer is dead.
 //!
 //! Which side connects is the caller's choice (e.g. the node with the smaller id listens);
 //! both sides speak the same protocol after the handshake.
@@ -14,6 +15,7 @@ pub mod backoff;
 mod error;
 mod framed;
 pub mod handshake;
+pub mod liveness;
 mod socket;
 
 #[cfg(test)]
@@ -28,6 +30,7 @@ pub use backoff::{Backoff, BackoffPolicy};
 pub use error::LinkError;
 pub use framed::Framed;
 pub use handshake::PeerInfo;
+pub use liveness::{Liveness, LivenessAction};
 
 use crate::repl::wire::auth::{PreSharedKey, Role};
 use crate::repl::wire::{FrameDecoder, FrameEncoder, Hello, Message, DEFAULT_MAX_PAYLOAD};
