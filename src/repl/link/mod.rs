@@ -24,11 +24,12 @@ mod tests;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
 pub use backoff::{Backoff, BackoffPolicy};
 pub use error::LinkError;
-pub use framed::Framed;
+pub use framed::{FrameReader, FrameWriter, Framed, Traffic};
 pub use handshake::PeerInfo;
 pub use liveness::{Liveness, LivenessAction};
 
@@ -105,6 +106,11 @@ impl LinkConfig {
     }
 }
 
+/// The receiving half of a split [`Link`].
+pub type LinkReader = FrameReader<OwnedReadHalf>;
+/// The sending half of a split [`Link`].
+pub type LinkWriter = FrameWriter<OwnedWriteHalf>;
+
 /// An authenticated connection to the peer.
 #[derive(Debug)]
 pub struct Link {
@@ -137,6 +143,18 @@ impl Link {
     /// The TCP stream (for inspecting socket options).
     pub fn stream(&self) -> &TcpStream {
         self.io.get_ref()
+    }
+
+    /// Traffic `(sent, received)` so far, handshake included.
+    pub fn traffic(&self) -> (Traffic, Traffic) {
+        self.io.traffic()
+    }
+
+    /// Splits into a reader and a writer that can live in different tasks (e.g. a sender
+    /// and an ack collector). Bytes already received stay with the reader.
+    pub fn into_split(self) -> (PeerInfo, LinkReader, LinkWriter) {
+        let (r, w) = self.io.split_with(TcpStream::into_split);
+        (self.info, r, w)
     }
 
     /// Sends one message.

@@ -14,7 +14,7 @@ pub mod frame;
 pub mod message;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use frame::{
     FrameDecoder, FrameEncoder, FrameHeader, FrameStats, WireError, DEFAULT_MAX_PAYLOAD, HEADER_LEN,

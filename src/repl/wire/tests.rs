@@ -20,7 +20,7 @@ fn payload(max: usize) -> impl Strategy<Value = Bytes> {
 }
 
 /// Text resembling JSON documents, as written by applications on a mirrored volume.
-pub fn json_like(n: usize) -> Vec<u8> {
+pub(crate) fn json_like(n: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(n + 128);
     let mut i = 0u64;
     while out.len() < n {
@@ -65,7 +65,7 @@ fn reason() -> impl Strategy<Value = DisconnectReason> {
 }
 
 /// Every message type, with fields across their ranges.
-pub fn message() -> impl Strategy<Value = Message> {
+pub(crate) fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         (
             (
