@@ -15,6 +15,7 @@ pub mod backoff;
 mod error;
 mod framed;
 pub mod handshake;
+pub mod keyfile;
 pub mod liveness;
 mod socket;
 
@@ -31,6 +32,7 @@ pub use backoff::{Backoff, BackoffPolicy};
 pub use error::LinkError;
 pub use framed::{FrameReader, FrameWriter, Framed, Traffic};
 pub use handshake::PeerInfo;
+pub use keyfile::{load_key_file, KeyFileError};
 pub use liveness::{Liveness, LivenessAction};
 
 use crate::repl::wire::auth::{PreSharedKey, Role};
