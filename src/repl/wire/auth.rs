@@ -26,9 +26,18 @@ pub const MIN_KEY_LEN: usize = 16;
 /// Longest key accepted.
 pub const MAX_KEY_LEN: usize = 1024;
 
-/// The pre-shared replication key. Redacted in `Debug`; zeroed when dropped.
-#[derive(Clone, PartialEq, Eq)]
+/// The pre-shared replication key. Redacted in `Debug`; compared in constant time; zeroed
+/// when dropped.
+#[derive(Clone)]
 pub struct PreSharedKey(Vec<u8>);
+
+impl PartialEq for PreSharedKey {
+    fn eq(&self, other: &Self) -> bool {
+        bool::from(self.0.ct_eq(&other.0))
+    }
+}
+
+impl Eq for PreSharedKey {}
 
 /// A key that cannot be used. The message states lengths only, never key bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

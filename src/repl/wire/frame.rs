@@ -317,12 +317,20 @@ fn write_header(h: &FrameHeader, dst: &mut [u8]) {
     dst[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.to_be_bytes());
 }
 
-/// Parses and checks a header. `raw` must hold at least [`HEADER_LEN`] bytes.
+/// Parses and checks the header at the start of `raw` (at least [`HEADER_LEN`] bytes).
 ///
 /// Order of checks: magic, header CRC, then fields, so that any corruption of a field is
 /// reported as a CRC error rather than as a plausible wrong value.
 pub fn parse_header(raw: &[u8], max_payload: u32) -> Result<FrameHeader, WireError> {
-    let mut b = &raw[..HEADER_LEN];
+    let Some(raw) = raw.get(..HEADER_LEN) else {
+        return Err(WireError::BadLengths {
+            problem: format!(
+                "{} bytes are too few for a {HEADER_LEN}-byte header",
+                raw.len()
+            ),
+        });
+    };
+    let mut b = raw;
     let magic = b.get_u32();
     if magic != MAGIC {
         return Err(WireError::BadMagic { found: magic });

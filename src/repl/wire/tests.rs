@@ -522,6 +522,14 @@ fn encoder_refuses_payloads_above_its_limit_and_leaves_output_untouched() {
 }
 
 #[test]
+fn a_short_header_slice_is_an_error_not_a_panic() {
+    assert!(matches!(
+        parse_header(&[0u8; 39], MAX),
+        Err(WireError::BadLengths { .. })
+    ));
+}
+
+#[test]
 fn invalid_zstd_level_is_refused_with_the_fix() {
     let e = FrameEncoder::new(1000, MAX).unwrap_err().to_string();
     assert!(e.contains("compression_level"), "{e}");
