@@ -8,3 +8,4 @@ pub mod block;
 pub mod config;
 pub mod engine;
 pub mod nbd;
+pub mod repl;

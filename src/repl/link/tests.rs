@@ -1,0 +1,336 @@
+//! Link tests over loopback: 127.0.0.1 plays one node, 127.0.0.2 the other.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use socket2::SockRef;
+
+use super::*;
+use crate::repl::wire::{Data, DataFlags, Generations};
+
+fn json_like(n: usize) -> Vec<u8> {
+    crate::repl::wire::tests::json_like(n)
+}
+
+const KEY_A: &str = "KEY-A-very-secret-0123456789";
+const KEY_B: &str = "KEY-B-other-secret-987654321";
+
+fn hello(id: &str, peer: &str) -> Hello {
+    Hello {
+        proto_min: 1,
+        proto_max: 1,
+        volume_uuid: [0x42; 16],
+        node_id: id.into(),
+        peer_node_id: peer.into(),
+        generations: Generations {
+            current: 11,
+            bitmap: 0,
+            history1: 10,
+            history2: 0,
+        },
+        disk_state: 4,
+        bitmap_granularity: 4096,
+        device_size: 1 << 30,
+        features: 1,
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn key(s: &str) -> PreSharedKey {
+    PreSharedKey::new(s.as_bytes().to_vec()).unwrap()
+}
+
+/// Node "a" listens on 127.0.0.1 expecting peer 127.0.0.2; node "b" is configured to connect
+/// from 127.0.0.2 to a's listener.
+fn pair_configs(key_a: &str, key_b: &str) -> (LinkListener, LinkConfig) {
+    let mut la = LinkConfig::new(
+        addr("127.0.0.1:0"),
+        addr("127.0.0.2:0"),
+        key(key_a),
+        hello("a", "b"),
+    );
+    la.handshake_timeout = Duration::from_secs(5);
+    let listener = LinkListener::bind(la).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cb = LinkConfig::new(
+        addr("127.0.0.2:0"),
+        SocketAddr::new("127.0.0.1".parse().unwrap(), port),
+        key(key_b),
+        hello("b", "a"),
+    );
+    (listener, cb)
+}
+
+fn assert_no_key(text: &str) {
+    for k in [KEY_A, KEY_B] {
+        assert!(!text.contains(k), "key leaked: {text}");
+        let hex: String = k.bytes().map(|b| format!("{b:02x}")).collect();
+        assert!(!text.contains(&hex), "key leaked as hex: {text}");
+    }
+}
+
+#[tokio::test]
+async fn authenticated_connect_succeeds_from_the_configured_address_and_carries_data() {
+    let (listener, cb) = pair_configs(KEY_A, KEY_A);
+    let (a, b) = tokio::join!(listener.accept(), connect(&cb));
+    let (mut a, mut b) = (a.unwrap(), b.unwrap());
+
+    assert_eq!(
+        b.local_addr().unwrap().ip(),
+        "127.0.0.2".parse::<std::net::IpAddr>().unwrap(),
+        "did not bind replication.address"
+    );
+    assert_eq!(a.peer_info().hello, hello("b", "a"));
+    assert_eq!(b.peer_info().hello, hello("a", "b"));
+    for l in [&a, &b] {
+        assert!(l.stream().nodelay().unwrap(), "TCP_NODELAY not set");
+        assert!(
+            SockRef::from(l.stream()).keepalive().unwrap(),
+            "keepalive not set"
+        );
+    }
+
+    let data = Message::Data(Data {
+        seq: 1,
+        epoch: 0,
+        offset: 4096,
+        flags: DataFlags(DataFlags::FUA),
+        data: Bytes::from(vec![7u8; 1 << 20]),
+    });
+    b.send(&data).await.unwrap();
+    assert_eq!(a.recv().await.unwrap(), data);
+    a.send(&Message::Ack { seq: 1, status: 0 }).await.unwrap();
+    assert_eq!(b.recv().await.unwrap(), Message::Ack { seq: 1, status: 0 });
+    assert_eq!(
+        a.recv_timeout(Duration::from_millis(50)).await.unwrap(),
+        None,
+        "nothing was sent"
+    );
+}
+
+#[tokio::test]
+async fn wrong_key_is_refused_on_both_sides_without_leaking_the_key() {
+    let (listener, cb) = pair_configs(KEY_A, KEY_B);
+    let (a, b) = tokio::join!(listener.accept(), connect(&cb));
+    let ea = a.unwrap_err();
+    let eb = b.unwrap_err();
+    assert!(matches!(ea, LinkError::AuthFailed { .. }), "{ea:?}");
+    assert!(matches!(eb, LinkError::AuthRejectedByPeer { .. }), "{eb:?}");
+    for text in [
+        ea.to_string(),
+        format!("{ea:?}"),
+        eb.to_string(),
+        format!("{eb:?}"),
+        format!("{cb:?}"),
+    ] {
+        assert_no_key(&text);
+        assert!(!text.is_empty());
+    }
+    assert!(ea.to_string().contains("key_file") && eb.to_string().contains("key_file"));
+}
+
+#[tokio::test]
+async fn connection_from_a_non_peer_address_is_refused_and_the_listener_keeps_serving() {
+    let (listener, cb) = pair_configs(KEY_A, KEY_A);
+    // An impostor on 127.0.0.1 (not the configured peer 127.0.0.2) holding the right key.
+    let mut impostor = cb.clone();
+    impostor.local = addr("127.0.0.1:0");
+    let (a, b) = tokio::join!(listener.accept(), connect(&impostor));
+    match a.unwrap_err() {
+        LinkError::NotPeer { from, expected } => {
+            assert_eq!(from.ip().to_string(), "127.0.0.1");
+            assert_eq!(expected.to_string(), "127.0.0.2");
+        }
+        e => panic!("expected NotPeer, got {e:?}"),
+    }
+    assert!(b.is_err(), "impostor got a link");
+    // The real peer still gets in.
+    let (a, b) = tokio::join!(listener.accept(), connect(&cb));
+    assert!(a.is_ok() && b.is_ok());
+}
+
+#[tokio::test]
+async fn bind_to_an_address_not_on_any_interface_names_it_and_the_fix() {
+    // 192.0.2.0/24 is TEST-NET-1: never assigned to a local interface.
+    let cfg = LinkConfig::new(
+        addr("192.0.2.55:7789"),
+        addr("127.0.0.1:7789"),
+        key(KEY_A),
+        hello("a", "b"),
+    );
+    let e = LinkListener::bind(cfg.clone()).unwrap_err().to_string();
+    assert!(
+        e.contains("192.0.2.55:7789")
+            && e.contains("not on any interface")
+            && e.contains("replication.address"),
+        "{e}"
+    );
+    let e = connect(&cfg).await.unwrap_err().to_string();
+    assert!(
+        e.contains("192.0.2.55") && e.contains("replication.address"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_interface_is_named_with_the_fix() {
+    let mut cfg = LinkConfig::new(
+        addr("127.0.0.1:0"),
+        addr("127.0.0.2:7789"),
+        key(KEY_A),
+        hello("a", "b"),
+    );
+    cfg.interface = Some("twv-noif0".into());
+    let e = connect(&cfg).await.unwrap_err().to_string();
+    assert!(
+        e.contains("twv-noif0") && e.contains("replication.interface"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn sockets_pinned_to_the_loopback_interface_connect() {
+    let (listener, mut cb) = pair_configs(KEY_A, KEY_A);
+    cb.interface = Some("lo".into());
+    let (a, b) = tokio::join!(listener.accept(), connect(&cb));
+    let b = b.unwrap();
+    a.unwrap();
+    assert_eq!(
+        SockRef::from(b.stream()).device().unwrap().as_deref(),
+        Some(&b"lo"[..])
+    );
+}
+
+#[tokio::test]
+async fn a_silent_peer_times_out_the_handshake_naming_it() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = silent.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let (s, _) = silent.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        drop(s);
+    });
+    let mut cfg = LinkConfig::new(addr("127.0.0.2:0"), peer, key(KEY_A), hello("b", "a"));
+    cfg.handshake_timeout = Duration::from_millis(300);
+    let e = connect(&cfg).await.unwrap_err();
+    assert!(matches!(e, LinkError::HandshakeTimeout { .. }), "{e:?}");
+    assert!(e.to_string().contains(&peer.to_string()));
+    hold.abort();
+}
+
+#[tokio::test]
+async fn connect_retrying_gives_up_after_the_attempt_limit_with_the_last_error() {
+    // A port nobody listens on: bind one, note it, close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = LinkConfig::new(
+        addr("127.0.0.2:0"),
+        SocketAddr::new("127.0.0.1".parse().unwrap(), port),
+        key(KEY_A),
+        hello("b", "a"),
+    );
+    let policy = BackoffPolicy {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(80),
+        multiplier: 2,
+        jitter: 0.0,
+    };
+    let t0 = std::time::Instant::now();
+    let e = connect_retrying(&cfg, policy, Some(4)).await.unwrap_err();
+    // Three sleeps between four attempts: 20 + 40 + 80 ms.
+    assert!(
+        t0.elapsed() >= Duration::from_millis(140),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(matches!(e, LinkError::Connect { .. }), "{e:?}");
+    assert!(e.to_string().contains(&port.to_string()));
+}
+
+#[tokio::test]
+async fn connect_retrying_reaches_a_peer_that_starts_late() {
+    let (listener, cb) = pair_configs(KEY_A, KEY_A);
+    let port = listener.local_addr().unwrap().port();
+    let cfg_a = listener.cfg.clone();
+    drop(listener);
+    let late = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let mut cfg_a = cfg_a;
+        cfg_a.local = SocketAddr::new(cfg_a.local.ip(), port);
+        LinkListener::bind(cfg_a).unwrap().accept().await
+    });
+    let policy = BackoffPolicy {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(100),
+        multiplier: 2,
+        jitter: 0.5,
+    };
+    let b = connect_retrying(&cb, policy, Some(50)).await.unwrap();
+    assert_eq!(b.peer_info().hello.node_id, "a");
+    late.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn split_halves_stream_writes_and_acks_concurrently_and_count_compressed_bytes() {
+    let (listener, cb) = pair_configs(KEY_A, KEY_A);
+    let (a, b) = tokio::join!(listener.accept(), connect(&cb));
+    let (_, mut a_rx, mut a_tx) = a.unwrap().into_split();
+    let (_, mut b_rx, mut b_tx) = b.unwrap().into_split();
+    let n = 64u64;
+    let payload = Bytes::from(json_like(64 * 1024));
+    let p2 = payload.clone();
+    // Secondary role on a: ack every write as it arrives.
+    let secondary = tokio::spawn(async move {
+        for seq in 0..n {
+            match a_rx.recv().await.unwrap() {
+                Message::Data(d) => {
+                    assert_eq!((d.seq, d.offset, &d.data), (seq, seq * 65536, &p2));
+                    a_tx.send(&Message::Ack {
+                        seq: d.seq,
+                        status: 0,
+                    })
+                    .await
+                    .unwrap();
+                }
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+        a_rx.received()
+    });
+    let sender = tokio::spawn(async move {
+        for seq in 0..n {
+            let m = Message::Data(Data {
+                seq,
+                epoch: 0,
+                offset: seq * 65536,
+                flags: DataFlags::default(),
+                data: payload.clone(),
+            });
+            b_tx.send(&m).await.unwrap();
+        }
+        b_tx.sent()
+    });
+    for seq in 0..n {
+        assert_eq!(b_rx.recv().await.unwrap(), Message::Ack { seq, status: 0 });
+    }
+    let sent = sender.await.unwrap();
+    let received = secondary.await.unwrap();
+    // Handshake frames are counted too: Hello, AuthChallenge, AuthResponse.
+    assert_eq!(sent.frames, n + 3);
+    assert_eq!(received.frames, n + 3);
+    assert_eq!(
+        received.wire_bytes, sent.wire_bytes,
+        "receiver read exactly what the sender wrote"
+    );
+    assert!(
+        sent.wire_bytes * 2 <= sent.payload_bytes,
+        "JSON-like data not compressed to half: {sent:?}"
+    );
+}

@@ -1,0 +1,533 @@
+//! Frames: the 40-byte header, payload CRC32, per-frame zstd, and the streaming decoder
+//! (docs/PROTOCOL.md, "Frame").
+//!
+//! Invariants:
+//! - The header CRC covers header bytes 0..36; the payload CRC covers the *uncompressed* payload,
+//!   computed before compression on the sender and after decompression on the receiver, so a
+//!   corruption in memory, on the wire or in either compressor is caught.
+//! - A payload is sent compressed only when that makes it strictly smaller.
+//! - The decoder checks every length against its limit before it allocates, decompresses into a
+//!   buffer of exactly the announced size, and never panics on any input.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::message::{Malformed, Message, MessageKind, Unencodable};
+
+/// First four bytes of every frame: "TVRP" (twinvol replication protocol).
+pub const MAGIC: u32 = 0x5456_5250;
+/// Version of the frame layout (header, CRC and compression rules).
+pub const FRAME_VERSION: u8 = 1;
+/// Size of the frame header in bytes.
+pub const HEADER_LEN: usize = 40;
+/// Header flag: the payload is one zstd frame.
+pub const FLAG_ZSTD: u16 = 1 << 0;
+/// Default largest payload (uncompressed) a decoder accepts and an encoder produces: 16 MiB
+/// of data plus room for the fixed fields.
+pub const DEFAULT_MAX_PAYLOAD: u32 = (16 << 20) + 4096;
+/// Payloads shorter than this are never compressed (zstd cannot win on them).
+pub const MIN_COMPRESS_LEN: usize = 64;
+
+/// The decoded fixed header of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Message type.
+    pub kind: MessageKind,
+    /// [`FLAG_ZSTD`] or 0.
+    pub flags: u16,
+    /// Sequence number (0 for kinds without one).
+    pub seq: u64,
+    /// Byte offset (0 for kinds without one).
+    pub offset: u64,
+    /// Length of the payload after decompression.
+    pub raw_len: u32,
+    /// Length of the payload bytes that follow the header.
+    pub wire_len: u32,
+    /// CRC32 of the uncompressed payload.
+    pub payload_crc: u32,
+}
+
+/// Why a byte stream could not be decoded. After any error the stream's framing is lost: the
+/// connection must be reset (the decoder refuses further input with [`WireError::Poisoned`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The stream is not twinvol replication traffic, or it lost frame alignment.
+    #[error("replication frame has bad magic {found:#010x} (want {MAGIC:#010x}): the peer is not twinvol or the stream is corrupt; check replication.peer points at the peer's replication port")]
+    BadMagic {
+        /// The four bytes found.
+        found: u32,
+    },
+    /// The header was corrupted.
+    #[error("replication frame header CRC mismatch (header says {expected:#010x}, computed {computed:#010x}): the link corrupted data; the connection is reset and the data resent")]
+    HeaderCrc {
+        /// The CRC in the header.
+        expected: u32,
+        /// The CRC of the bytes received.
+        computed: u32,
+    },
+    /// The frame layout version is not one this build reads.
+    #[error("replication frame version {found} is not supported (this build reads version {FRAME_VERSION}): run the same twinvol version on both nodes")]
+    UnsupportedVersion {
+        /// The version in the header.
+        found: u8,
+    },
+    /// Reserved header flags were set.
+    #[error("replication frame sets reserved flags {flags:#06x}: run the same twinvol version on both nodes")]
+    ReservedFlags {
+        /// The unknown flag bits.
+        flags: u16,
+    },
+    /// The type code is not one this build knows.
+    #[error("replication frame has unknown type {code:#04x}: run the same twinvol version on both nodes")]
+    UnknownKind {
+        /// The type code.
+        code: u8,
+    },
+    /// A length exceeds the configured maximum (no allocation was made for it).
+    #[error("replication frame of {len} bytes exceeds the limit of {max} bytes: the peer sends larger frames than this node accepts; align the frame size limits of both nodes")]
+    Oversize {
+        /// The announced length.
+        len: u64,
+        /// The limit.
+        max: u32,
+    },
+    /// The header's lengths contradict each other (e.g. a raw frame whose two lengths differ).
+    #[error("replication frame header is inconsistent: {problem}")]
+    BadLengths {
+        /// What contradicts what.
+        problem: String,
+    },
+    /// The payload does not match its CRC: corrupted in the peer's memory, on the wire or in a
+    /// compressor. The data is never written.
+    #[error("replication payload CRC mismatch in {kind:?} frame seq {seq} offset {offset} (header says {expected:#010x}, computed {computed:#010x}): corrupted data refused; the connection is reset and the region resent")]
+    PayloadCrc {
+        /// Message type.
+        kind: MessageKind,
+        /// The frame's sequence number.
+        seq: u64,
+        /// The frame's byte offset.
+        offset: u64,
+        /// The CRC in the header.
+        expected: u32,
+        /// The CRC of the payload received.
+        computed: u32,
+    },
+    /// The compressed payload could not be decompressed to exactly its announced size.
+    #[error("replication payload of {kind:?} frame seq {seq} offset {offset} failed to decompress: {detail}; the connection is reset and the region resent")]
+    Decompress {
+        /// Message type.
+        kind: MessageKind,
+        /// The frame's sequence number.
+        seq: u64,
+        /// The frame's byte offset.
+        offset: u64,
+        /// The decompressor's account.
+        detail: String,
+    },
+    /// The payload passed its CRC but is not a valid message.
+    #[error(transparent)]
+    Malformed(#[from] Malformed),
+    /// An earlier error broke the stream's framing; the connection must be reset.
+    #[error("replication stream already failed: reset the connection")]
+    Poisoned,
+}
+
+/// Why a message could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// A field is out of its documented range.
+    #[error(transparent)]
+    Unencodable(#[from] Unencodable),
+    /// The payload exceeds the frame limit; split the write.
+    #[error("{kind:?} payload of {len} bytes exceeds the frame limit of {max} bytes: split it")]
+    TooLarge {
+        /// Message type.
+        kind: MessageKind,
+        /// Payload length.
+        len: usize,
+        /// The limit.
+        max: u32,
+    },
+}
+
+/// A codec setting twinvol cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecConfigError {
+    /// zstd does not offer this level.
+    #[error("zstd level {level} is out of range {min}..={max}: set replication.compression_level to 0 (off) or 1..=19 (1 is fast, higher compresses more)")]
+    Level {
+        /// The level asked for.
+        level: i32,
+        /// zstd's lowest level.
+        min: i32,
+        /// zstd's highest level.
+        max: i32,
+    },
+    /// The compressor could not be created.
+    #[error("cannot create zstd compression context: {0}")]
+    Zstd(String),
+    /// The frame limit is below what a control message needs.
+    #[error("max payload {0} is too small: use at least 65536 bytes")]
+    MaxPayload(u32),
+}
+
+/// What one encoded frame cost on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameStats {
+    /// Payload bytes before compression.
+    pub raw_len: u32,
+    /// Payload bytes on the wire.
+    pub wire_len: u32,
+    /// Whether the payload went compressed.
+    pub compressed: bool,
+}
+
+impl FrameStats {
+    /// Total bytes on the wire, header included.
+    pub fn frame_len(&self) -> usize {
+        HEADER_LEN + self.wire_len as usize
+    }
+}
+
+/// Turns messages into frames.
+pub struct FrameEncoder {
+    max_payload: u32,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for FrameEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameEncoder")
+            .field("max_payload", &self.max_payload)
+            .field("compress", &self.compressor.is_some())
+            .finish()
+    }
+}
+
+fn check_max_payload(max: u32) -> Result<(), CodecConfigError> {
+    if max < 65536 {
+        return Err(CodecConfigError::MaxPayload(max));
+    }
+    Ok(())
+}
+
+impl FrameEncoder {
+    /// An encoder compressing at zstd `level` (0 = no compression) and refusing payloads
+    /// above `max_payload` bytes.
+    pub fn new(level: i32, max_payload: u32) -> Result<Self, CodecConfigError> {
+        check_max_payload(max_payload)?;
+        let compressor = if level == 0 {
+            None
+        } else {
+            let range = zstd::compression_level_range();
+            if !range.contains(&level) {
+                return Err(CodecConfigError::Level {
+                    level,
+                    min: *range.start(),
+                    max: *range.end(),
+                });
+            }
+            Some(
+                zstd::bulk::Compressor::new(level)
+                    .map_err(|e| CodecConfigError::Zstd(e.to_string()))?,
+            )
+        };
+        Ok(Self {
+            max_payload,
+            compressor,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Appends one frame carrying `msg` to `out`. On error `out` is left as it was.
+    pub fn encode(&mut self, msg: &Message, out: &mut BytesMut) -> Result<FrameStats, EncodeError> {
+        let start = out.len();
+        out.put_bytes(0, HEADER_LEN);
+        if let Err(e) = msg.encode_payload(out) {
+            out.truncate(start);
+            return Err(e.into());
+        }
+        let raw_len = out.len() - start - HEADER_LEN;
+        if raw_len > self.max_payload as usize {
+            out.truncate(start);
+            return Err(EncodeError::TooLarge {
+                kind: msg.kind(),
+                len: raw_len,
+                max: self.max_payload,
+            });
+        }
+        let payload_crc = crc32fast::hash(&out[start + HEADER_LEN..]);
+        let mut flags = 0;
+        if let Some(c) = self.compressor.as_mut() {
+            if raw_len >= MIN_COMPRESS_LEN {
+                self.scratch.clear();
+                // Room for one byte less than the raw payload: if zstd cannot fit, it fails
+                // with "destination too small" and the frame goes raw.
+                self.scratch.reserve_exact(raw_len - 1);
+                let src = &out[start + HEADER_LEN..];
+                if let Ok(n) = c.compress_to_buffer(src, &mut self.scratch) {
+                    if n < raw_len {
+                        out.truncate(start + HEADER_LEN);
+                        out.extend_from_slice(&self.scratch[..n]);
+                        flags |= FLAG_ZSTD;
+                    }
+                }
+            }
+        }
+        let wire_len = out.len() - start - HEADER_LEN;
+        let (seq, offset) = msg.header_fields();
+        let header = FrameHeader {
+            kind: msg.kind(),
+            flags,
+            seq,
+            offset,
+            raw_len: raw_len as u32,
+            wire_len: wire_len as u32,
+            payload_crc,
+        };
+        write_header(&header, &mut out[start..start + HEADER_LEN]);
+        Ok(FrameStats {
+            raw_len: raw_len as u32,
+            wire_len: wire_len as u32,
+            compressed: flags & FLAG_ZSTD != 0,
+        })
+    }
+
+    /// One frame carrying `msg` as a fresh vector.
+    pub fn encode_to_vec(&mut self, msg: &Message) -> Result<Vec<u8>, EncodeError> {
+        let mut out = BytesMut::new();
+        self.encode(msg, &mut out)?;
+        Ok(out.to_vec())
+    }
+}
+
+/// Writes `h` into the 40 bytes of `dst`, header CRC included.
+fn write_header(h: &FrameHeader, dst: &mut [u8]) {
+    let mut b = &mut dst[..];
+    b.put_u32(MAGIC);
+    b.put_u8(FRAME_VERSION);
+    b.put_u8(h.kind as u8);
+    b.put_u16(h.flags);
+    b.put_u64(h.seq);
+    b.put_u64(h.offset);
+    b.put_u32(h.raw_len);
+    b.put_u32(h.wire_len);
+    b.put_u32(h.payload_crc);
+    let crc = crc32fast::hash(&dst[..HEADER_LEN - 4]);
+    dst[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// Parses and checks the header at the start of `raw` (at least [`HEADER_LEN`] bytes).
+///
+/// Order of checks: magic, header CRC, then fields, so that any corruption of a field is
+/// reported as a CRC error rather than as a plausible wrong value.
+pub fn parse_header(raw: &[u8], max_payload: u32) -> Result<FrameHeader, WireError> {
+    let Some(raw) = raw.get(..HEADER_LEN) else {
+        return Err(WireError::BadLengths {
+            problem: format!(
+                "{} bytes are too few for a {HEADER_LEN}-byte header",
+                raw.len()
+            ),
+        });
+    };
+    let mut b = raw;
+    let magic = b.get_u32();
+    if magic != MAGIC {
+        return Err(WireError::BadMagic { found: magic });
+    }
+    let computed = crc32fast::hash(&raw[..HEADER_LEN - 4]);
+    let expected = u32::from_be_bytes([raw[36], raw[37], raw[38], raw[39]]);
+    if computed != expected {
+        return Err(WireError::HeaderCrc { expected, computed });
+    }
+    let version = b.get_u8();
+    if version != FRAME_VERSION {
+        return Err(WireError::UnsupportedVersion { found: version });
+    }
+    let code = b.get_u8();
+    let flags = b.get_u16();
+    if flags & !FLAG_ZSTD != 0 {
+        return Err(WireError::ReservedFlags {
+            flags: flags & !FLAG_ZSTD,
+        });
+    }
+    let kind = MessageKind::from_code(code).ok_or(WireError::UnknownKind { code })?;
+    let seq = b.get_u64();
+    let offset = b.get_u64();
+    let raw_len = b.get_u32();
+    let wire_len = b.get_u32();
+    let payload_crc = b.get_u32();
+    for len in [raw_len, wire_len] {
+        if len > max_payload {
+            return Err(WireError::Oversize {
+                len: len.into(),
+                max: max_payload,
+            });
+        }
+    }
+    if flags & FLAG_ZSTD == 0 && wire_len != raw_len {
+        return Err(WireError::BadLengths {
+            problem: format!(
+                "uncompressed frame with wire length {wire_len} != payload length {raw_len}"
+            ),
+        });
+    }
+    if flags & FLAG_ZSTD != 0 && wire_len >= raw_len {
+        return Err(WireError::BadLengths {
+            problem: format!(
+                "compressed frame of {wire_len} bytes is not smaller than its payload of {raw_len}"
+            ),
+        });
+    }
+    Ok(FrameHeader {
+        kind,
+        flags,
+        seq,
+        offset,
+        raw_len,
+        wire_len,
+        payload_crc,
+    })
+}
+
+/// Streaming decoder: push received bytes in, pop whole messages out.
+///
+/// Invariant: a message is returned only after its header CRC and its payload CRC (over the
+/// decompressed bytes) both matched and the payload decoded strictly.
+pub struct FrameDecoder {
+    buf: BytesMut,
+    max_payload: u32,
+    pending: Option<FrameHeader>,
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    failed: bool,
+}
+
+impl std::fmt::Debug for FrameDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameDecoder")
+            .field("buffered", &self.buf.len())
+            .field("max_payload", &self.max_payload)
+            .field("pending", &self.pending)
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
+
+impl FrameDecoder {
+    /// A decoder refusing payloads (compressed or not) above `max_payload` bytes.
+    pub fn new(max_payload: u32) -> Result<Self, CodecConfigError> {
+        check_max_payload(max_payload)?;
+        Ok(Self {
+            buf: BytesMut::new(),
+            max_payload,
+            pending: None,
+            decompressor: None,
+            failed: false,
+        })
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The receive buffer, for reading from a socket into it without a copy
+    /// (`AsyncReadExt::read_buf`). Only append to it.
+    pub fn buffer_mut(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Bytes received but not yet returned as messages.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether the decoder sits exactly between frames (no partial frame buffered).
+    pub fn is_idle(&self) -> bool {
+        self.buf.is_empty() && self.pending.is_none()
+    }
+
+    /// The next complete message, `Ok(None)` if more bytes are needed, or the first error
+    /// (after which every call returns [`WireError::Poisoned`]).
+    pub fn pop(&mut self) -> Result<Option<Message>, WireError> {
+        if self.failed {
+            return Err(WireError::Poisoned);
+        }
+        let r = self.pop_inner();
+        if r.is_err() {
+            self.failed = true;
+        }
+        r
+    }
+
+    fn pop_inner(&mut self) -> Result<Option<Message>, WireError> {
+        let header = match self.pending {
+            Some(h) => h,
+            None => {
+                if self.buf.len() < HEADER_LEN {
+                    return Ok(None);
+                }
+                let h = parse_header(&self.buf[..HEADER_LEN], self.max_payload)?;
+                self.buf.advance(HEADER_LEN);
+                // Bounded by max_payload, checked above.
+                self.buf.reserve(h.wire_len as usize);
+                self.pending = Some(h);
+                h
+            }
+        };
+        if self.buf.len() < header.wire_len as usize {
+            return Ok(None);
+        }
+        self.pending = None;
+        let wire = self.buf.split_to(header.wire_len as usize).freeze();
+        let payload = if header.flags & FLAG_ZSTD != 0 {
+            self.decompress(&header, &wire)?
+        } else {
+            wire
+        };
+        let computed = crc32fast::hash(&payload);
+        if computed != header.payload_crc {
+            return Err(WireError::PayloadCrc {
+                kind: header.kind,
+                seq: header.seq,
+                offset: header.offset,
+                expected: header.payload_crc,
+                computed,
+            });
+        }
+        Ok(Some(Message::decode_payload(
+            header.kind,
+            header.seq,
+            header.offset,
+            payload,
+        )?))
+    }
+
+    fn decompress(&mut self, h: &FrameHeader, wire: &[u8]) -> Result<Bytes, WireError> {
+        let err = |detail: String| WireError::Decompress {
+            kind: h.kind,
+            seq: h.seq,
+            offset: h.offset,
+            detail,
+        };
+        if self.decompressor.is_none() {
+            self.decompressor =
+                Some(zstd::bulk::Decompressor::new().map_err(|e| err(e.to_string()))?);
+        }
+        let Some(d) = self.decompressor.as_mut() else {
+            return Err(err("no decompression context".into()));
+        };
+        // Capacity is the announced size (bounded by max_payload): zstd cannot write past it.
+        let mut out = Vec::with_capacity(h.raw_len as usize);
+        let n = d
+            .decompress_to_buffer(wire, &mut out)
+            .map_err(|e| err(e.to_string()))?;
+        if n != h.raw_len as usize {
+            return Err(err(format!(
+                "produced {n} bytes, header announced {}",
+                h.raw_len
+            )));
+        }
+        Ok(Bytes::from(out))
+    }
+}
