@@ -23,6 +23,13 @@ struct Cli {
 enum Command {
     /// Serve a local device or file over NBD (Unix socket, TCP or stdio).
     Export(ExportArgs),
+    /// Attach an export to a kernel NBD device (/dev/nbdN); stays in the foreground until detached.
+    Attach(AttachArgs),
+    /// Detach a kernel NBD device.
+    Detach {
+        /// The device, e.g. /dev/nbd0.
+        device: PathBuf,
+    },
     /// Load and validate configuration files; prints nothing but errors and warnings.
     CheckConfig {
         /// Files to check.
@@ -61,6 +68,29 @@ struct ExportArgs {
     shutdown_grace: u64,
 }
 
+#[derive(Args)]
+struct AttachArgs {
+    /// A running export's Unix socket, or a device/file to serve from this process.
+    source: PathBuf,
+    /// The kernel device, e.g. /dev/nbd0.
+    device: PathBuf,
+    /// Export name to ask for.
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Connections for the kernel to spread I/O over.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Kernel request timeout in seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// Seconds the kernel queues I/O while the server is away (restart without I/O errors).
+    #[arg(long, default_value_t = 60)]
+    dead_conn_timeout: u64,
+    /// Engine for an in-process export.
+    #[arg(long, value_enum)]
+    engine: Option<EngineKind>,
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TWINVOL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -95,11 +125,36 @@ fn run_export(a: ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_attach(a: AttachArgs) -> anyhow::Result<()> {
+    use std::time::Duration;
+    twinvol::nbd::attach_cmd::run_attach(twinvol::nbd::attach_cmd::AttachOptions {
+        source: a.source,
+        device: a.device,
+        name: a.name,
+        connections: a.connections,
+        timeout: Duration::from_secs(a.timeout),
+        dead_conn_timeout: Duration::from_secs(a.dead_conn_timeout),
+        engine: a.engine,
+    })?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A process that serves a kernel block device must be an IO flusher, locked in memory and
+    // unattractive to the OOM killer, set before any thread starts (docs/KERNEL.md).
+    let prepare = matches!(cli.command, Command::Attach(_))
+        .then(twinvol::nbd::kernel::prepare_process_for_attach);
     init_logging();
+    if let Some(Err(e)) = prepare {
+        tracing::warn!(error = %e, "process preparation for kernel attach incomplete: I/O may deadlock under memory pressure");
+    }
     let result = match cli.command {
         Command::Export(a) => run_export(a),
+        Command::Attach(a) => run_attach(a),
+        Command::Detach { device } => {
+            twinvol::nbd::attach_cmd::run_detach(&device).map_err(Into::into)
+        }
         Command::CheckConfig { files } => files.iter().try_for_each(|f| {
             twinvol::config::Config::load(f)?;
             Ok(())
