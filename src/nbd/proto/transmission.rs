@@ -382,6 +382,41 @@ mod tests {
         }
 
         #[test]
+        fn simple_reply_round_trips(cookie: u64, error: u32) {
+            use crate::nbd::proto::client::{parse_reply_header, ReplyHeader};
+            let mut v = Vec::new();
+            push_simple_reply(&mut v, cookie, error);
+            prop_assert_eq!(parse_reply_header(&v), Ok(Some((ReplyHeader::Simple { error, cookie }, SIMPLE_REPLY_LEN))));
+        }
+
+        #[test]
+        fn chunk_header_round_trips(cookie: u64, flags: u16, kind: u16, length: u32) {
+            use crate::nbd::proto::client::{parse_reply_header, ReplyHeader};
+            let mut v = Vec::new();
+            push_chunk_header(&mut v, cookie, flags, kind, length);
+            prop_assert_eq!(parse_reply_header(&v), Ok(Some((ReplyHeader::Chunk { flags, kind, cookie, length }, CHUNK_HEADER_LEN))));
+        }
+
+        #[test]
+        fn option_reply_round_trips(option: u32, reply_type: u32, data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            use crate::nbd::proto::client::{parse_option_reply, OptionReply};
+            let mut v = Vec::new();
+            crate::nbd::proto::handshake::push_option_reply(&mut v, option, reply_type, &data);
+            let n = v.len();
+            prop_assert_eq!(parse_option_reply(&v), Ok(Some((OptionReply { option, reply_type, data: data.clone() }, n))));
+            prop_assert_eq!(parse_option_reply(&v[..n - 1]), Ok(None));
+        }
+
+        #[test]
+        fn error_chunks_carry_error_and_message(cookie: u64, error: u32, msg in "[ -~]{0,100}") {
+            let mut v = Vec::new();
+            push_error_chunk(&mut v, cookie, error, &msg);
+            prop_assert_eq!(&v[20..24], &error.to_be_bytes());
+            prop_assert_eq!(u16::from_be_bytes([v[24], v[25]]) as usize, msg.len());
+            prop_assert_eq!(&v[26..], msg.as_bytes());
+        }
+
+        #[test]
         fn truncated_headers_need_more(n in 0usize..28) {
             let h = req(cmd::READ, 0, 0, 512).encode();
             prop_assert_eq!(parse_request_header(&h[..n]), Ok(None));
