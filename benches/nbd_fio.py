@@ -150,11 +150,11 @@ def main():
     servers = {
         "direct": [
             Server("twinvol (uring, O_DIRECT)", "direct", lambda b, s: [tv, "export", b, "--socket", s, "--engine", "uring", "--cache", "none"]),
-            Server("qemu-nbd (cache=none, aio=io_uring)", "direct", lambda b, s: ["qemu-nbd", "-f", "raw", "--cache=none", "--aio=io_uring", "-e", "0", "-k", s, b]),
+            Server("qemu-nbd (cache=none, aio=io_uring)", "direct", lambda b, s: ["qemu-nbd", "-t", "-f", "raw", "--cache=none", "--aio=io_uring", "-e", "0", "-k", s, b]),
         ],
         "buffered": [
             Server("twinvol (uring, writeback)", "buffered", lambda b, s: [tv, "export", b, "--socket", s, "--engine", "uring", "--cache", "writeback"]),
-            Server("qemu-nbd (cache=writeback)", "buffered", lambda b, s: ["qemu-nbd", "-f", "raw", "--cache=writeback", "-e", "0", "-k", s, b]),
+            Server("qemu-nbd (cache=writeback)", "buffered", lambda b, s: ["qemu-nbd", "-t", "-f", "raw", "--cache=writeback", "-e", "0", "-k", s, b]),
             Server("nbdkit file (default)", "buffered", lambda b, s: ["nbdkit", "-f", "-U", s, "file", b]),
         ],
     }
