@@ -7,4 +7,5 @@
 pub mod block;
 pub mod config;
 pub mod engine;
+pub mod meta;
 pub mod nbd;
