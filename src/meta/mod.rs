@@ -8,3 +8,4 @@
 //! - [`cli`]: `create-md`, `show-md`, `dump-bitmap`, `new-current-uuid`.
 
 pub mod bitmap;
+pub mod gen;
