@@ -7,5 +7,6 @@
 //! - [`store`]: the metadata area on a [`store::MetaDevice`]: create, open, persist.
 //! - [`cli`]: `create-md`, `show-md`, `dump-bitmap`, `new-current-uuid`.
 
+pub mod al;
 pub mod bitmap;
 pub mod gen;
