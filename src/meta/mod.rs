@@ -9,4 +9,5 @@
 
 pub mod al;
 pub mod bitmap;
+pub mod format;
 pub mod gen;
