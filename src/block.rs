@@ -80,7 +80,10 @@ pub struct BlockError {
 impl BlockError {
     /// Wraps an I/O error with what was being done.
     pub fn new(context: impl Into<String>, source: std::io::Error) -> Self {
-        Self { context: context.into(), source }
+        Self {
+            context: context.into(),
+            source,
+        }
     }
 
     /// An error with a specific errno (EINVAL, ENOTSUP, ...).
@@ -114,7 +117,8 @@ pub trait BlockTarget {
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (BlockResult<()>, AlignedBuf);
 
     /// Writes all of `buf` at `offset`; with `fua`, durable before returning.
-    async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (BlockResult<()>, AlignedBuf);
+    async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool)
+        -> (BlockResult<()>, AlignedBuf);
 
     /// Makes every completed write durable.
     async fn flush(&self) -> BlockResult<()>;

@@ -128,19 +128,28 @@ pub struct ExportConfig {
 }
 
 fn valid_ident(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 impl Config {
     /// Reads, parses and validates a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::parse(path, &text)
     }
 
     /// Parses and validates TOML text; `path` is used in messages only.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -161,7 +170,11 @@ impl Config {
             ));
         }
         if self.volumes.is_empty() {
-            return Err(invalid("volume".into(), "no volume is configured".into(), "add a [[volume]] table with name and device"));
+            return Err(invalid(
+                "volume".into(),
+                "no volume is configured".into(),
+                "add a [[volume]] table with name and device",
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for (i, v) in self.volumes.iter().enumerate() {
@@ -173,7 +186,11 @@ impl Config {
                 ));
             }
             if !names.insert(v.name.as_str()) {
-                return Err(invalid(format!("volume[{i}].name"), format!("{:?} is used twice", v.name), "give every volume its own name"));
+                return Err(invalid(
+                    format!("volume[{i}].name"),
+                    format!("{:?} is used twice", v.name),
+                    "give every volume its own name",
+                ));
             }
             if !v.device.is_absolute() {
                 return Err(invalid(
@@ -211,7 +228,8 @@ impl Config {
 /// True for kernel names that are not stable across reboots on Nitro instances (/dev/nvme1n1).
 pub fn unstable_device_name(p: &Path) -> bool {
     let s = p.to_string_lossy();
-    s.strip_prefix("/dev/nvme").is_some_and(|rest| rest.contains('n') && !rest.contains('/'))
+    s.strip_prefix("/dev/nvme")
+        .is_some_and(|rest| rest.contains('n') && !rest.contains('/'))
 }
 
 #[cfg(test)]
@@ -240,34 +258,53 @@ socket = "/run/twinvol/data.sock"
     #[test]
     fn unknown_field_is_named() {
         let text = GOOD.replace("name = \"data\"", "name = \"data\"\ndevcie = \"/x\"");
-        let e = Config::parse(Path::new("t.toml"), &text).unwrap_err().to_string();
+        let e = Config::parse(Path::new("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("devcie"), "{e}");
     }
 
     #[test]
     fn relative_device_names_field_and_fix() {
-        let text = GOOD.replace("/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0123", "disk.img");
-        let e = Config::parse(Path::new("t.toml"), &text).unwrap_err().to_string();
-        assert!(e.contains("volume[0].device") && e.contains("/dev/disk/by-id"), "{e}");
+        let text = GOOD.replace(
+            "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0123",
+            "disk.img",
+        );
+        let e = Config::parse(Path::new("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("volume[0].device") && e.contains("/dev/disk/by-id"),
+            "{e}"
+        );
     }
 
     #[test]
     fn missing_export_endpoint_is_refused() {
         let text = GOOD.replace("socket = \"/run/twinvol/data.sock\"", "");
-        let e = Config::parse(Path::new("t.toml"), &text).unwrap_err().to_string();
-        assert!(e.contains("volume[0].export") && e.contains("listen"), "{e}");
+        let e = Config::parse(Path::new("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("volume[0].export") && e.contains("listen"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_engine_value_is_named() {
         let text = GOOD.replace("name = \"data\"", "name = \"data\"\nengine = \"aio\"");
-        let e = Config::parse(Path::new("t.toml"), &text).unwrap_err().to_string();
+        let e = Config::parse(Path::new("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("aio") && e.contains("engine"), "{e}");
     }
 
     #[test]
     fn nvme_kernel_names_are_unstable() {
         assert!(unstable_device_name(Path::new("/dev/nvme1n1")));
-        assert!(!unstable_device_name(Path::new("/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol1")));
+        assert!(!unstable_device_name(Path::new(
+            "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol1"
+        )));
     }
 }

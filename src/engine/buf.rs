@@ -32,11 +32,17 @@ impl AlignedBuf {
     pub fn new(len: usize, align: usize) -> Self {
         let align = align.max(512).next_power_of_two();
         let cap = len.max(1).div_ceil(align) * align;
-        let layout = Layout::from_size_align(cap, align).expect("aligned buffer layout: size overflow");
+        let layout =
+            Layout::from_size_align(cap, align).expect("aligned buffer layout: size overflow");
         // SAFETY: layout has a non-zero size (cap >= align >= 512).
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        Self { ptr, len, cap, align }
+        Self {
+            ptr,
+            len,
+            cap,
+            align,
+        }
     }
 
     /// A buffer holding a copy of `data`.
@@ -68,7 +74,11 @@ impl AlignedBuf {
 
     /// Sets the number of bytes in use. Panics if `len` exceeds the capacity (a programming error).
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.cap, "AlignedBuf::set_len({len}) beyond capacity {}", self.cap);
+        assert!(
+            len <= self.cap,
+            "AlignedBuf::set_len({len}) beyond capacity {}",
+            self.cap
+        );
         self.len = len;
     }
 }
@@ -76,7 +86,12 @@ impl AlignedBuf {
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: ptr was allocated in `new` with exactly this layout and is freed only here.
-        unsafe { dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.cap, self.align)) }
+        unsafe {
+            dealloc(
+                self.ptr.as_ptr(),
+                Layout::from_size_align_unchecked(self.cap, self.align),
+            )
+        }
     }
 }
 
@@ -97,7 +112,11 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AlignedBuf").field("len", &self.len).field("cap", &self.cap).field("align", &self.align).finish()
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .field("cap", &self.cap)
+            .field("align", &self.align)
+            .finish()
     }
 }
 
@@ -134,7 +153,13 @@ mod tests {
 
     #[test]
     fn buffers_are_aligned_zeroed_and_sized() {
-        for (len, align) in [(0, 512), (1, 512), (4096, 4096), (5000, 4096), (1 << 20, 512)] {
+        for (len, align) in [
+            (0, 512),
+            (1, 512),
+            (4096, 4096),
+            (5000, 4096),
+            (1 << 20, 512),
+        ] {
             let b = AlignedBuf::new(len, align);
             assert_eq!(b.len(), len);
             assert_eq!(b.as_ptr() as usize % align, 0);

@@ -70,7 +70,10 @@ fn open_with(path: &Path, read_only: bool, extra_flags: i32) -> io::Result<File>
 impl Files {
     pub fn open(opts: &OpenOptions) -> Result<Self, EngineError> {
         let path = opts.path.clone();
-        let open_err = |source| EngineError::Open { path: path.clone(), source };
+        let open_err = |source| EngineError::Open {
+            path: path.clone(),
+            source,
+        };
         let meta = std::fs::metadata(&path).map_err(open_err)?;
         let kind = if meta.file_type().is_block_device() {
             DeviceKind::Block
@@ -93,11 +96,18 @@ impl Files {
             },
             CacheMode::Writeback => open_with(&path, opts.read_only, 0).map_err(open_err)?,
         };
-        let direct = if cache == CacheMode::None { libc::O_DIRECT } else { 0 };
+        let direct = if cache == CacheMode::None {
+            libc::O_DIRECT
+        } else {
+            0
+        };
         let fua = open_with(&path, opts.read_only, direct | libc::O_DSYNC).map_err(open_err)?;
 
         let (size, logical_block) = match kind {
-            DeviceKind::Block => (blk_size(&main).map_err(open_err)?, blk_ssz(&main).map_err(open_err)?),
+            DeviceKind::Block => (
+                blk_size(&main).map_err(open_err)?,
+                blk_ssz(&main).map_err(open_err)?,
+            ),
             DeviceKind::File => (meta.len(), 512),
         };
         let alignment = match (cache, kind) {
@@ -116,14 +126,23 @@ impl Files {
             });
         }
         if size == 0 {
-            return Err(EngineError::Geometry { path, what: "size is 0 bytes; create it with a size (truncate -s 1G FILE)".into() });
+            return Err(EngineError::Geometry {
+                path,
+                what: "size is 0 bytes; create it with a size (truncate -s 1G FILE)".into(),
+            });
         }
         let rotational = rotational(&meta, kind);
         Ok(Self {
             path,
             main: Arc::new(main),
             fua: Arc::new(fua),
-            geometry: Geometry { size, logical_block, alignment, kind, rotational },
+            geometry: Geometry {
+                size,
+                logical_block,
+                alignment,
+                kind,
+                rotational,
+            },
             cache,
         })
     }
@@ -167,7 +186,11 @@ fn probe_direct_alignment(f: &File, size: u64) -> u32 {
 /// Reads queue/rotational of the device (or of the device holding the file); false if unknown.
 fn rotational(meta: &std::fs::Metadata, kind: DeviceKind) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let dev = if kind == DeviceKind::Block { meta.rdev() } else { meta.dev() };
+    let dev = if kind == DeviceKind::Block {
+        meta.rdev()
+    } else {
+        meta.dev()
+    };
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     for rel in ["queue/rotational", "../queue/rotational"] {
         let p = format!("/sys/dev/block/{major}:{minor}/{rel}");
@@ -192,7 +215,8 @@ pub(crate) fn blk_range_ioctl(f: &File, zero: bool, offset: u64, len: u64) -> io
 
 /// lseek(SEEK_DATA / SEEK_HOLE); `Ok(None)` when there is no further data (ENXIO).
 pub(crate) fn seek(f: &File, offset: u64, whence: i32) -> io::Result<Option<u64>> {
-    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
     // SAFETY: lseek on a valid fd has no memory effects.
     let rc = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
     if rc < 0 {
@@ -208,7 +232,14 @@ pub(crate) fn seek(f: &File, offset: u64, whence: i32) -> io::Result<Option<u64>
 /// posix_fadvise(WILLNEED): start read-ahead of a range.
 pub(crate) fn willneed(f: &File, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: fadvise on a valid fd has no memory effects.
-    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), offset as libc::off_t, len as libc::off_t, libc::POSIX_FADV_WILLNEED) };
+    let rc = unsafe {
+        libc::posix_fadvise(
+            f.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        )
+    };
     if rc != 0 {
         return Err(io::Error::from_raw_os_error(rc));
     }

@@ -25,7 +25,9 @@ pub use runtime::{block_on, probe_uring};
 use crate::engine::buf::AlignedBuf;
 
 /// Which backend does the I/O.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     /// io_uring through tokio-uring (default when the kernel allows it).
@@ -44,7 +46,9 @@ impl std::fmt::Display for EngineKind {
 }
 
 /// Whether I/O bypasses the page cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum CacheMode {
     /// O_DIRECT: no page cache; requests must be aligned to the logical block size
@@ -80,7 +84,12 @@ pub struct OpenOptions {
 impl OpenOptions {
     /// Read-write, O_DIRECT, whole device.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), read_only: false, cache: CacheMode::None, reserved_tail: 0 }
+        Self {
+            path: path.into(),
+            read_only: false,
+            cache: CacheMode::None,
+            reserved_tail: 0,
+        }
     }
 }
 
@@ -162,13 +171,24 @@ impl Engine {
             ),
         })?;
         let backend = match kind {
-            EngineKind::Uring => Backend::Uring(uring::UringFile::new(&files).map_err(|e| EngineError::Open {
-                path: opts.path.clone(),
-                source: e,
-            })?),
+            EngineKind::Uring => {
+                Backend::Uring(
+                    uring::UringFile::new(&files).map_err(|e| EngineError::Open {
+                        path: opts.path.clone(),
+                        source: e,
+                    })?,
+                )
+            }
             EngineKind::Sync => Backend::Sync(sync::SyncFile::new(&files)),
         };
-        let info = target::target_info(&geometry, cache, opts.read_only, exported_size, &opts.path, kind);
+        let info = target::target_info(
+            &geometry,
+            cache,
+            opts.read_only,
+            exported_size,
+            &opts.path,
+            kind,
+        );
         Ok(Self {
             backend,
             files,
@@ -213,7 +233,11 @@ impl Engine {
     }
 
     /// Reads `buf.len()` bytes at `offset`. Aligned requests only (see the struct invariant).
-    pub async fn read_aligned(&self, offset: u64, buf: AlignedBuf) -> (std::io::Result<()>, AlignedBuf) {
+    pub async fn read_aligned(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> (std::io::Result<()>, AlignedBuf) {
         match &self.backend {
             Backend::Uring(f) => f.read_exact_at(offset, buf).await,
             Backend::Sync(f) => f.read_exact_at(offset, buf).await,
@@ -221,7 +245,12 @@ impl Engine {
     }
 
     /// Writes all of `buf` at `offset`; durable before returning when `fua`.
-    pub async fn write_aligned(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (std::io::Result<()>, AlignedBuf) {
+    pub async fn write_aligned(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    ) -> (std::io::Result<()>, AlignedBuf) {
         match &self.backend {
             Backend::Uring(f) => f.write_all_at(offset, buf, fua).await,
             Backend::Sync(f) => f.write_all_at(offset, buf, fua).await,

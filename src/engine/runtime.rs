@@ -38,7 +38,8 @@ pub fn block_on<F: Future>(kind: EngineKind, fut: F) -> Result<F::Output, Engine
         EngineKind::Uring => {
             let mut b = tokio_uring::builder();
             b.entries(RING_ENTRIES);
-            let rt = tokio_uring::Runtime::new(&b).map_err(|source| EngineError::Runtime { kind, source })?;
+            let rt = tokio_uring::Runtime::new(&b)
+                .map_err(|source| EngineError::Runtime { kind, source })?;
             Ok(rt.block_on(fut))
         }
         EngineKind::Sync => {

@@ -18,7 +18,9 @@ pub(crate) struct SyncFile {
 
 /// Runs `f` on the blocking pool; a panicked or cancelled worker becomes an EIO.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| io::Error::other(format!("I/O worker failed: {e}")))
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io::Error::other(format!("I/O worker failed: {e}")))
 }
 
 /// Reads exactly `buf.len()` bytes; bytes past the end of file read as zeroes.
@@ -40,10 +42,17 @@ pub(crate) fn pread_exact(f: &File, offset: u64, buf: &mut [u8]) -> io::Result<(
 
 impl SyncFile {
     pub fn new(files: &Files) -> Self {
-        Self { main: files.main.clone(), fua: files.fua.clone() }
+        Self {
+            main: files.main.clone(),
+            fua: files.fua.clone(),
+        }
     }
 
-    pub async fn read_exact_at(&self, offset: u64, mut buf: AlignedBuf) -> (io::Result<()>, AlignedBuf) {
+    pub async fn read_exact_at(
+        &self,
+        offset: u64,
+        mut buf: AlignedBuf,
+    ) -> (io::Result<()>, AlignedBuf) {
         let f = self.main.clone();
         let r = blocking(move || {
             let r = pread_exact(&f, offset, &mut buf);
@@ -56,8 +65,17 @@ impl SyncFile {
         }
     }
 
-    pub async fn write_all_at(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (io::Result<()>, AlignedBuf) {
-        let f = if fua { self.fua.clone() } else { self.main.clone() };
+    pub async fn write_all_at(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    ) -> (io::Result<()>, AlignedBuf) {
+        let f = if fua {
+            self.fua.clone()
+        } else {
+            self.main.clone()
+        };
         let r = blocking(move || {
             let r = f.write_all_at(&buf, offset);
             (r, buf)
@@ -83,7 +101,14 @@ impl SyncFile {
 /// fallocate(2), blocking.
 pub(crate) fn fallocate_blocking(f: &File, offset: u64, len: u64, mode: i32) -> io::Result<()> {
     // SAFETY: fallocate on a valid fd has no memory effects.
-    let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -27,7 +27,11 @@ pub(super) fn target_info(
         size,
         // Buffered I/O takes any byte range; direct I/O wants the device's alignment (smaller
         // requests still work through read-modify-write, only slower).
-        min_block: if cache == CacheMode::Writeback { 1 } else { g.alignment },
+        min_block: if cache == CacheMode::Writeback {
+            1
+        } else {
+            g.alignment
+        },
         preferred_block: 4096,
         max_block: MAX_REQUEST,
         read_only,
@@ -42,13 +46,19 @@ pub(super) fn target_info(
         can_cache: true,
         // One process, one file: a flush (fdatasync) covers every connection's completed writes.
         can_multi_conn: true,
-        description: format!("twinvol export of {} ({kind} engine, cache={cache})", path.display()),
+        description: format!(
+            "twinvol export of {} ({kind} engine, cache={cache})",
+            path.display()
+        ),
     }
 }
 
 impl Engine {
     fn ctx(&self, what: &str, offset: u64, len: u64) -> String {
-        format!("{what} {len} bytes at offset {offset} of {}", self.files.path.display())
+        format!(
+            "{what} {len} bytes at offset {offset} of {}",
+            self.files.path.display()
+        )
     }
 
     fn align(&self) -> u64 {
@@ -65,7 +75,11 @@ impl Engine {
     }
 
     /// Reads `[offset, offset+len)` when it is not aligned: through a covering aligned bounce buffer.
-    async fn read_unaligned(&self, offset: u64, mut buf: AlignedBuf) -> (BlockResult<()>, AlignedBuf) {
+    async fn read_unaligned(
+        &self,
+        offset: u64,
+        mut buf: AlignedBuf,
+    ) -> (BlockResult<()>, AlignedBuf) {
         let a = self.align();
         let len = buf.len() as u64;
         let start = offset / a * a;
@@ -82,7 +96,12 @@ impl Engine {
 
     /// Read-modify-write of an unaligned range; holds the RMW lock exclusively so no aligned
     /// write to a shared block can land between its read and its write.
-    async fn write_unaligned(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (BlockResult<()>, AlignedBuf) {
+    async fn write_unaligned(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    ) -> (BlockResult<()>, AlignedBuf) {
         let _exclusive = self.rmw_lock.write().await;
         let a = self.align();
         let len = buf.len() as u64;
@@ -91,12 +110,21 @@ impl Engine {
         let bounce = self.alloc_buf((end - start) as usize);
         let (r, mut bounce) = self.read_aligned(start, bounce).await;
         if let Err(e) = r {
-            return (Err(BlockError::new(self.ctx("read-modify-write (read)", offset, len), e)), buf);
+            return (
+                Err(BlockError::new(
+                    self.ctx("read-modify-write (read)", offset, len),
+                    e,
+                )),
+                buf,
+            );
         }
         let skip = (offset - start) as usize;
         bounce[skip..skip + len as usize].copy_from_slice(&buf);
         let (r, _) = self.write_aligned(start, bounce, fua).await;
-        (r.map_err(|e| BlockError::new(self.ctx("read-modify-write (write)", offset, len), e)), buf)
+        (
+            r.map_err(|e| BlockError::new(self.ctx("read-modify-write (write)", offset, len), e)),
+            buf,
+        )
     }
 
     /// Writes zero buffers over a range (the fallback when no fast zeroing exists).
@@ -121,7 +149,10 @@ impl Engine {
 }
 
 fn unsupported(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
+    )
 }
 
 impl BlockTarget for Engine {
@@ -139,33 +170,60 @@ impl BlockTarget for Engine {
             return self.read_unaligned(offset, buf).await;
         }
         let (r, buf) = self.read_aligned(offset, buf).await;
-        (r.map_err(|e| BlockError::new(self.ctx("read", offset, len), e)), buf)
+        (
+            r.map_err(|e| BlockError::new(self.ctx("read", offset, len), e)),
+            buf,
+        )
     }
 
-    async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (BlockResult<()>, AlignedBuf) {
+    async fn write(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    ) -> (BlockResult<()>, AlignedBuf) {
         let len = buf.len() as u64;
         if self.read_only {
-            return (Err(BlockError::errno(self.ctx("write", offset, len), libc::EPERM)), buf);
+            return (
+                Err(BlockError::errno(
+                    self.ctx("write", offset, len),
+                    libc::EPERM,
+                )),
+                buf,
+            );
         }
         if self.cache == CacheMode::None {
-            if !self.is_aligned(offset, len) || (buf.as_ptr() as usize) % (self.align() as usize) != 0 {
+            if !self.is_aligned(offset, len)
+                || (buf.as_ptr() as usize) % (self.align() as usize) != 0
+            {
                 return self.write_unaligned(offset, buf, fua).await;
             }
             let _shared = self.rmw_lock.read().await;
             let (r, buf) = self.write_aligned(offset, buf, fua).await;
-            return (r.map_err(|e| BlockError::new(self.ctx("write", offset, len), e)), buf);
+            return (
+                r.map_err(|e| BlockError::new(self.ctx("write", offset, len), e)),
+                buf,
+            );
         }
         let (r, buf) = self.write_aligned(offset, buf, fua).await;
-        (r.map_err(|e| BlockError::new(self.ctx("write", offset, len), e)), buf)
+        (
+            r.map_err(|e| BlockError::new(self.ctx("write", offset, len), e)),
+            buf,
+        )
     }
 
     async fn flush(&self) -> BlockResult<()> {
-        self.sync_data().await.map_err(|e| BlockError::new(format!("flush of {}", self.files.path.display()), e))
+        self.sync_data()
+            .await
+            .map_err(|e| BlockError::new(format!("flush of {}", self.files.path.display()), e))
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
         if self.read_only {
-            return Err(BlockError::errno(self.ctx("trim", offset, len), libc::EPERM));
+            return Err(BlockError::errno(
+                self.ctx("trim", offset, len),
+                libc::EPERM,
+            ));
         }
         let r = match self.geometry.kind {
             DeviceKind::File => {
@@ -178,7 +236,12 @@ impl BlockTarget for Engine {
                     return Ok(());
                 }
                 let _shared = self.rmw_lock.read().await;
-                self.fallocate(start, end - start, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE).await
+                self.fallocate(
+                    start,
+                    end - start,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                )
+                .await
             }
             DeviceKind::Block => {
                 let a = u64::from(self.geometry.logical_block);
@@ -204,12 +267,18 @@ impl BlockTarget for Engine {
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
         if self.read_only {
-            return Err(BlockError::errno(self.ctx("write zeroes", offset, len), libc::EPERM));
+            return Err(BlockError::errno(
+                self.ctx("write zeroes", offset, len),
+                libc::EPERM,
+            ));
         }
         let a = self.align();
         if !self.is_aligned(offset, len) {
             if flags.fast {
-                return Err(BlockError::errno(self.ctx("fast zero (unaligned)", offset, len), libc::ENOTSUP));
+                return Err(BlockError::errno(
+                    self.ctx("fast zero (unaligned)", offset, len),
+                    libc::ENOTSUP,
+                ));
             }
             // Zero the unaligned head and tail with data writes (RMW), the aligned middle quickly.
             let mid_start = offset.div_ceil(a) * a;
@@ -217,9 +286,12 @@ impl BlockTarget for Engine {
             if mid_end <= mid_start {
                 return self.write_zero_buffers(offset, len, flags.fua).await;
             }
-            self.write_zero_buffers(offset, mid_start - offset, flags.fua).await?;
+            self.write_zero_buffers(offset, mid_start - offset, flags.fua)
+                .await?;
             Box::pin(self.write_zeroes(mid_start, mid_end - mid_start, flags)).await?;
-            return self.write_zero_buffers(mid_end, offset + len - mid_end, flags.fua).await;
+            return self
+                .write_zero_buffers(mid_end, offset + len - mid_end, flags.fua)
+                .await;
         }
         let r = match self.geometry.kind {
             DeviceKind::File => {
@@ -233,7 +305,10 @@ impl BlockTarget for Engine {
             }
             DeviceKind::Block => {
                 if flags.fast {
-                    return Err(BlockError::errno(self.ctx("fast zero on a block device", offset, len), libc::ENOTSUP));
+                    return Err(BlockError::errno(
+                        self.ctx("fast zero on a block device", offset, len),
+                        libc::ENOTSUP,
+                    ));
                 }
                 self.blk_ioctl(true, offset, len).await
             }
@@ -247,7 +322,10 @@ impl BlockTarget for Engine {
             }
             Err(e) if unsupported(&e) => {
                 if flags.fast {
-                    return Err(BlockError::errno(self.ctx("fast zero", offset, len), libc::ENOTSUP));
+                    return Err(BlockError::errno(
+                        self.ctx("fast zero", offset, len),
+                        libc::ENOTSUP,
+                    ));
                 }
                 self.write_zero_buffers(offset, len, flags.fua).await
             }
@@ -257,7 +335,8 @@ impl BlockTarget for Engine {
 
     async fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
         if self.cache == CacheMode::Writeback {
-            willneed(&self.files.main, offset, len).map_err(|e| BlockError::new(self.ctx("cache", offset, len), e))?;
+            willneed(&self.files.main, offset, len)
+                .map_err(|e| BlockError::new(self.ctx("cache", offset, len), e))?;
         }
         // With O_DIRECT there is no page cache to warm: the hint is accepted and has no effect.
         Ok(())
@@ -266,22 +345,40 @@ impl BlockTarget for Engine {
     async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
         let end = offset + len;
         if self.geometry.kind == DeviceKind::Block {
-            return Ok(vec![Extent { length: len, hole: false, zero: false }]);
+            return Ok(vec![Extent {
+                length: len,
+                hole: false,
+                zero: false,
+            }]);
         }
         let f = &self.files.main;
         let err = |e| BlockError::new(self.ctx("block status", offset, len), e);
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end && out.len() < 1024 {
-            let next_data = seek(f, pos, libc::SEEK_DATA).map_err(err)?.unwrap_or(end).min(end);
+            let next_data = seek(f, pos, libc::SEEK_DATA)
+                .map_err(err)?
+                .unwrap_or(end)
+                .min(end);
             if next_data > pos {
-                out.push(Extent { length: next_data - pos, hole: true, zero: true });
+                out.push(Extent {
+                    length: next_data - pos,
+                    hole: true,
+                    zero: true,
+                });
                 pos = next_data;
                 continue;
             }
-            let next_hole = seek(f, pos, libc::SEEK_HOLE).map_err(err)?.unwrap_or(end).min(end);
+            let next_hole = seek(f, pos, libc::SEEK_HOLE)
+                .map_err(err)?
+                .unwrap_or(end)
+                .min(end);
             let next_hole = next_hole.max(pos + 1);
-            out.push(Extent { length: next_hole - pos, hole: false, zero: false });
+            out.push(Extent {
+                length: next_hole - pos,
+                hole: false,
+                zero: false,
+            });
             pos = next_hole;
         }
         Ok(out)

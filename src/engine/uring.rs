@@ -19,16 +19,26 @@ impl UringFile {
     pub fn new(files: &Files) -> io::Result<Self> {
         let main = files.main.try_clone()?;
         let fua = files.fua.try_clone()?;
-        Ok(Self { main: tokio_uring::fs::File::from_std(main), fua: tokio_uring::fs::File::from_std(fua) })
+        Ok(Self {
+            main: tokio_uring::fs::File::from_std(main),
+            fua: tokio_uring::fs::File::from_std(fua),
+        })
     }
 
     /// Reads exactly `buf.len()` bytes; bytes past the end of file read as zeroes.
-    pub async fn read_exact_at(&self, offset: u64, buf: AlignedBuf) -> (io::Result<()>, AlignedBuf) {
+    pub async fn read_exact_at(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> (io::Result<()>, AlignedBuf) {
         let want = buf.len();
         let mut buf = buf;
         let mut done = 0usize;
         while done < want {
-            let (r, slice) = self.main.read_at(buf.slice(done..want), offset + done as u64).await;
+            let (r, slice) = self
+                .main
+                .read_at(buf.slice(done..want), offset + done as u64)
+                .await;
             buf = slice.into_inner();
             match r {
                 Ok(0) => {
@@ -48,7 +58,12 @@ impl UringFile {
     }
 
     /// Writes all of `buf`; through the O_DSYNC descriptor when `fua`.
-    pub async fn write_all_at(&self, offset: u64, buf: AlignedBuf, fua: bool) -> (io::Result<()>, AlignedBuf) {
+    pub async fn write_all_at(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    ) -> (io::Result<()>, AlignedBuf) {
         let file = if fua { &self.fua } else { &self.main };
         let (r, slice) = file.write_all_at(buf.slice(..), offset).await;
         (r, slice.into_inner())
