@@ -9,5 +9,7 @@
 
 pub mod al;
 pub mod bitmap;
+pub mod device;
 pub mod format;
 pub mod gen;
+pub mod store;
