@@ -149,6 +149,7 @@ struct MemState {
     flushes: u64,
     fault: Fault,
     crashed: bool,
+    log: Vec<u64>,
 }
 
 /// A sparse in-memory device that injects crashes and torn writes. Clones share the same
@@ -182,6 +183,12 @@ impl MemDevice {
         s.fault = fault;
         s.writes = 0;
         s.crashed = false;
+        s.log.clear();
+    }
+
+    /// Offsets of the writes attempted since the last [`Self::arm`], in order.
+    pub fn write_log(&self) -> Vec<u64> {
+        self.lock().log.clone()
     }
 
     /// Writes attempted since the last [`Self::arm`] (or creation).
@@ -253,6 +260,7 @@ impl MetaDevice for MemDevice {
             ));
         }
         s.writes += 1;
+        s.log.push(offset);
         let mut keep = buf.len();
         if let Fault::CrashAt { write, keep: k } = s.fault {
             if s.crashed || s.writes > write {
