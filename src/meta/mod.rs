@@ -9,6 +9,7 @@
 
 pub mod al;
 pub mod bitmap;
+pub mod cli;
 pub mod device;
 pub mod format;
 pub mod gen;

@@ -40,9 +40,9 @@ pub enum StoreError {
     #[error("no valid twinvol metadata: {a}; {b} (wrong device, or run `twinvol create-md`)")]
     NoSuperblock {
         /// Why slot A was refused.
-        a: FormatError,
+        a: Box<FormatError>,
         /// Why slot B was refused.
-        b: FormatError,
+        b: Box<FormatError>,
     },
     /// The device cannot hold the metadata.
     #[error("the device is too small: {len} bytes, the metadata area needs {needed} bytes plus some data")]
@@ -223,11 +223,17 @@ pub fn inspect<D: MetaDevice>(dev: &mut D) -> Result<Inspection, StoreError> {
             findings.push(Finding::SuperblockSlot(e));
             a
         }
-        (Err(a), Err(b)) => return Err(StoreError::NoSuperblock { a, b }),
+        (Err(a), Err(b)) => {
+            return Err(StoreError::NoSuperblock {
+                a: Box::new(a),
+                b: Box::new(b),
+            })
+        }
     };
-    let layout = superblock
-        .layout()
-        .map_err(|e| StoreError::NoSuperblock { a: e.clone(), b: e })?;
+    let layout = superblock.layout().map_err(|e| StoreError::NoSuperblock {
+        a: Box::new(e.clone()),
+        b: Box::new(e),
+    })?;
     let end = len / BLOCK as u64 * BLOCK as u64;
     let area_start = end
         .checked_sub(layout.area_size)
@@ -240,7 +246,10 @@ pub fn inspect<D: MetaDevice>(dev: &mut D) -> Result<Inspection, StoreError> {
 
     let bg = superblock
         .bitmap_geometry()
-        .map_err(|e| StoreError::NoSuperblock { a: e.clone(), b: e })?;
+        .map_err(|e| StoreError::NoSuperblock {
+            a: Box::new(e.clone()),
+            b: Box::new(e),
+        })?;
     let mut stored_bitmap = DirtyBitmap::new(bg);
     let mut bad_pages = Vec::new();
     for p in 0..layout.bitmap_pages {
@@ -368,11 +377,12 @@ impl<D: MetaDevice> MetaStore<D> {
         }
         dev.flush()
             .map_err(io_err("flushing the blanked superblocks"))?;
-        let bitmap = DirtyBitmap::new(
-            superblock
-                .bitmap_geometry()
-                .map_err(|e| StoreError::NoSuperblock { a: e.clone(), b: e })?,
-        );
+        let bitmap = DirtyBitmap::new(superblock.bitmap_geometry().map_err(|e| {
+            StoreError::NoSuperblock {
+                a: Box::new(e.clone()),
+                b: Box::new(e),
+            }
+        })?);
         let mut store = Self {
             dev,
             area_start,
