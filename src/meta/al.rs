@@ -402,7 +402,8 @@ pub struct MetaWriteCount {
 /// Simulates `count` writes of `write_len` bytes at offsets from `next_offset` on a volume
 /// whose peer is disconnected (every written chunk stays dirty: the worst case for bitmap
 /// writes), counting the metadata writes the AL rules demand. A bitmap page is written
-/// before an eviction only if it changed since it was last written.
+/// before an eviction only if a bit in it changed since it was last written (as the store
+/// does).
 pub fn simulate(
     geometry: AlGeometry,
     granularity_shift: u32,
@@ -413,12 +414,17 @@ pub fn simulate(
 ) -> Result<MetaWriteCount, AlError> {
     let mut al = ActivityLog::new(geometry);
     let mut changed_pages = std::collections::HashSet::new();
+    let mut dirty_chunks = std::collections::HashSet::new();
     let mut out = MetaWriteCount::default();
     for _ in 0..count {
         let off = next_offset();
         out.writes += 1;
-        let first_page = (off >> granularity_shift) / bits_per_page;
-        let last_page = ((off + write_len - 1) >> granularity_shift) / bits_per_page;
+        // As the volume does: bits first, then the log.
+        for chunk in (off >> granularity_shift)..=((off + write_len - 1) >> granularity_shift) {
+            if dirty_chunks.insert(chunk) {
+                changed_pages.insert(chunk / bits_per_page);
+            }
+        }
         match al.access(off, write_len)? {
             WritePlan::Hit => out.hits += 1,
             WritePlan::Transaction(updates) => {
@@ -436,7 +442,6 @@ pub fn simulate(
                 al.apply(&updates);
             }
         }
-        changed_pages.extend(first_page..=last_page);
     }
     Ok(out)
 }
