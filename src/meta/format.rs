@@ -784,6 +784,25 @@ mod tests {
 
     proptest! {
         #[test]
+        fn superblock_round_trips_any_valid_values(
+            seq in any::<u64>(), uuid in any::<[u8; 16]>(), node in any::<u32>(), peer in any::<u32>(),
+            data_size in 1u64..(1 << 44), gshift in 12u32..=20, eshift in 20u32..=30, slots in 1u64..=65536,
+            external in any::<bool>(), current in 1u64.., bitmap in any::<u64>(), h in any::<[u64; 2]>(),
+            flags in 0u32..=DiskFlags::ALL,
+        ) {
+            let granularity = Granularity::new(1 << gshift).unwrap();
+            let al = AlGeometry::new(1 << eshift, slots).unwrap();
+            let bg = BitmapGeometry::new(data_size, granularity).unwrap();
+            let s = Superblock {
+                seq, volume_uuid: uuid, node_id: node, peer_node_id: peer, data_size, granularity, al,
+                placement: if external { Placement::External } else { Placement::Internal },
+                area_size: AreaLayout::new(bg, al).area_size,
+                gen: GenIds { current, bitmap, history: h }, flags: DiskFlags(flags),
+            };
+            prop_assert_eq!(decode_superblock(&encode_superblock(&s), (seq % 2) as u8).unwrap(), s);
+        }
+
+        #[test]
         fn al_block_round_trips(seq in 0u64..1000, updates in proptest::collection::vec((0u32..1024, any::<u32>()), 0..=64),
                                 start in 0u32..1024, context in proptest::collection::vec(any::<u32>(), 0..=884)) {
             let ring = 4;
