@@ -245,25 +245,31 @@ impl ActivityLog {
             });
         }
         // Victims: empty slots first, then least recently used, never a slot this write uses.
-        let mut candidates: Vec<u32> = (0..self.geometry.slots)
-            .filter(|&s| {
-                let e = self.table[s as usize];
-                e == EMPTY || !extents.contains(&u64::from(e))
-            })
-            .collect();
-        candidates.sort_by_key(|&s| (self.table[s as usize] != EMPTY, self.last_use[s as usize]));
-        let updates = cold
-            .into_iter()
-            .zip(candidates)
-            .map(|(extent, slot)| {
-                let old = self.table[slot as usize];
-                AlUpdate {
-                    slot,
-                    extent,
-                    evicted: (old != EMPTY).then_some(old),
-                }
-            })
-            .collect();
+        // O(slots) per cold extent: only paid on a miss, which also costs a transaction write.
+        let mut taken: Vec<u32> = Vec::with_capacity(cold.len());
+        let mut updates = Vec::with_capacity(cold.len());
+        for extent in cold {
+            let victim = (0..self.geometry.slots)
+                .filter(|s| !taken.contains(s))
+                .filter(|&s| {
+                    let e = self.table[s as usize];
+                    e == EMPTY || !extents.contains(&u64::from(e))
+                })
+                .min_by_key(|&s| (self.table[s as usize] != EMPTY, self.last_use[s as usize]));
+            let Some(slot) = victim else {
+                return Err(AlError::WriteTooWide {
+                    extents: width,
+                    slots: self.geometry.slots,
+                });
+            };
+            taken.push(slot);
+            let old = self.table[slot as usize];
+            updates.push(AlUpdate {
+                slot,
+                extent,
+                evicted: (old != EMPTY).then_some(old),
+            });
+        }
         Ok(WritePlan::Transaction(updates))
     }
 

@@ -202,9 +202,19 @@ impl DirtyBitmap {
         if start >= end {
             return;
         }
+        let before: u64 = self.words[start..end]
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
         self.words[start..end].copy_from_slice(&src[..end - start]);
-        self.mask_tail();
-        self.dirty = self.words.iter().map(|w| u64::from(w.count_ones())).sum();
+        if end == self.words.len() {
+            self.mask_tail();
+        }
+        let after: u64 = self.words[start..end]
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+        self.dirty = self.dirty - before + after;
     }
 
     fn mask_tail(&mut self) {

@@ -593,8 +593,8 @@ impl<D: MetaDevice> MetaStore<D> {
         Ok(())
     }
 
-    /// Replaces the whole bitmap in memory (e.g. after merging the peer's); persisted by
-    /// [`Self::persist_bitmap`].
+    /// Replaces the whole bitmap in memory (e.g. after merging the peer's). Only in memory:
+    /// call [`Self::persist_bitmap`] before relying on it surviving a crash.
     pub fn replace_bitmap(&mut self, bitmap: DirtyBitmap) -> Result<(), StoreError> {
         if bitmap.geometry() != self.bitmap.geometry() {
             return Err(BitmapError::GeometryMismatch {
