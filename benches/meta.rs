@@ -58,6 +58,25 @@ fn dirty_tracking_on_al_hit(c: &mut Criterion) {
         })
     });
 
+    // CPU cost of planning a miss with a full 1024-slot log (victim choice + record);
+    // the transaction write itself is device time, not measured here.
+    let (mut full, _) = hot_log_and_bitmap(4 * GIB);
+    let mut rng = Rng(3);
+    let mut seq = 0;
+    c.bench_function(
+        "meta/al_miss plan+record+apply, full 1024-slot log (CPU only)",
+        |b| {
+            b.iter(|| {
+                let off = 4 * GIB + rng.offset_4k(96 * GIB);
+                if let WritePlan::Transaction(u) = full.access(off, 4096).unwrap() {
+                    seq += 1;
+                    black_box(full.record(seq, &u));
+                    full.apply(&u);
+                }
+            })
+        },
+    );
+
     let dev = MemDevice::new(101 * GIB);
     let opts = CreateOptions {
         external_data_size: Some(100 * GIB),

@@ -11,6 +11,7 @@
 //! rebuild the table ([`replay`]). Everything here is pure; `store` does the I/O.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Range;
 
 /// Default extent size: 4 MiB (DRBD's AL extent).
@@ -160,16 +161,45 @@ pub struct AlRecord {
 /// The in-memory slot table with LRU eviction.
 ///
 /// Invariants: `index[e] == s` iff `table[s] == e` and `e != EMPTY`; an extent is in at most
-/// one slot.
+/// one slot. Every slot is on the doubly linked list `prev`/`next` from `head` (the next
+/// victim: empty slots first, then least recently used) to `tail` (most recently used), so a
+/// hit and a victim choice are O(1) (O(width of the write) at worst).
 #[derive(Debug, Clone)]
 pub struct ActivityLog {
     geometry: AlGeometry,
     table: Vec<u32>,
-    last_use: Vec<u64>,
-    index: HashMap<u32, u32>,
-    clock: u64,
+    index: ExtentMap,
+    prev: Vec<u32>,
+    next: Vec<u32>,
+    head: u32,
+    tail: u32,
     context_cursor: u32,
 }
+
+/// End of the LRU list.
+const NIL: u32 = u32::MAX;
+
+/// Hasher for extent numbers: one multiply (Fibonacci hashing) instead of SipHash on the
+/// hit path. Keys are bounded by the device size and the map by the slot count, so a
+/// crafted collision pattern costs at most a scan of the slots, never unbounded work.
+#[derive(Default)]
+struct ExtentHasher(u64);
+
+impl Hasher for ExtentHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type ExtentMap = HashMap<u32, u32, BuildHasherDefault<ExtentHasher>>;
 
 impl ActivityLog {
     /// An empty log.
@@ -181,7 +211,7 @@ impl ActivityLog {
     /// ones are empty, duplicates keep their first slot.
     pub fn from_table(geometry: AlGeometry, mut table: Vec<u32>) -> Self {
         table.resize(geometry.slots as usize, EMPTY);
-        let mut index = HashMap::with_capacity(table.len());
+        let mut index = ExtentMap::with_capacity_and_hasher(table.len(), Default::default());
         for (s, e) in table.iter_mut().enumerate() {
             if *e != EMPTY && index.contains_key(e) {
                 *e = EMPTY;
@@ -189,13 +219,71 @@ impl ActivityLog {
                 index.insert(*e, s as u32);
             }
         }
-        Self {
+        let n = table.len();
+        let mut log = Self {
             geometry,
-            last_use: vec![0; table.len()],
             table,
             index,
-            clock: 0,
+            prev: vec![NIL; n],
+            next: vec![NIL; n],
+            head: NIL,
+            tail: NIL,
             context_cursor: 0,
+        };
+        // Empty slots at the victim end, occupied ones after them, each in slot order.
+        for want_empty in [true, false] {
+            for s in 0..n as u32 {
+                if (log.table[s as usize] == EMPTY) == want_empty {
+                    log.push_back(s);
+                }
+            }
+        }
+        log
+    }
+
+    fn unlink(&mut self, s: u32) {
+        let (p, n) = (self.prev[s as usize], self.next[s as usize]);
+        if p == NIL {
+            self.head = n;
+        } else {
+            self.next[p as usize] = n;
+        }
+        if n == NIL {
+            self.tail = p;
+        } else {
+            self.prev[n as usize] = p;
+        }
+        self.prev[s as usize] = NIL;
+        self.next[s as usize] = NIL;
+    }
+
+    fn push_back(&mut self, s: u32) {
+        self.prev[s as usize] = self.tail;
+        self.next[s as usize] = NIL;
+        if self.tail == NIL {
+            self.head = s;
+        } else {
+            self.next[self.tail as usize] = s;
+        }
+        self.tail = s;
+    }
+
+    fn push_front(&mut self, s: u32) {
+        self.next[s as usize] = self.head;
+        self.prev[s as usize] = NIL;
+        if self.head == NIL {
+            self.tail = s;
+        } else {
+            self.prev[self.head as usize] = s;
+        }
+        self.head = s;
+    }
+
+    /// Marks slot `s` most recently used.
+    fn touch(&mut self, s: u32) {
+        if self.tail != s {
+            self.unlink(s);
+            self.push_back(s);
         }
     }
 
@@ -226,11 +314,10 @@ impl ActivityLog {
         if extents.end > u64::from(u32::MAX) {
             return Err(AlError::OffsetTooLarge { offset });
         }
-        self.clock += 1;
         let mut cold = Vec::new();
         for e in extents.clone() {
             match self.index.get(&(e as u32)) {
-                Some(&s) => self.last_use[s as usize] = self.clock,
+                Some(&s) => self.touch(s),
                 None => cold.push(e as u32),
             }
         }
@@ -244,25 +331,27 @@ impl ActivityLog {
                 slots: self.geometry.slots,
             });
         }
-        // Victims: empty slots first, then least recently used, never a slot this write uses.
-        // O(slots) per cold extent: only paid on a miss, which also costs a transaction write.
-        let mut taken: Vec<u32> = Vec::with_capacity(cold.len());
-        let mut updates = Vec::with_capacity(cold.len());
+        // Victims from the head of the LRU list (empty slots first, then least recently
+        // used), skipping slots this write uses: they were just touched, so they sit at the
+        // tail and the walk is short.
+        let mut updates: Vec<AlUpdate> = Vec::with_capacity(cold.len());
+        let mut cursor = self.head;
         for extent in cold {
-            let victim = (0..self.geometry.slots)
-                .filter(|s| !taken.contains(s))
-                .filter(|&s| {
-                    let e = self.table[s as usize];
-                    e == EMPTY || !extents.contains(&u64::from(e))
-                })
-                .min_by_key(|&s| (self.table[s as usize] != EMPTY, self.last_use[s as usize]));
-            let Some(slot) = victim else {
+            while cursor != NIL {
+                let e = self.table[cursor as usize];
+                if e == EMPTY || !extents.contains(&u64::from(e)) {
+                    break;
+                }
+                cursor = self.next[cursor as usize];
+            }
+            let slot = cursor;
+            if slot == NIL {
                 return Err(AlError::WriteTooWide {
                     extents: width,
                     slots: self.geometry.slots,
                 });
-            };
-            taken.push(slot);
+            }
+            cursor = self.next[slot as usize];
             let old = self.table[slot as usize];
             updates.push(AlUpdate {
                 slot,
@@ -275,7 +364,6 @@ impl ActivityLog {
 
     /// Applies updates once their transaction is durable.
     pub fn apply(&mut self, updates: &[AlUpdate]) {
-        self.clock += 1;
         for u in updates {
             let s = u.slot as usize;
             if s >= self.table.len() {
@@ -288,10 +376,12 @@ impl ActivityLog {
             if let Some(prev) = self.index.insert(u.extent, u.slot) {
                 if prev != u.slot {
                     self.table[prev as usize] = EMPTY;
+                    self.unlink(prev);
+                    self.push_front(prev);
                 }
             }
             self.table[s] = u.extent;
-            self.last_use[s] = self.clock;
+            self.touch(u.slot);
         }
     }
 
@@ -548,6 +638,35 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn eviction_order_matches_a_recency_list_model(slots in 1u64..20, writes in proptest::collection::vec(0u64..40, 1..400)) {
+            let mut al = ActivityLog::new(AlGeometry::new(MIB, slots).unwrap());
+            let mut order: Vec<u32> = Vec::new(); // front = least recently used
+            for w in writes {
+                let e = w as u32;
+                match al.access(w * MIB, 1).unwrap() {
+                    WritePlan::Hit => {
+                        let i = order.iter().position(|x| *x == e);
+                        prop_assert!(i.is_some(), "hit on cold extent {}", e);
+                        order.remove(i.unwrap());
+                    }
+                    WritePlan::Transaction(u) => {
+                        prop_assert!(!order.contains(&e));
+                        prop_assert_eq!(u.len(), 1);
+                        let expected = if order.len() as u64 == slots { Some(order.remove(0)) } else { None };
+                        prop_assert_eq!(u[0].evicted, expected);
+                        al.apply(&u);
+                    }
+                }
+                order.push(e);
+                let mut hot: Vec<u32> = al.hot_extents().collect();
+                hot.sort_unstable();
+                let mut model = order.clone();
+                model.sort_unstable();
+                prop_assert_eq!(hot, model);
+            }
+        }
+
         #[test]
         fn replay_of_the_records_rebuilds_the_table(
             slots in 1u64..2000,
