@@ -418,7 +418,22 @@ fn show_md(location: &MetaLocation, json: bool, out: &mut dyn Write) -> Result<(
     let path = location.meta_path();
     let mut dev = open_dev(path, false)?;
     let report = match store::inspect(&mut dev) {
-        Ok(ins) => summarize(path, &ins),
+        Ok(ins) => {
+            let mut r = summarize(path, &ins);
+            if let (Some(_), Placement::External) =
+                (&location.meta_device, ins.superblock.placement)
+            {
+                let data_len = open_dev(&location.device, false)?.len();
+                if data_len < ins.superblock.data_size {
+                    r.findings.push(format!(
+                        "the data device {} has {data_len} bytes but the metadata covers {}: wrong device, or it shrank",
+                        location.device.display(),
+                        ins.superblock.data_size
+                    ));
+                }
+            }
+            r
+        }
         Err(StoreError::NoSuperblock { a, b }) => {
             let report = ShowMd {
                 path: path.to_path_buf(),
@@ -950,6 +965,65 @@ mod tests {
         let (r, out) = run_str(&["new-current-uuid", "--device", &d, "--uuid", "bbbb"]);
         r.unwrap();
         assert!(out.contains("new current generation id 000000000000bbbb (was 000000000000aaaa; bitmap id 000000000000aaaa)"), "{out}");
+    }
+
+    #[test]
+    fn external_metadata_with_a_smaller_data_device_is_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = disk(&dir, "data.img", 256 * MIB);
+        let small = disk(&dir, "small.img", 128 * MIB);
+        let m = disk(&dir, "meta.img", MIB);
+        run_str(&["create-md", "--device", &d, "--meta-device", &m])
+            .0
+            .unwrap();
+        let (r, out) = run_str(&["show-md", "--device", &small, "--meta-device", &m]);
+        r.unwrap();
+        assert!(out.contains("warning: the data device"), "{out}");
+        assert!(out.contains("wrong device, or it shrank"), "{out}");
+    }
+
+    #[test]
+    fn meta_commands_flatten_into_a_parent_cli() {
+        // How main.rs is expected to wire them: `twinvol create-md ...` etc.
+        #[derive(Debug, clap::Parser)]
+        struct Top {
+            #[command(subcommand)]
+            cmd: TopCmd,
+        }
+        #[derive(Debug, clap::Subcommand)]
+        enum TopCmd {
+            #[command(flatten)]
+            Meta(MetaCommand),
+            /// Another subcommand of the binary.
+            Run,
+        }
+        let t =
+            Top::try_parse_from(["twinvol", "show-md", "--device", "/dev/x", "--json"]).unwrap();
+        assert!(matches!(
+            t.cmd,
+            TopCmd::Meta(MetaCommand::ShowMd { json: true, .. })
+        ));
+        let t = Top::try_parse_from([
+            "twinvol",
+            "new-current-uuid",
+            "--device",
+            "/d",
+            "--clear-bitmap",
+            "--force",
+        ])
+        .unwrap();
+        assert!(matches!(
+            t.cmd,
+            TopCmd::Meta(MetaCommand::NewCurrentUuid {
+                clear_bitmap: true,
+                force: true,
+                ..
+            })
+        ));
+        assert!(matches!(
+            Top::try_parse_from(["twinvol", "run"]).unwrap().cmd,
+            TopCmd::Run
+        ));
     }
 
     #[test]
