@@ -27,6 +27,10 @@ enum Op {
     Persist,
     /// Promotion while disconnected: a new current generation id.
     NewCurrent(u64),
+    /// Clean shutdown and start again (the log is emptied, bits persisted).
+    CloseAndReopen,
+    /// Start again without a clean shutdown (the process restarts; the log is replayed).
+    Reopen,
 }
 
 /// What must hold after a crash.
@@ -67,6 +71,8 @@ fn workload(seed: u64, n: usize) -> Vec<Op> {
             let len = 4096 + (r >> 50) % 3 * 4096;
             match i % 10 {
                 3 => Op::Ack(off, len),
+                4 if i % 40 == 4 => Op::CloseAndReopen,
+                8 if i % 40 == 18 => Op::Reopen,
                 6 => Op::Persist,
                 9 => Op::NewCurrent(0x1000 + i as u64),
                 _ => Op::Write(off, len),
@@ -80,7 +86,8 @@ fn chunks(off: u64, len: u64) -> std::ops::Range<u64> {
 }
 
 /// Runs `ops` until the first error (the process dies with the machine).
-fn run(store: &mut MetaStore<MemDevice>, ops: &[Op], model: &mut Model) -> Result<(), StoreError> {
+fn run(store: MetaStore<MemDevice>, ops: &[Op], model: &mut Model) -> Result<(), StoreError> {
+    let mut store = store;
     model.committed = Some(store.superblock().gen);
     for op in ops {
         match *op {
@@ -106,6 +113,15 @@ fn run(store: &mut MetaStore<MemDevice>, ops: &[Op], model: &mut Model) -> Resul
                 store.update_state(|g, _| g.new_current(id))?;
                 model.committed = Some(next);
                 model.in_flight = None;
+            }
+            Op::CloseAndReopen => {
+                let dev = store.close_clean()?;
+                store = MetaStore::open(dev)?.0;
+            }
+            Op::Reopen => {
+                let dev = store.device().clone();
+                drop(store);
+                store = MetaStore::open(dev)?.0;
             }
         }
     }
@@ -140,9 +156,9 @@ fn fresh_store() -> (MemDevice, MetaStore<MemDevice>) {
 #[test]
 fn crash_at_every_metadata_write_never_loses_a_dirty_region() {
     let ops = workload(0x9E37_79B9_7F4A_7C15, 120);
-    let (dev, mut store) = fresh_store();
+    let (dev, store) = fresh_store();
     dev.arm(Fault::None);
-    run(&mut store, &ops, &mut Model::default()).unwrap();
+    run(store, &ops, &mut Model::default()).unwrap();
     let total = dev.writes();
     assert!(
         total > 60,
@@ -152,10 +168,10 @@ fn crash_at_every_metadata_write_never_loses_a_dirty_region() {
     for write in 1..=total {
         // Cuts inside each block kind's meaningful bytes (the rest of a block is zeros).
         for keep in [0, 20, 40, 84, 600, BLOCK] {
-            let (dev, mut store) = fresh_store();
+            let (dev, store) = fresh_store();
             dev.arm(Fault::CrashAt { write, keep });
             let mut model = Model::default();
-            let r = run(&mut store, &ops, &mut model);
+            let r = run(store, &ops, &mut model);
             assert!(
                 r.is_err(),
                 "crash at write {write} must surface as an error before the workload ends"
@@ -173,9 +189,9 @@ fn crash_at_every_metadata_write_never_loses_a_dirty_region() {
 
 /// Finds the index (1-based) of the first write at `offset` in a fault-free run of `ops`.
 fn first_write_at(ops: &[Op], offset: u64) -> u64 {
-    let (dev, mut store) = fresh_store();
+    let (dev, store) = fresh_store();
     dev.arm(Fault::None);
-    run(&mut store, ops, &mut Model::default()).unwrap();
+    run(store, ops, &mut Model::default()).unwrap();
     dev.write_log()
         .iter()
         .position(|o| *o == offset)
@@ -191,18 +207,23 @@ fn layout_offsets() -> (u64, twinvol::meta::format::AreaLayout) {
 
 #[test]
 fn torn_superblock_write_in_either_slot_loads_the_other_slot() {
-    let ops = workload(7, 60);
+    // Only generation changes write the superblock here, so every superblock write changes
+    // its contents (a clean close rewriting identical bytes would make a tear invisible).
+    let ops: Vec<Op> = workload(7, 60)
+        .into_iter()
+        .filter(|o| !matches!(o, Op::CloseAndReopen | Op::Reopen))
+        .collect();
     let (start, layout) = layout_offsets();
     for slot in 0..2u8 {
         let at = first_write_at(&ops, start + layout.superblock_offset(slot));
-        let (dev, mut store) = fresh_store();
+        let (dev, store) = fresh_store();
         // Cut inside the current generation id (bytes 80..88): the rest of the slot is old.
         dev.arm(Fault::CrashAt {
             write: at,
             keep: 84,
         });
         let mut model = Model::default();
-        assert!(run(&mut store, &ops, &mut model).is_err());
+        assert!(run(store, &ops, &mut model).is_err());
         let ins = inspect(&mut dev.reboot()).unwrap();
         assert!(
             ins.findings.iter().any(|f| matches!(f, Finding::SuperblockSlot(FormatError::Crc { block: BlockId::SuperblockSlot(s), .. }) if *s == slot)),
@@ -230,21 +251,21 @@ fn torn_bitmap_page_is_reported_and_its_chunks_are_dirty() {
     let (start, layout) = layout_offsets();
     let page = (0..layout.bitmap_pages)
         .find(|p| {
-            let (dev, mut store) = fresh_store();
+            let (dev, store) = fresh_store();
             dev.arm(Fault::None);
-            run(&mut store, &ops, &mut Model::default()).unwrap();
+            run(store, &ops, &mut Model::default()).unwrap();
             dev.write_log()
                 .contains(&(start + layout.bitmap_page_offset(*p)))
         })
         .expect("the workload writes a bitmap page");
     let at = first_write_at(&ops, start + layout.bitmap_page_offset(page));
-    let (dev, mut store) = fresh_store();
+    let (dev, store) = fresh_store();
     dev.arm(Fault::CrashAt {
         write: at,
         keep: 2048,
     });
     let mut model = Model::default();
-    assert!(run(&mut store, &ops, &mut model).is_err());
+    assert!(run(store, &ops, &mut model).is_err());
     let ins = inspect(&mut dev.reboot()).unwrap();
     assert!(
         ins.findings.iter().any(|f| matches!(f, Finding::BitmapPage(FormatError::Crc { block: BlockId::BitmapPage(p), .. }) if *p == page)),
@@ -268,9 +289,9 @@ fn torn_activity_log_transaction_keeps_the_previous_log_and_all_issued_writes_di
     let ring: Vec<u64> = (0..layout.al_blocks)
         .map(|i| start + layout.al_block_offset(i))
         .collect();
-    let (dev, mut store) = fresh_store();
+    let (dev, store) = fresh_store();
     dev.arm(Fault::None);
-    run(&mut store, &ops, &mut Model::default()).unwrap();
+    run(store, &ops, &mut Model::default()).unwrap();
     let log = dev.write_log();
     let al_writes: Vec<u64> = log
         .iter()
@@ -280,14 +301,14 @@ fn torn_activity_log_transaction_keeps_the_previous_log_and_all_issued_writes_di
         .collect();
     assert!(al_writes.len() > 5);
     for &at in al_writes.iter().skip(2).take(4) {
-        let (dev, mut store) = fresh_store();
+        let (dev, store) = fresh_store();
         // Cut after the sequence number: the counts and entries are the old block's.
         dev.arm(Fault::CrashAt {
             write: at,
             keep: 40,
         });
         let mut model = Model::default();
-        assert!(run(&mut store, &ops, &mut model).is_err());
+        assert!(run(store, &ops, &mut model).is_err());
         let ins = inspect(&mut dev.reboot()).unwrap();
         assert!(
             ins.findings
