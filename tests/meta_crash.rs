@@ -45,10 +45,16 @@ struct Model {
 }
 
 fn opts() -> CreateOptions {
+    opts_with_extent(MIB)
+}
+
+/// 4 KiB granularity; 4 hot extents of `extent` bytes. With 4 MiB extents (16 bitmap words)
+/// some extents straddle two bitmap pages (508 words each).
+fn opts_with_extent(extent: u64) -> CreateOptions {
     CreateOptions {
         volume_uuid: Some([3; 16]),
         granularity: Granularity::new(GRAN as u32).unwrap(),
-        al: AlGeometry::new(MIB, 4).unwrap(),
+        al: AlGeometry::new(extent, 4).unwrap(),
         ..Default::default()
     }
 }
@@ -148,15 +154,28 @@ fn check_reopen(dev: &MemDevice, model: &Model, what: &str) {
 }
 
 fn fresh_store() -> (MemDevice, MetaStore<MemDevice>) {
+    fresh_store_with(&opts())
+}
+
+fn fresh_store_with(o: &CreateOptions) -> (MemDevice, MetaStore<MemDevice>) {
     let dev = MemDevice::new(DEVICE);
-    let store = MetaStore::create(dev.clone(), &opts()).unwrap();
+    let store = MetaStore::create(dev.clone(), o).unwrap();
     (dev, store)
 }
 
 #[test]
 fn crash_at_every_metadata_write_never_loses_a_dirty_region() {
-    let ops = workload(0x9E37_79B9_7F4A_7C15, 120);
-    let (dev, store) = fresh_store();
+    crash_everywhere(&opts(), 0x9E37_79B9_7F4A_7C15);
+}
+
+#[test]
+fn crash_at_every_metadata_write_with_extents_straddling_bitmap_pages() {
+    crash_everywhere(&opts_with_extent(4 * MIB), 0x2545_F491_4F6C_DD1D);
+}
+
+fn crash_everywhere(o: &CreateOptions, seed: u64) {
+    let ops = workload(seed, 120);
+    let (dev, store) = fresh_store_with(o);
     dev.arm(Fault::None);
     run(store, &ops, &mut Model::default()).unwrap();
     let total = dev.writes();
@@ -168,7 +187,7 @@ fn crash_at_every_metadata_write_never_loses_a_dirty_region() {
     for write in 1..=total {
         // Cuts inside each block kind's meaningful bytes (the rest of a block is zeros).
         for keep in [0, 20, 40, 84, 600, BLOCK] {
-            let (dev, store) = fresh_store();
+            let (dev, store) = fresh_store_with(o);
             dev.arm(Fault::CrashAt { write, keep });
             let mut model = Model::default();
             let r = run(store, &ops, &mut model);
