@@ -107,6 +107,12 @@ pub enum MetaCliError {
         #[source]
         source: io::Error,
     },
+    /// The device is mounted or held by a running twinvol.
+    #[error("{path} is in use (mounted, or held by a running twinvol); stop what holds it before changing its metadata")]
+    Busy {
+        /// The path.
+        path: PathBuf,
+    },
     /// Reading or writing the metadata failed.
     #[error("{path}: {source}")]
     Store {
@@ -191,9 +197,14 @@ pub fn parse_hex_id(s: &str) -> Result<u64, String> {
 }
 
 fn open_dev(path: &Path, writable: bool) -> Result<FileDevice, MetaCliError> {
-    FileDevice::open(path, writable).map_err(|source| MetaCliError::Open {
-        path: path.to_path_buf(),
-        source,
+    FileDevice::open(path, writable).map_err(|source| match source.raw_os_error() {
+        Some(libc::EBUSY) => MetaCliError::Busy {
+            path: path.to_path_buf(),
+        },
+        _ => MetaCliError::Open {
+            path: path.to_path_buf(),
+            source,
+        },
     })
 }
 

@@ -56,7 +56,9 @@ pub struct FileDevice {
 }
 
 impl FileDevice {
-    /// Opens `path` (a regular file or a block device) read-only or read-write.
+    /// Opens `path` (a regular file or a block device) read-only or read-write. A block
+    /// device opened for writing is claimed with O_EXCL, so it fails with EBUSY while the
+    /// device is mounted or held by another exclusive opener (a running twinvol).
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
         let meta = std::fs::metadata(path)?;
         let ft = meta.file_type();
@@ -66,7 +68,13 @@ impl FileDevice {
                 "neither a regular file nor a block device",
             ));
         }
+        let excl = if writable && ft.is_block_device() {
+            libc::O_EXCL
+        } else {
+            0
+        };
         let open = |flags: i32| {
+            let flags = flags | excl;
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(writable)

@@ -12,8 +12,10 @@ pub const JUST_CREATED: u64 = 4;
 /// The generation identifiers of one disk.
 ///
 /// Invariants: `current != 0`; `bitmap == 0` means "no bitmap generation"; history slots
-/// hold 0 when unused. Generated ids are never 0 or [`JUST_CREATED`].
+/// hold 0 when unused. Generated ids are never 0 or [`JUST_CREATED`]. In JSON each id is a
+/// 16-digit hex string (64-bit integers lose precision in JSON tools such as jq).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(into = "GenIdsHex", try_from = "GenIdsHex")]
 pub struct GenIds {
     /// Generation of the data on this disk.
     pub current: u64,
@@ -21,6 +23,39 @@ pub struct GenIds {
     pub bitmap: u64,
     /// Older generations, most recent first.
     pub history: [u64; 2],
+}
+
+/// JSON form of [`GenIds`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GenIdsHex {
+    current: String,
+    bitmap: String,
+    history: [String; 2],
+}
+
+impl From<GenIds> for GenIdsHex {
+    fn from(g: GenIds) -> Self {
+        let h = |v: u64| format!("{v:016x}");
+        GenIdsHex {
+            current: h(g.current),
+            bitmap: h(g.bitmap),
+            history: [h(g.history[0]), h(g.history[1])],
+        }
+    }
+}
+
+impl TryFrom<GenIdsHex> for GenIds {
+    type Error = String;
+    fn try_from(g: GenIdsHex) -> Result<Self, String> {
+        let p = |s: &str| {
+            u64::from_str_radix(s, 16).map_err(|_| format!("generation id '{s}' is not hex"))
+        };
+        Ok(GenIds {
+            current: p(&g.current)?,
+            bitmap: p(&g.bitmap)?,
+            history: [p(&g.history[0])?, p(&g.history[1])?],
+        })
+    }
 }
 
 impl GenIds {
@@ -642,6 +677,25 @@ mod tests {
                 evidence: SplitBrainEvidence::BitmapIdsEqual { common: 0xA, .. }
             }
         ));
+    }
+
+    #[test]
+    fn generation_ids_are_hex_strings_in_json() {
+        let g = GenIds {
+            current: u64::MAX - 1,
+            bitmap: 0,
+            history: [0xA, 0],
+        };
+        let j = serde_json::to_string(&g).unwrap();
+        assert_eq!(
+            j,
+            r#"{"current":"fffffffffffffffe","bitmap":"0000000000000000","history":["000000000000000a","0000000000000000"]}"#
+        );
+        assert_eq!(serde_json::from_str::<GenIds>(&j).unwrap(), g);
+        assert!(serde_json::from_str::<GenIds>(
+            r#"{"current":"zz","bitmap":"0","history":["0","0"]}"#
+        )
+        .is_err());
     }
 
     #[test]

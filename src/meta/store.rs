@@ -37,7 +37,7 @@ pub enum StoreError {
         source: io::Error,
     },
     /// Neither superblock slot holds valid metadata.
-    #[error("no valid twinvol metadata: {a}; {b} (wrong device, or run `twinvol create-md`)")]
+    #[error("no valid twinvol metadata: {a}; {b} (wrong device, or run `twinvol create-md`; internal metadata sits in the device's last blocks, so a grown device no longer shows it: resizing is not supported yet)")]
     NoSuperblock {
         /// Why slot A was refused.
         a: Box<FormatError>,
