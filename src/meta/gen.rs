@@ -74,8 +74,8 @@ impl GenIds {
     }
 
     /// A new data generation begins on this node while it cannot reach its peer (promotion
-    /// while disconnected, `new-current-uuid`): from now on the bitmap records what the peer
-    /// lacks. If no bitmap generation exists the old current becomes it; if one exists (a
+    /// while disconnected, a primary losing its peer before the first write the peer misses,
+    /// `new-current-uuid`): from now on the bitmap records what the peer lacks. If no bitmap generation exists the old current becomes it; if one exists (a
     /// second generation while still apart) the bitmap keeps accumulating since that older
     /// point and the old current goes to history.
     pub fn new_current(&mut self, new: u64) {
@@ -267,8 +267,11 @@ pub enum Decision {
 ///
 /// 1. both currents fresh -> [`Decision::InitialSyncPending`];
 /// 2. one current fresh -> full sync from the other;
-/// 3. currents equal -> no resync, unless a side crashed as primary (its activity-log
-///    extents may differ): bitmap resync from the crashed primary (lower node id if both);
+/// 3. currents equal and exactly one side has a bitmap id -> bitmap resync from that side
+///    (a resync source that crashed before recording "resync finished"; DRBD rules 34-37);
+/// 3a. currents equal and a side crashed as primary (its activity-log extents may differ)
+///    -> bitmap resync from the crashed primary (lower node id if both);
+/// 3b. currents equal otherwise -> no resync;
 /// 4. local current == peer bitmap -> bitmap resync peer->local;
 /// 5. local bitmap == peer current -> bitmap resync local->peer;
 /// 6. local current in peer history -> full sync peer->local;
@@ -313,6 +316,19 @@ fn compare(local: &NodeGen, peer: &NodeGen) -> Decision {
         (false, false) => {}
     }
     if l.current == p.current {
+        match (l.bitmap != 0, p.bitmap != 0) {
+            (true, false) => {
+                return Decision::BitmapResync {
+                    direction: LocalToPeer,
+                }
+            }
+            (false, true) => {
+                return Decision::BitmapResync {
+                    direction: PeerToLocal,
+                }
+            }
+            _ => {}
+        }
         let lc = local.flags.has(DiskFlags::CRASHED_PRIMARY);
         let pc = peer.flags.has(DiskFlags::CRASHED_PRIMARY);
         return match (lc, pc) {
@@ -436,6 +452,25 @@ mod tests {
     fn equal_currents_need_no_resync() {
         let (a, b) = (node(1, 0xA, 0, [0x9, 0]), node(2, 0xA, 0, [0x9, 0]));
         assert_eq!(decide(&a, &b), Decision::NoResync);
+    }
+
+    #[test]
+    fn equal_currents_with_a_leftover_bitmap_id_resync_from_the_side_holding_it() {
+        // The source crashed after the target adopted its generation but before it retired
+        // its own bitmap id: finish with a bitmap resync from the source (its ids get fixed).
+        let (a, b) = (node(1, 0xB, 0xA, [0, 0]), node(2, 0xB, 0, [0xA, 0]));
+        assert_eq!(
+            decide(&a, &b),
+            Decision::BitmapResync {
+                direction: LocalToPeer
+            }
+        );
+        assert_eq!(
+            decide(&b, &a),
+            Decision::BitmapResync {
+                direction: PeerToLocal
+            }
+        );
     }
 
     #[test]
