@@ -235,7 +235,7 @@ pub enum SplitBrainEvidence {
 pub enum Decision {
     /// Same generation, nothing to copy.
     NoResync,
-    /// Copy the chunks set in the source's bitmap.
+    /// Copy the chunks dirty in either side's bitmap (their union, see `DirtyBitmap::merge`).
     BitmapResync {
         /// Source to target.
         direction: Direction,
