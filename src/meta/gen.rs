@@ -267,11 +267,12 @@ pub enum Decision {
 ///
 /// 1. both currents fresh -> [`Decision::InitialSyncPending`];
 /// 2. one current fresh -> full sync from the other;
-/// 3. currents equal and exactly one side has a bitmap id -> bitmap resync from that side
-///    (a resync source that crashed before recording "resync finished"; DRBD rules 34-37);
-/// 3a. currents equal and a side crashed as primary (its activity-log extents may differ)
-///    -> bitmap resync from the crashed primary (lower node id if both);
-/// 3b. currents equal otherwise -> no resync;
+/// 3. currents equal:
+///    - exactly one side has a bitmap id -> bitmap resync from that side (a resync source
+///      that crashed before recording "resync finished"; DRBD rules 34-37);
+///    - else a side crashed as primary (its activity-log extents may differ) -> bitmap
+///      resync from the crashed primary (lower node id if both);
+///    - else no resync;
 /// 4. local current == peer bitmap -> bitmap resync peer->local;
 /// 5. local bitmap == peer current -> bitmap resync local->peer;
 /// 6. local current in peer history -> full sync peer->local;
