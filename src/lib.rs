@@ -7,5 +7,6 @@
 pub mod block;
 pub mod config;
 pub mod engine;
+pub mod meta;
 pub mod nbd;
 pub mod repl;

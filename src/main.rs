@@ -30,6 +30,9 @@ enum Command {
         /// The device, e.g. /dev/nbd0.
         device: PathBuf,
     },
+    /// Metadata: create-md, show-md, dump-bitmap, new-current-uuid.
+    #[command(flatten)]
+    Meta(twinvol::meta::cli::MetaCommand),
     /// Load and validate configuration files; prints nothing but errors and warnings.
     CheckConfig {
         /// Files to check.
@@ -154,6 +157,9 @@ fn main() -> ExitCode {
         Command::Attach(a) => run_attach(a),
         Command::Detach { device } => {
             twinvol::nbd::attach_cmd::run_detach(&device).map_err(Into::into)
+        }
+        Command::Meta(cmd) => {
+            twinvol::meta::cli::run(cmd, &mut std::io::stdout().lock()).map_err(Into::into)
         }
         Command::CheckConfig { files } => files.iter().try_for_each(|f| {
             twinvol::config::Config::load(f)?;

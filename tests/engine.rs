@@ -21,7 +21,10 @@ fn kinds() -> Vec<EngineKind> {
 }
 
 fn scratch_file(size: u64) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::Builder::new().prefix("twinvol-engine-").tempdir_in("/var/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("twinvol-engine-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let p = dir.path().join("disk.img");
     std::fs::File::create(&p).unwrap().set_len(size).unwrap();
     (dir, p)
@@ -58,7 +61,17 @@ fn run_ops(kind: EngineKind, cache: CacheMode, ops: &[Op]) -> Result<(), TestCas
                     model[off as usize..off as usize + len].fill(byte);
                 }
                 Op::Zero { off, len, no_hole } => {
-                    e.write_zeroes(off, len, ZeroFlags { no_hole, fast: false, fua: false }).await.unwrap();
+                    e.write_zeroes(
+                        off,
+                        len,
+                        ZeroFlags {
+                            no_hole,
+                            fast: false,
+                            fua: false,
+                        },
+                    )
+                    .await
+                    .unwrap();
                     model[off as usize..(off + len) as usize].fill(0);
                 }
                 Op::Trim { off, len } => {
@@ -78,7 +91,10 @@ fn run_ops(kind: EngineKind, cache: CacheMode, ops: &[Op]) -> Result<(), TestCas
     .unwrap();
     prop_assert!(r.0 == r.1, "{kind} {cache}: device differs from the model");
     let on_disk = std::fs::read(&path).unwrap();
-    prop_assert!(on_disk == r.1, "{kind} {cache}: file differs from the model");
+    prop_assert!(
+        on_disk == r.1,
+        "{kind} {cache}: file differs from the model"
+    );
     Ok(())
 }
 
@@ -128,8 +144,19 @@ fn concurrent_read_modify_write_never_loses_a_neighbouring_aligned_write() {
             r.unwrap();
             for i in 0..64usize {
                 let a = align as usize;
-                assert_eq!(back[i * 2 * a + 3], 0xee, "{kind}: RMW byte in block {}", 2 * i);
-                assert!(back[(i * 2 + 1) * a..(i * 2 + 2) * a].iter().all(|&b| b == 0x77), "{kind}: aligned block {} lost", 2 * i + 1);
+                assert_eq!(
+                    back[i * 2 * a + 3],
+                    0xee,
+                    "{kind}: RMW byte in block {}",
+                    2 * i
+                );
+                assert!(
+                    back[(i * 2 + 1) * a..(i * 2 + 2) * a]
+                        .iter()
+                        .all(|&b| b == 0x77),
+                    "{kind}: aligned block {} lost",
+                    2 * i + 1
+                );
             }
         })
         .unwrap();
@@ -147,11 +174,16 @@ fn block_status_reports_holes_and_data_of_a_sparse_file() {
             b.fill(1);
             e.write(262_144, b, true).await.0.unwrap();
             let ex = e.block_status(0, SIZE).await.unwrap();
-            assert!(ex[0].hole && ex[0].zero && ex[0].length == 262_144, "{kind}: {ex:?}");
+            assert!(
+                ex[0].hole && ex[0].zero && ex[0].length == 262_144,
+                "{kind}: {ex:?}"
+            );
             assert!(!ex[1].hole && ex[1].length >= 65536, "{kind}: {ex:?}");
             assert_eq!(ex.iter().map(|x| x.length).sum::<u64>(), SIZE);
             // Punching makes it a hole again.
-            e.write_zeroes(262_144, 65536, ZeroFlags::default()).await.unwrap();
+            e.write_zeroes(262_144, 65536, ZeroFlags::default())
+                .await
+                .unwrap();
             let ex = e.block_status(0, SIZE).await.unwrap();
             assert_eq!(ex.len(), 1, "{kind}: {ex:?}");
         })
@@ -165,7 +197,17 @@ fn fast_zero_on_an_unaligned_range_fails_fast_with_enotsup() {
     let opts = OpenOptions::new(&path);
     block_on(EngineKind::Sync, async {
         let e = Engine::open(EngineKind::Sync, &opts).unwrap();
-        let err = e.write_zeroes(7, 100, ZeroFlags { fast: true, ..Default::default() }).await.unwrap_err();
+        let err = e
+            .write_zeroes(
+                7,
+                100,
+                ZeroFlags {
+                    fast: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
         assert_eq!(err.raw_errno(), libc::ENOTSUP);
     })
     .unwrap();
@@ -173,14 +215,35 @@ fn fast_zero_on_an_unaligned_range_fails_fast_with_enotsup() {
 
 #[test]
 fn opening_bad_paths_gives_clear_errors() {
-    let e = Engine::open(EngineKind::Sync, &OpenOptions::new("/nonexistent/disk.img")).err().unwrap().to_string();
-    assert!(e.contains("/nonexistent/disk.img") && e.contains("cannot open"), "{e}");
-    let e = Engine::open(EngineKind::Sync, &OpenOptions::new("/dev/null")).err().unwrap().to_string();
-    assert!(e.contains("neither a regular file nor a block device"), "{e}");
+    let e = Engine::open(EngineKind::Sync, &OpenOptions::new("/nonexistent/disk.img"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("/nonexistent/disk.img") && e.contains("cannot open"),
+        "{e}"
+    );
+    let e = Engine::open(EngineKind::Sync, &OpenOptions::new("/dev/null"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("neither a regular file nor a block device"),
+        "{e}"
+    );
     let (_dir, path) = scratch_file(1000);
-    let e = Engine::open(EngineKind::Sync, &OpenOptions::new(&path)).err().unwrap().to_string();
-    assert!(e.contains("not a multiple") && e.contains("--cache writeback"), "{e}");
+    let e = Engine::open(EngineKind::Sync, &OpenOptions::new(&path))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("not a multiple") && e.contains("--cache writeback"),
+        "{e}"
+    );
     let (_dir2, empty) = scratch_file(0);
-    let e = Engine::open(EngineKind::Sync, &OpenOptions::new(&empty)).err().unwrap().to_string();
+    let e = Engine::open(EngineKind::Sync, &OpenOptions::new(&empty))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("size is 0"), "{e}");
 }

@@ -18,7 +18,6 @@ use twinvol::nbd::server::{serve_connection, ServerConfig, Shared};
 
 struct Client {
     s: DuplexStream,
-    structured: bool,
 }
 
 /// A reply as the test sees it.
@@ -42,7 +41,7 @@ impl Client {
                 .await
                 .map_err(|e| e.to_string())
         });
-        let mut c = Client { s: a, structured };
+        let mut c = Client { s: a };
         let mut greeting = [0u8; 18];
         c.s.read_exact(&mut greeting).await.unwrap();
         let mut hello = (cf::FIXED_NEWSTYLE | cf::NO_ZEROES).to_be_bytes().to_vec();

@@ -1,0 +1,744 @@
+//! Generation identifiers (DRBD's "UUIDs") and the resync decision made when two nodes meet.
+//!
+//! Each node keeps `(current, bitmap, history[0], history[1])`. `current` names the data
+//! generation on this disk; `bitmap` names the generation the peer had when this node started
+//! tracking differences in its bitmap (0 when it tracks nothing); `history` holds older
+//! generations. The decision is [`decide`], a pure function of both sides' ids and flags;
+//! its table is in docs/FORMAT.md ("Generation identifiers").
+
+/// The `current` of metadata that has never held data (DRBD's `UUID_JUST_CREATED`).
+pub const JUST_CREATED: u64 = 4;
+
+/// The generation identifiers of one disk.
+///
+/// Invariants: `current != 0`; `bitmap == 0` means "no bitmap generation"; history slots
+/// hold 0 when unused. Generated ids are never 0 or [`JUST_CREATED`]. In JSON each id is a
+/// 16-digit hex string (64-bit integers lose precision in JSON tools such as jq).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(into = "GenIdsHex", try_from = "GenIdsHex")]
+pub struct GenIds {
+    /// Generation of the data on this disk.
+    pub current: u64,
+    /// The peer's generation when this node's bitmap started (0: none).
+    pub bitmap: u64,
+    /// Older generations, most recent first.
+    pub history: [u64; 2],
+}
+
+/// JSON form of [`GenIds`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GenIdsHex {
+    current: String,
+    bitmap: String,
+    history: [String; 2],
+}
+
+impl From<GenIds> for GenIdsHex {
+    fn from(g: GenIds) -> Self {
+        let h = |v: u64| format!("{v:016x}");
+        GenIdsHex {
+            current: h(g.current),
+            bitmap: h(g.bitmap),
+            history: [h(g.history[0]), h(g.history[1])],
+        }
+    }
+}
+
+impl TryFrom<GenIdsHex> for GenIds {
+    type Error = String;
+    fn try_from(g: GenIdsHex) -> Result<Self, String> {
+        let p = |s: &str| {
+            u64::from_str_radix(s, 16).map_err(|_| format!("generation id '{s}' is not hex"))
+        };
+        Ok(GenIds {
+            current: p(&g.current)?,
+            bitmap: p(&g.bitmap)?,
+            history: [p(&g.history[0])?, p(&g.history[1])?],
+        })
+    }
+}
+
+impl GenIds {
+    /// Ids of freshly created metadata.
+    pub const FRESH: GenIds = GenIds {
+        current: JUST_CREATED,
+        bitmap: 0,
+        history: [0, 0],
+    };
+
+    /// Pushes `id` onto the history (dropping the oldest); 0 is not pushed.
+    fn push_history(&mut self, id: u64) {
+        if id != 0 {
+            self.history = [id, self.history[0]];
+        }
+    }
+
+    /// A new data generation begins on this node while it cannot reach its peer (promotion
+    /// while disconnected, a primary losing its peer before the first write the peer misses,
+    /// `new-current-uuid`): from now on the bitmap records what the peer lacks. If no bitmap generation exists the old current becomes it; if one exists (a
+    /// second generation while still apart) the bitmap keeps accumulating since that older
+    /// point and the old current goes to history.
+    pub fn new_current(&mut self, new: u64) {
+        if self.bitmap == 0 {
+            self.bitmap = self.current;
+        } else {
+            self.push_history(self.current);
+        }
+        self.current = new;
+    }
+
+    /// This node was the resync source and the resync completed: the peer now has our
+    /// current generation, the bitmap generation retires to history.
+    pub fn resync_finished_as_source(&mut self) {
+        let old = self.bitmap;
+        self.bitmap = 0;
+        self.push_history(old);
+    }
+
+    /// This node was the resync target and the resync completed: it now holds the source's
+    /// generation. A full sync adopts the source's history as well; a bitmap resync keeps
+    /// our old current as history.
+    pub fn resync_finished_as_target(&mut self, source: &GenIds, full: bool) {
+        if full {
+            self.history = source.history;
+        } else if self.current != source.current {
+            self.push_history(self.current);
+        }
+        self.current = source.current;
+        self.bitmap = 0;
+    }
+
+    /// Whether these are the ids of metadata that never held a data generation.
+    pub fn is_fresh(&self) -> bool {
+        *self == Self::FRESH
+    }
+}
+
+/// A fresh random generation id (never 0 or [`JUST_CREATED`]).
+pub fn random_id() -> Result<u64, getrandom::Error> {
+    loop {
+        let v = getrandom::u64()?;
+        if v != 0 && v != JUST_CREATED {
+            return Ok(v);
+        }
+    }
+}
+
+/// Disk-state flags kept in the superblock, as a bit set.
+///
+/// Invariant: only the bits of the associated constants are ever set.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+pub struct DiskFlags(pub u32);
+
+impl DiskFlags {
+    /// The data is a consistent (possibly old) image: not in the middle of a resync.
+    pub const CONSISTENT: u32 = 1 << 0;
+    /// The data is the newest known generation.
+    pub const UP_TO_DATE: u32 = 1 << 1;
+    /// The peer (or an operator) declared this copy outdated: it must not be promoted.
+    pub const OUTDATED: u32 = 1 << 2;
+    /// The node was primary the last time the metadata was written.
+    pub const WAS_PRIMARY: u32 = 1 << 3;
+    /// The first full sync (or its skip by `new-current-uuid --clear-bitmap`) completed.
+    pub const INITIAL_SYNC_DONE: u32 = 1 << 4;
+    /// The node is primary and has not closed cleanly: found set at open, it means the
+    /// primary crashed and the activity-log extents may differ from the peer.
+    pub const CRASHED_PRIMARY: u32 = 1 << 5;
+    /// All known bits.
+    pub const ALL: u32 = (1 << 6) - 1;
+
+    /// Names of the bits, in bit order.
+    pub const NAMES: [(u32, &'static str); 6] = [
+        (Self::CONSISTENT, "consistent"),
+        (Self::UP_TO_DATE, "up-to-date"),
+        (Self::OUTDATED, "outdated"),
+        (Self::WAS_PRIMARY, "was-primary"),
+        (Self::INITIAL_SYNC_DONE, "initial-sync-done"),
+        (Self::CRASHED_PRIMARY, "crashed-primary"),
+    ];
+
+    /// Whether `bit` is set.
+    pub fn has(self, bit: u32) -> bool {
+        self.0 & bit == bit
+    }
+
+    /// Sets or clears `bit`.
+    pub fn set(&mut self, bit: u32, on: bool) {
+        if on {
+            self.0 |= bit;
+        } else {
+            self.0 &= !bit;
+        }
+    }
+
+    /// Names of the set bits.
+    pub fn names(self) -> Vec<&'static str> {
+        Self::NAMES
+            .iter()
+            .filter(|(b, _)| self.has(*b))
+            .map(|(_, n)| *n)
+            .collect()
+    }
+}
+
+/// One side's view for the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeGen {
+    /// Node id (the lower one is the tie-break winner).
+    pub node_id: u32,
+    /// Generation identifiers.
+    pub ids: GenIds,
+    /// Disk-state flags.
+    pub flags: DiskFlags,
+}
+
+/// Which way data flows in a resync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    /// This node is the source.
+    LocalToPeer,
+    /// The peer is the source.
+    PeerToLocal,
+}
+
+/// Which generation ids matched when the decision found a split brain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SplitBrainEvidence {
+    /// Both bitmap ids are the same (the common ancestor) but the currents differ: both
+    /// sides wrote since they parted. Automatic recovery policies may apply.
+    BitmapIdsEqual {
+        /// The shared bitmap id.
+        common: u64,
+        /// Local current.
+        local_current: u64,
+        /// Peer current.
+        peer_current: u64,
+    },
+    /// Only history ids match: both sides moved on from a common ancestor more than once.
+    HistoryMatch {
+        /// The shared id.
+        common: u64,
+        /// Local history slot (0 = most recent).
+        local_slot: usize,
+        /// Peer history slot.
+        peer_slot: usize,
+    },
+}
+
+/// The outcome of comparing two nodes' generation identifiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case", tag = "decision")]
+pub enum Decision {
+    /// Same generation, nothing to copy.
+    NoResync,
+    /// Copy the chunks dirty in either side's bitmap (their union, see `DirtyBitmap::merge`).
+    BitmapResync {
+        /// Source to target.
+        direction: Direction,
+    },
+    /// Copy everything: the target's generation is too old for a bitmap to cover it, or it
+    /// never held data.
+    FullSync {
+        /// Source to target.
+        direction: Direction,
+    },
+    /// Both sides are freshly created: a full sync from whichever side is promoted first,
+    /// unless both run `new-current-uuid --clear-bitmap` with the same id.
+    InitialSyncPending,
+    /// Both sides wrote independently: an operator (or a split-brain policy) must choose.
+    SplitBrain {
+        /// What matched.
+        evidence: SplitBrainEvidence,
+    },
+    /// Nothing matches: these disks never belonged to the same volume.
+    UnrelatedData,
+    /// The decided source is not consistent (an interrupted resync target): refuse.
+    SourceInconsistent {
+        /// The direction that would have been used.
+        direction: Direction,
+    },
+}
+
+/// Decides the resync between `local` and `peer` (DRBD's `uuid_compare` rules, in order):
+///
+/// 1. both currents fresh -> [`Decision::InitialSyncPending`];
+/// 2. one current fresh -> full sync from the other;
+/// 3. currents equal:
+///    - exactly one side has a bitmap id -> bitmap resync from that side (a resync source
+///      that crashed before recording "resync finished"; DRBD rules 34-37);
+///    - else a side crashed as primary (its activity-log extents may differ) -> bitmap
+///      resync from the crashed primary (lower node id if both);
+///    - else no resync;
+/// 4. local current == peer bitmap -> bitmap resync peer->local;
+/// 5. local bitmap == peer current -> bitmap resync local->peer;
+/// 6. local current in peer history -> full sync peer->local;
+/// 7. peer current in local history -> full sync local->peer;
+/// 8. bitmap ids equal (non-zero) -> split brain;
+/// 9. any history id in common -> split brain;
+/// 10. otherwise unrelated data.
+///
+/// A resync whose source is not marked consistent becomes [`Decision::SourceInconsistent`].
+pub fn decide(local: &NodeGen, peer: &NodeGen) -> Decision {
+    let decision = compare(local, peer);
+    let source_consistent = |d: Direction| match d {
+        Direction::LocalToPeer => local.flags.has(DiskFlags::CONSISTENT),
+        Direction::PeerToLocal => peer.flags.has(DiskFlags::CONSISTENT),
+    };
+    match decision {
+        Decision::BitmapResync { direction } | Decision::FullSync { direction }
+            if !source_consistent(direction) =>
+        {
+            Decision::SourceInconsistent { direction }
+        }
+        d => d,
+    }
+}
+
+fn compare(local: &NodeGen, peer: &NodeGen) -> Decision {
+    use Direction::*;
+    let (l, p) = (&local.ids, &peer.ids);
+    let nonzero = |v: u64| v != 0;
+    match (l.current == JUST_CREATED, p.current == JUST_CREATED) {
+        (true, true) => return Decision::InitialSyncPending,
+        (true, false) => {
+            return Decision::FullSync {
+                direction: PeerToLocal,
+            }
+        }
+        (false, true) => {
+            return Decision::FullSync {
+                direction: LocalToPeer,
+            }
+        }
+        (false, false) => {}
+    }
+    if l.current == p.current {
+        match (l.bitmap != 0, p.bitmap != 0) {
+            (true, false) => {
+                return Decision::BitmapResync {
+                    direction: LocalToPeer,
+                }
+            }
+            (false, true) => {
+                return Decision::BitmapResync {
+                    direction: PeerToLocal,
+                }
+            }
+            _ => {}
+        }
+        let lc = local.flags.has(DiskFlags::CRASHED_PRIMARY);
+        let pc = peer.flags.has(DiskFlags::CRASHED_PRIMARY);
+        return match (lc, pc) {
+            (false, false) => Decision::NoResync,
+            (true, false) => Decision::BitmapResync {
+                direction: LocalToPeer,
+            },
+            (false, true) => Decision::BitmapResync {
+                direction: PeerToLocal,
+            },
+            (true, true) if local.node_id <= peer.node_id => Decision::BitmapResync {
+                direction: LocalToPeer,
+            },
+            (true, true) => Decision::BitmapResync {
+                direction: PeerToLocal,
+            },
+        };
+    }
+    if l.current == p.bitmap {
+        return Decision::BitmapResync {
+            direction: PeerToLocal,
+        };
+    }
+    if l.bitmap == p.current {
+        return Decision::BitmapResync {
+            direction: LocalToPeer,
+        };
+    }
+    if p.history
+        .iter()
+        .copied()
+        .filter(|h| nonzero(*h))
+        .any(|h| h == l.current)
+    {
+        return Decision::FullSync {
+            direction: PeerToLocal,
+        };
+    }
+    if l.history
+        .iter()
+        .copied()
+        .filter(|h| nonzero(*h))
+        .any(|h| h == p.current)
+    {
+        return Decision::FullSync {
+            direction: LocalToPeer,
+        };
+    }
+    if nonzero(l.bitmap) && l.bitmap == p.bitmap {
+        return Decision::SplitBrain {
+            evidence: SplitBrainEvidence::BitmapIdsEqual {
+                common: l.bitmap,
+                local_current: l.current,
+                peer_current: p.current,
+            },
+        };
+    }
+    for (ls, lh) in l.history.iter().enumerate() {
+        for (ps, ph) in p.history.iter().enumerate() {
+            if nonzero(*lh) && lh == ph {
+                return Decision::SplitBrain {
+                    evidence: SplitBrainEvidence::HistoryMatch {
+                        common: *lh,
+                        local_slot: ls,
+                        peer_slot: ps,
+                    },
+                };
+            }
+        }
+    }
+    Decision::UnrelatedData
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Direction::*;
+
+    const OK: DiskFlags =
+        DiskFlags(DiskFlags::CONSISTENT | DiskFlags::UP_TO_DATE | DiskFlags::INITIAL_SYNC_DONE);
+
+    fn node(id: u32, current: u64, bitmap: u64, history: [u64; 2]) -> NodeGen {
+        NodeGen {
+            node_id: id,
+            ids: GenIds {
+                current,
+                bitmap,
+                history,
+            },
+            flags: OK,
+        }
+    }
+
+    #[test]
+    fn both_fresh_waits_for_the_first_promotion() {
+        let (a, b) = (
+            node(1, JUST_CREATED, 0, [0, 0]),
+            node(2, JUST_CREATED, 0, [0, 0]),
+        );
+        assert_eq!(decide(&a, &b), Decision::InitialSyncPending);
+    }
+
+    #[test]
+    fn a_fresh_side_gets_a_full_sync_from_the_side_with_data() {
+        let (a, b) = (node(1, 0xA, 0, [0, 0]), node(2, JUST_CREATED, 0, [0, 0]));
+        assert_eq!(
+            decide(&a, &b),
+            Decision::FullSync {
+                direction: LocalToPeer
+            }
+        );
+        assert_eq!(
+            decide(&b, &a),
+            Decision::FullSync {
+                direction: PeerToLocal
+            }
+        );
+    }
+
+    #[test]
+    fn equal_currents_need_no_resync() {
+        let (a, b) = (node(1, 0xA, 0, [0x9, 0]), node(2, 0xA, 0, [0x9, 0]));
+        assert_eq!(decide(&a, &b), Decision::NoResync);
+    }
+
+    #[test]
+    fn equal_currents_with_a_leftover_bitmap_id_resync_from_the_side_holding_it() {
+        // The source crashed after the target adopted its generation but before it retired
+        // its own bitmap id: finish with a bitmap resync from the source (its ids get fixed).
+        let (a, b) = (node(1, 0xB, 0xA, [0, 0]), node(2, 0xB, 0, [0xA, 0]));
+        assert_eq!(
+            decide(&a, &b),
+            Decision::BitmapResync {
+                direction: LocalToPeer
+            }
+        );
+        assert_eq!(
+            decide(&b, &a),
+            Decision::BitmapResync {
+                direction: PeerToLocal
+            }
+        );
+    }
+
+    #[test]
+    fn equal_currents_after_a_primary_crash_resync_from_the_crashed_primary() {
+        let (mut a, b) = (node(1, 0xA, 0, [0, 0]), node(2, 0xA, 0, [0, 0]));
+        a.flags.set(DiskFlags::CRASHED_PRIMARY, true);
+        assert_eq!(
+            decide(&a, &b),
+            Decision::BitmapResync {
+                direction: LocalToPeer
+            }
+        );
+        assert_eq!(
+            decide(&b, &a),
+            Decision::BitmapResync {
+                direction: PeerToLocal
+            }
+        );
+        let mut b2 = b;
+        b2.flags.set(DiskFlags::CRASHED_PRIMARY, true);
+        // Both crashed as primary: the lower node id is the source, seen the same from both sides.
+        assert_eq!(
+            decide(&a, &b2),
+            Decision::BitmapResync {
+                direction: LocalToPeer
+            }
+        );
+        assert_eq!(
+            decide(&b2, &a),
+            Decision::BitmapResync {
+                direction: PeerToLocal
+            }
+        );
+    }
+
+    #[test]
+    fn current_equal_to_peer_bitmap_is_a_bitmap_resync_from_the_peer() {
+        // The peer was promoted while apart: its old current (= ours) became its bitmap id.
+        let (a, b) = (node(1, 0xA, 0, [0, 0]), node(2, 0xB, 0xA, [0, 0]));
+        assert_eq!(
+            decide(&a, &b),
+            Decision::BitmapResync {
+                direction: PeerToLocal
+            }
+        );
+        assert_eq!(
+            decide(&b, &a),
+            Decision::BitmapResync {
+                direction: LocalToPeer
+            }
+        );
+    }
+
+    #[test]
+    fn bitmap_ids_equal_but_currents_differ_is_split_brain() {
+        let (a, b) = (node(1, 0xB, 0xA, [0, 0]), node(2, 0xC, 0xA, [0, 0]));
+        assert_eq!(
+            decide(&a, &b),
+            Decision::SplitBrain {
+                evidence: SplitBrainEvidence::BitmapIdsEqual {
+                    common: 0xA,
+                    local_current: 0xB,
+                    peer_current: 0xC
+                }
+            }
+        );
+    }
+
+    #[test]
+    fn only_history_matching_is_split_brain_with_the_slots_named() {
+        let (a, b) = (node(1, 0xB, 0x7, [0x5, 0x3]), node(2, 0xC, 0x8, [0x6, 0x5]));
+        assert_eq!(
+            decide(&a, &b),
+            Decision::SplitBrain {
+                evidence: SplitBrainEvidence::HistoryMatch {
+                    common: 0x5,
+                    local_slot: 0,
+                    peer_slot: 1
+                }
+            }
+        );
+    }
+
+    #[test]
+    fn current_found_in_peer_history_is_a_full_sync_from_the_peer() {
+        // The peer moved on twice without us: its bitmap no longer starts at our generation.
+        let (a, b) = (node(1, 0xA, 0, [0, 0]), node(2, 0xC, 0xB, [0xA, 0]));
+        assert_eq!(
+            decide(&a, &b),
+            Decision::FullSync {
+                direction: PeerToLocal
+            }
+        );
+        assert_eq!(
+            decide(&b, &a),
+            Decision::FullSync {
+                direction: LocalToPeer
+            }
+        );
+    }
+
+    #[test]
+    fn nothing_matching_is_unrelated_data() {
+        let (a, b) = (node(1, 0xA, 0x1, [0x2, 0x3]), node(2, 0xB, 0x4, [0x5, 0x6]));
+        assert_eq!(decide(&a, &b), Decision::UnrelatedData);
+        // Zero bitmap / history slots never count as a match.
+        let (a, b) = (node(1, 0xA, 0, [0, 0]), node(2, 0xB, 0, [0, 0]));
+        assert_eq!(decide(&a, &b), Decision::UnrelatedData);
+    }
+
+    #[test]
+    fn resync_from_an_inconsistent_source_is_refused() {
+        let (a, mut b) = (node(1, 0xA, 0, [0, 0]), node(2, 0xB, 0xA, [0, 0]));
+        b.flags.set(DiskFlags::CONSISTENT, false);
+        assert_eq!(
+            decide(&a, &b),
+            Decision::SourceInconsistent {
+                direction: PeerToLocal
+            }
+        );
+    }
+
+    #[test]
+    fn promotion_while_disconnected_then_resync_brings_both_back_to_no_resync() {
+        let mut a = GenIds {
+            current: 0xA,
+            bitmap: 0,
+            history: [0x9, 0x8],
+        };
+        let mut b = a;
+        a.new_current(0xB);
+        assert_eq!(
+            a,
+            GenIds {
+                current: 0xB,
+                bitmap: 0xA,
+                history: [0x9, 0x8]
+            }
+        );
+        let (na, nb) = (
+            NodeGen {
+                node_id: 1,
+                ids: a,
+                flags: OK,
+            },
+            NodeGen {
+                node_id: 2,
+                ids: b,
+                flags: OK,
+            },
+        );
+        assert_eq!(
+            decide(&na, &nb),
+            Decision::BitmapResync {
+                direction: LocalToPeer
+            }
+        );
+        let source_before = a;
+        a.resync_finished_as_source();
+        b.resync_finished_as_target(&source_before, false);
+        assert_eq!(
+            a,
+            GenIds {
+                current: 0xB,
+                bitmap: 0,
+                history: [0xA, 0x9]
+            }
+        );
+        assert_eq!(
+            b,
+            GenIds {
+                current: 0xB,
+                bitmap: 0,
+                history: [0xA, 0x9]
+            }
+        );
+        let (na, nb) = (
+            NodeGen {
+                node_id: 1,
+                ids: a,
+                flags: OK,
+            },
+            NodeGen {
+                node_id: 2,
+                ids: b,
+                flags: OK,
+            },
+        );
+        assert_eq!(decide(&na, &nb), Decision::NoResync);
+    }
+
+    #[test]
+    fn second_promotion_while_still_apart_keeps_the_bitmap_generation() {
+        let mut a = GenIds {
+            current: 0xA,
+            bitmap: 0,
+            history: [0, 0],
+        };
+        a.new_current(0xB);
+        a.new_current(0xC);
+        assert_eq!(
+            a,
+            GenIds {
+                current: 0xC,
+                bitmap: 0xA,
+                history: [0xB, 0]
+            }
+        );
+        // The peer still at 0xA gets a bitmap resync, not a full sync.
+        let (na, nb) = (
+            node(1, a.current, a.bitmap, a.history),
+            node(2, 0xA, 0, [0, 0]),
+        );
+        assert_eq!(
+            decide(&na, &nb),
+            Decision::BitmapResync {
+                direction: LocalToPeer
+            }
+        );
+    }
+
+    #[test]
+    fn both_sides_promoted_while_apart_is_split_brain() {
+        let mut a = GenIds {
+            current: 0xA,
+            bitmap: 0,
+            history: [0, 0],
+        };
+        let mut b = a;
+        a.new_current(0xB);
+        b.new_current(0xC);
+        let (na, nb) = (
+            node(1, a.current, a.bitmap, a.history),
+            node(2, b.current, b.bitmap, b.history),
+        );
+        assert!(matches!(
+            decide(&na, &nb),
+            Decision::SplitBrain {
+                evidence: SplitBrainEvidence::BitmapIdsEqual { common: 0xA, .. }
+            }
+        ));
+    }
+
+    #[test]
+    fn generation_ids_are_hex_strings_in_json() {
+        let g = GenIds {
+            current: u64::MAX - 1,
+            bitmap: 0,
+            history: [0xA, 0],
+        };
+        let j = serde_json::to_string(&g).unwrap();
+        assert_eq!(
+            j,
+            r#"{"current":"fffffffffffffffe","bitmap":"0000000000000000","history":["000000000000000a","0000000000000000"]}"#
+        );
+        assert_eq!(serde_json::from_str::<GenIds>(&j).unwrap(), g);
+        assert!(serde_json::from_str::<GenIds>(
+            r#"{"current":"zz","bitmap":"0","history":["0","0"]}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn random_ids_are_never_reserved_values() {
+        for _ in 0..1000 {
+            let v = random_id().unwrap();
+            assert!(v != 0 && v != JUST_CREATED);
+        }
+    }
+}
