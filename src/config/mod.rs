@@ -11,6 +11,10 @@ use serde::Deserialize;
 
 use crate::engine::{CacheMode, EngineKind};
 
+pub mod cloud;
+
+pub use cloud::CloudConfig;
+
 /// Errors loading a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -78,6 +82,9 @@ pub struct Config {
     /// Volumes served by this node (at least one).
     #[serde(rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
+    /// Network identity and fencing in the cloud (`[cloud]`); absent: none is moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<CloudConfig>,
 }
 
 /// Identity of this node.
@@ -162,6 +169,9 @@ impl Config {
         }
         if self.volumes.is_empty() {
             return Err(invalid("volume".into(), "no volume is configured".into(), "add a [[volume]] table with name and device"));
+        }
+        if let Some(c) = &self.cloud {
+            c.validate().map_err(|e| invalid(e.field, e.problem, &e.fix))?;
         }
         let mut names = std::collections::HashSet::new();
         for (i, v) in self.volumes.iter().enumerate() {
