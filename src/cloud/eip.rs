@@ -54,11 +54,13 @@ pub async fn observe(api: &Api, e: &EipConfig, dl: Deadline) -> Result<EipState,
         .addresses()
         .first()
         .ok_or_else(|| AwsError::AllocationNotFound(e.allocation_id.clone()))?;
+    // An empty string means "none" (moto answers that way after a disassociation).
+    let some = |v: Option<&str>| v.filter(|s| !s.is_empty()).map(str::to_string);
     Ok(EipState {
-        public_ip: a.public_ip().map(str::to_string),
-        eni: a.network_interface_id().map(str::to_string),
-        private_ip: a.private_ip_address().map(str::to_string),
-        association_id: a.association_id().map(str::to_string),
+        public_ip: some(a.public_ip()),
+        eni: some(a.network_interface_id()),
+        private_ip: some(a.private_ip_address()),
+        association_id: some(a.association_id()),
     })
 }
 

@@ -195,11 +195,17 @@ pub struct CallSite<'a> {
 }
 
 /// The first quoted id in an AWS message (`The vpc ID 'vpc-1' does not exist` -> `vpc-1`).
+/// Quoted parts that are not ids (moto quotes a Python set: `'{'eipalloc-1'}'`) are skipped.
 pub fn quoted_id(message: &str) -> Option<&str> {
-    let start = message.find('\'')? + 1;
-    let len = message[start..].find('\'')?;
-    let id = &message[start..start + len];
-    (!id.is_empty() && !id.contains(' ')).then_some(id)
+    let parts: Vec<&str> = message.split('\'').collect();
+    let inner = parts.get(1..parts.len().saturating_sub(1))?;
+    inner.iter().copied().find(|p| {
+        !p.is_empty()
+            && p.bytes().any(|b| b.is_ascii_alphanumeric())
+            && p.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || b == b'/'
+            })
+    })
 }
 
 /// Maps an AWS error code and message to an [`AwsError`].
@@ -364,6 +370,16 @@ mod tests {
         assert!(e
             .to_string()
             .starts_with("The networkInterface ID 'eni-9' does not exist"));
+    }
+
+    #[test]
+    fn quoted_python_set_yields_the_id_inside() {
+        assert_eq!(
+            quoted_id("Allocation ID '{'eipalloc-1a'}' not found."),
+            Some("eipalloc-1a")
+        );
+        assert_eq!(quoted_id("no quotes"), None);
+        assert_eq!(quoted_id("one ' quote"), None);
     }
 
     #[test]
