@@ -931,3 +931,93 @@ async fn refused_credentials_are_named_as_credentials() {
     );
     assert!(e.contains("instance profile"), "{e}");
 }
+
+/// The `[cloud]` TOML of the world nested into a whole twinvol config.
+fn whole_config(cloud_toml: &str) -> twinvol::config::Config {
+    let mut text = String::from(
+        "[node]\nid = \"node-a\"\n[[volume]]\nname = \"data\"\ndevice = \"/dev/disk/by-id/x\"\n[volume.export]\nsocket = \"/run/x.sock\"\n[cloud]\n",
+    );
+    for line in cloud_toml.lines() {
+        if let Some(rest) = line.strip_prefix("[[") {
+            text.push_str(&format!("[[cloud.{rest}\n"));
+        } else if let Some(rest) = line.strip_prefix('[') {
+            text.push_str(&format!("[cloud.{rest}\n"));
+        } else {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    twinvol::config::Config::parse(std::path::Path::new("test.toml"), &text).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_preflight_plan_apply_check_in_order() {
+    use twinvol::cloud::cli::{run, CloudCommand};
+    let lab = lab().await;
+    let w = &lab.w;
+    let cfg = whole_config(&w.toml(&w.a, &w.b, &lab.proxy.url));
+    let mut out = Vec::new();
+
+    assert!(run(CloudCommand::Preflight { json: false }, &cfg, &mut out)
+        .await
+        .unwrap());
+    let text = String::from_utf8_lossy(&out).to_string();
+    assert!(text.contains("ok    Source/Dest check disabled"), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+
+    out.clear();
+    assert!(run(CloudCommand::Plan { json: false }, &cfg, &mut out)
+        .await
+        .unwrap());
+    let text = String::from_utf8_lossy(&out).to_string();
+    assert!(
+        text.contains("5 change(s) planned; nothing was changed"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("~ route table {}: {VIP}/32 -> {} -> {VIP}/32 -> {} via ReplaceRoute [dry run: would succeed]", w.tables[0], w.b.eni, w.a.eni)), "{text}");
+    assert!(w.vip_tables_point_at(&w.b.eni).await);
+
+    out.clear();
+    assert!(
+        !run(
+            CloudCommand::Check {
+                reconcile: false,
+                json: false
+            },
+            &cfg,
+            &mut out
+        )
+        .await
+        .unwrap(),
+        "A is not active yet: drift"
+    );
+
+    out.clear();
+    assert!(run(
+        CloudCommand::Apply {
+            deactivate: false,
+            json: true
+        },
+        &cfg,
+        &mut out
+    )
+    .await
+    .unwrap());
+    let report: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(report["items"].as_array().unwrap().len(), 5, "{report}");
+    assert!(w.vip_tables_point_at(&w.a.eni).await);
+
+    out.clear();
+    assert!(run(
+        CloudCommand::Check {
+            reconcile: false,
+            json: false
+        },
+        &cfg,
+        &mut out
+    )
+    .await
+    .unwrap());
+    let text = String::from_utf8_lossy(&out).to_string();
+    assert!(text.lines().all(|l| l.ends_with(": ok")), "{text}");
+}

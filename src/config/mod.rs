@@ -276,6 +276,23 @@ socket = "/run/twinvol/data.sock"
     }
 
     #[test]
+    fn aws_example_config_loads() {
+        let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/aws.toml"));
+        let c = Config::load(p).unwrap();
+        let cloud = c.cloud.expect("[cloud] is parsed");
+        assert_eq!(cloud.node.instance_id, "self");
+        assert_eq!(cloud.records[0].name, "db.example.internal.");
+    }
+
+    #[test]
+    fn bad_cloud_field_is_named_with_file_and_fix() {
+        let text = format!("{GOOD}\n[cloud]\nprovider = \"aws\"\n[[cloud.route53]]\nzone_id = \"Z1\"\nname = \"db.example\"\n");
+        let e = Config::parse(Path::new("t.toml"), &text).unwrap_err().to_string();
+        assert!(e.starts_with("config t.toml: field `cloud.route53[0].name`"), "{e}");
+        assert!(e.contains("trailing dot"), "{e}");
+    }
+
+    #[test]
     fn nvme_kernel_names_are_unstable() {
         assert!(unstable_device_name(Path::new("/dev/nvme1n1")));
         assert!(!unstable_device_name(Path::new("/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol1")));
