@@ -1021,3 +1021,63 @@ async fn cli_preflight_plan_apply_check_in_order() {
     let text = String::from_utf8_lossy(&out).to_string();
     assert!(text.lines().all(|l| l.ends_with(": ok")), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolution_monitor_waits_its_delay_then_reports_what_the_resolver_says() {
+    use support::fake_dns::FakeDns;
+    let lab = lab().await;
+    let w = &lab.w;
+    let dns = FakeDns::start().await;
+    let a = lab
+        .node_a(|c| {
+            c.records[0].resolver = Some(dns.addr);
+            c.records[0].resolve_delay_s = 0.5;
+        })
+        .await;
+    let via = Resource::DnsRecord(format!("{RECORD} via {}", dns.addr));
+    assert!(a.activate().await.succeeded());
+
+    let early = a.check().await;
+    assert!(
+        early.get(&via).is_none(),
+        "no query before the delay:\n{early}"
+    );
+    assert_eq!(
+        dns.queries.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "an early query would cache NXDOMAIN"
+    );
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let missing = a.check().await;
+    match missing.get(&via) {
+        Some(Health::Drift(d)) => assert!(
+            d.starts_with(&format!(
+                "Failed to resolve domain name: {RECORD} via {}: NXDOMAIN",
+                dns.addr
+            )),
+            "{d}"
+        ),
+        other => panic!("{other:?}\n{missing}"),
+    }
+
+    dns.set(RECORD, &[w.b.ip.parse().unwrap()]);
+    let stale = a.check().await;
+    match stale.get(&via) {
+        Some(Health::Drift(d)) => {
+            assert!(
+                d.starts_with(
+                    "IP address resolved from the DNS resolver is different from the setting"
+                ),
+                "{d}"
+            );
+            assert!(d.contains(&w.b.ip) && d.contains(&w.a.ip), "{d}");
+        }
+        other => panic!("{other:?}\n{stale}"),
+    }
+
+    dns.set(RECORD, &[w.a.ip.parse().unwrap()]);
+    let good = a.check().await;
+    assert_eq!(good.get(&via), Some(&Health::Ok), "{good}");
+    assert!(good.all_ok(), "{good}");
+}

@@ -18,8 +18,10 @@ pub use crate::config::cloud::UnreachableAction;
 pub mod aws;
 pub mod az;
 pub mod cli;
+pub mod dns_wire;
 pub mod eip;
 pub mod fence;
+pub mod resolve;
 pub mod route53;
 pub mod vip_route;
 

@@ -224,6 +224,18 @@ pub struct RecordConfig {
     /// Longest wait for INSYNC, seconds; 0 = do not wait.
     #[serde(default = "default_poll_total")]
     pub insync_timeout_s: f64,
+    /// Also check that the name resolves to the value through this resolver (`10.0.0.2:53`,
+    /// the VPC's Route 53 Resolver); absent: no resolution check.
+    #[serde(default)]
+    pub resolver: Option<std::net::SocketAddr>,
+    /// Seconds after this node changed the record before the first resolution check (a query
+    /// before the record exists caches NXDOMAIN for the negative-caching TTL).
+    #[serde(default = "default_resolve_delay")]
+    pub resolve_delay_s: f64,
+}
+
+fn default_resolve_delay() -> f64 {
+    60.0
 }
 
 fn default_ttl() -> i64 {
@@ -251,6 +263,10 @@ impl RecordConfig {
     /// Longest wait for INSYNC.
     pub fn insync_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.insync_timeout_s)
+    }
+    /// Delay before the first resolution check after a change.
+    pub fn resolve_delay(&self) -> Duration {
+        Duration::from_secs_f64(self.resolve_delay_s)
     }
 }
 
@@ -539,6 +555,13 @@ impl CloudConfig {
                     f("insync_timeout_s"),
                     format!("{} is outside 0..=900", r.insync_timeout_s),
                     "use 120 (Route 53 takes up to ~60 s)",
+                ));
+            }
+            if !(r.resolve_delay_s.is_finite() && (0.0..=3600.0).contains(&r.resolve_delay_s)) {
+                return Err(bad(
+                    f("resolve_delay_s"),
+                    format!("{} is outside 0..=3600", r.resolve_delay_s),
+                    "use 60 (longer than Route 53 propagation)",
                 ));
             }
             if r.value == RecordValue::Vip && self.vip_route.is_none() {

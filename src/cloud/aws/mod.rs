@@ -3,7 +3,7 @@
 //! the per-resource modules (VIP routes, EIP and records switched concurrently under one
 //! activation deadline).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
@@ -17,7 +17,7 @@ pub mod imds;
 pub use api::{Api, Deadline};
 pub use error::AwsError;
 
-use crate::cloud::{az, eip, fence, route53, vip_route};
+use crate::cloud::{az, eip, fence, resolve, route53, vip_route};
 use crate::cloud::{
     CheckReport, Cloud, Health, Outcome, PlannedChange, PreflightCheck, Report, Resource,
     ResourceReport,
@@ -52,6 +52,8 @@ pub struct AwsCloud {
     eip_public: Option<Ipv4Addr>,
     /// Route tables seen holding the VIP; the monitor expects them to keep it.
     known_tables: Mutex<BTreeSet<String>>,
+    /// When this node last changed each record (by name): the resolution monitor waits after it.
+    record_changed: Mutex<HashMap<String, Instant>>,
 }
 
 fn parse_ip(s: Option<&str>, what: &str, resource: &str) -> Result<Ipv4Addr, AwsError> {
@@ -155,6 +157,7 @@ impl AwsCloud {
             me,
             eip_public,
             known_tables: Mutex::new(known),
+            record_changed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -326,6 +329,32 @@ impl AwsCloud {
         Ok(out)
     }
 
+    /// True when the resolution monitor may query `r`: its delay has passed since this node
+    /// last changed the record (or this node never changed it).
+    fn resolution_due(&self, r: &RecordConfig) -> bool {
+        self.record_changed
+            .lock()
+            .map(|m| {
+                m.get(&r.name)
+                    .is_none_or(|t| t.elapsed() >= r.resolve_delay())
+            })
+            .unwrap_or(true)
+    }
+
+    fn note_record_changes(&self, items: &[ResourceReport]) {
+        for (r, item) in self.cfg.records.iter().zip(items) {
+            self.note_record_changes_of(r, item);
+        }
+    }
+
+    fn note_record_changes_of(&self, r: &RecordConfig, item: &ResourceReport) {
+        if matches!(item.outcome, Outcome::Applied(_)) {
+            if let Ok(mut m) = self.record_changed.lock() {
+                m.insert(r.name.clone(), Instant::now());
+            }
+        }
+    }
+
     /// One monitor cycle; repairs drift when `reconcile` (or the config) says so.
     pub async fn check_with(&self, reconcile: bool) -> CheckReport {
         let dl = self.deadline();
@@ -359,7 +388,20 @@ impl AwsCloud {
                 None
             }
         };
-        let (routes, eip_health, records, zone) = tokio::join!(routes, eip_health, records, zone);
+        let lookup_timeout = std::time::Duration::from_millis(self.cfg.aws.read_timeout_ms);
+        let lookups = join_all(
+            self.cfg
+                .records
+                .iter()
+                .filter(|r| self.resolution_due(r))
+                .filter_map(|r| {
+                    r.resolver.map(|server| {
+                        resolve::check(server, &r.name, self.record_ip(r), lookup_timeout)
+                    })
+                }),
+        );
+        let (routes, eip_health, records, zone, lookups) =
+            tokio::join!(routes, eip_health, records, zone, lookups);
         let mut items: Vec<(Resource, Health)> = routes
             .iter()
             .map(|(r, h, _)| (r.clone(), h.clone()))
@@ -367,6 +409,7 @@ impl AwsCloud {
         items.extend(eip_health.clone());
         items.extend(records.iter().cloned());
         items.extend(zone);
+        items.extend(lookups);
         for (r, h) in &items {
             match h {
                 Health::Ok => {}
@@ -394,7 +437,9 @@ impl AwsCloud {
             }
             for (r, (_, h)) in self.cfg.records.iter().zip(&records) {
                 if matches!(h, Health::Drift(_)) {
-                    repairs.push(route53::activate(&self.api, r, self.record_ip(r), dl).await);
+                    let repair = route53::activate(&self.api, r, self.record_ip(r), dl).await;
+                    self.note_record_changes_of(r, &repair);
+                    repairs.push(repair);
                 }
             }
         }
@@ -435,6 +480,7 @@ impl Cloud for AwsCloud {
                 .map(|r| route53::activate(&self.api, r, self.record_ip(r), dl)),
         );
         let (mut items, eip, records) = tokio::join!(routes, eip, records);
+        self.note_record_changes(&records);
         items.extend(eip);
         items.extend(records);
         log_report("activate", &items);
