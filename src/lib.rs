@@ -2,9 +2,10 @@
 //!
 //! Rooms (see docs/ARCHITECTURE.md): `config` (TOML schema), `engine` (local disk I/O),
 //! `block` (the contract between an exporter and what it exports), `nbd` (protocol, server,
-//! kernel attach). Lower rooms never import higher ones.
+//! kernel attach), `cloud` (network identity and fencing on AWS). Lower rooms never import higher ones.
 
 pub mod block;
+pub mod cloud;
 pub mod config;
 pub mod engine;
 pub mod meta;

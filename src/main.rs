@@ -33,6 +33,14 @@ enum Command {
     /// Metadata: create-md, show-md, dump-bitmap, new-current-uuid.
     #[command(flatten)]
     Meta(twinvol::meta::cli::MetaCommand),
+    /// AWS network identity: preflight, plan (dry run), apply, check.
+    Cloud {
+        /// Configuration file with a [cloud] table.
+        #[arg(long, default_value = "/etc/twinvol/twinvol.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: twinvol::cloud::cli::CloudCommand,
+    },
     /// Load and validate configuration files; prints nothing but errors and warnings.
     CheckConfig {
         /// Files to check.
@@ -142,6 +150,22 @@ fn run_attach(a: AttachArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_cloud(config: PathBuf, command: twinvol::cloud::cli::CloudCommand) -> anyhow::Result<()> {
+    let cfg = twinvol::config::Config::load(&config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let ok = rt.block_on(async {
+        let mut out = std::io::stdout();
+        twinvol::cloud::cli::run(command, &cfg, &mut out).await
+    })?;
+    if !ok {
+        anyhow::bail!("the cloud report shows a problem (see above)");
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A process that serves a kernel block device must be an IO flusher, locked in memory and
@@ -161,6 +185,7 @@ fn main() -> ExitCode {
         Command::Meta(cmd) => {
             twinvol::meta::cli::run(cmd, &mut std::io::stdout().lock()).map_err(Into::into)
         }
+        Command::Cloud { config, command } => run_cloud(config, command),
         Command::CheckConfig { files } => files.iter().try_for_each(|f| {
             twinvol::config::Config::load(f)?;
             Ok(())

@@ -11,6 +11,10 @@ use serde::Deserialize;
 
 use crate::engine::{CacheMode, EngineKind};
 
+pub mod cloud;
+
+pub use cloud::CloudConfig;
+
 /// Errors loading a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -78,6 +82,9 @@ pub struct Config {
     /// Volumes served by this node (at least one).
     #[serde(rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
+    /// Network identity and fencing in the cloud (`[cloud]`); absent: none is moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<CloudConfig>,
 }
 
 /// Identity of this node.
@@ -175,6 +182,10 @@ impl Config {
                 "no volume is configured".into(),
                 "add a [[volume]] table with name and device",
             ));
+        }
+        if let Some(c) = &self.cloud {
+            c.validate()
+                .map_err(|e| invalid(e.field, e.problem, &e.fix))?;
         }
         let mut names = std::collections::HashSet::new();
         for (i, v) in self.volumes.iter().enumerate() {
@@ -298,6 +309,28 @@ socket = "/run/twinvol/data.sock"
             .unwrap_err()
             .to_string();
         assert!(e.contains("aio") && e.contains("engine"), "{e}");
+    }
+
+    #[test]
+    fn aws_example_config_loads() {
+        let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/aws.toml"));
+        let c = Config::load(p).unwrap();
+        let cloud = c.cloud.expect("[cloud] is parsed");
+        assert_eq!(cloud.node.instance_id, "self");
+        assert_eq!(cloud.records[0].name, "db.example.internal.");
+    }
+
+    #[test]
+    fn bad_cloud_field_is_named_with_file_and_fix() {
+        let text = format!("{GOOD}\n[cloud]\nprovider = \"aws\"\n[[cloud.route53]]\nzone_id = \"Z1\"\nname = \"db.example\"\n");
+        let e = Config::parse(Path::new("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config t.toml: field `cloud.route53[0].name`"),
+            "{e}"
+        );
+        assert!(e.contains("trailing dot"), "{e}");
     }
 
     #[test]
