@@ -286,10 +286,10 @@ mod tests {
     use super::*;
     use crate::block::mem::MemTarget;
 
-    /// The kernel-facing negotiation against our own server, over a socket pair.
-    #[test]
-    fn negotiation_for_the_kernel_yields_size_flags_and_simple_replies() {
-        let (mut client, server) = UnixStream::pair().unwrap();
+    /// Serves a RAM disk named `name` on one end of a socket pair from a thread; returns the other end.
+    fn mem_server(name: &str, size: u64) -> (UnixStream, std::thread::JoinHandle<()>) {
+        let (client, server) = UnixStream::pair().unwrap();
+        let name = name.to_string();
         let t = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -298,17 +298,25 @@ mod tests {
             tokio::task::LocalSet::new().block_on(&rt, async move {
                 let (_tx, rx) = tokio::sync::watch::channel(false);
                 let shared = Shared::new(
-                    Rc::new(MemTarget::new(8 << 20)),
-                    "k".into(),
+                    Rc::new(MemTarget::new(size)),
+                    name,
                     &ServerConfig::default(),
                     rx,
                 );
                 server.set_nonblocking(true).unwrap();
-                let s = tokio::net::UnixStream::from_std(server).unwrap();
-                let (r, w) = s.into_split();
+                let (r, w) = tokio::net::UnixStream::from_std(server)
+                    .unwrap()
+                    .into_split();
                 let _ = serve_connection(shared, r, w).await;
             });
         });
+        (client, t)
+    }
+
+    /// The kernel-facing negotiation against our own server, over a socket pair.
+    #[test]
+    fn negotiation_for_the_kernel_yields_size_flags_and_simple_replies() {
+        let (mut client, t) = mem_server("k", 8 << 20);
         let n = negotiate_for_kernel(&mut client, "k", "test").unwrap();
         assert_eq!(n.size, 8 << 20);
         assert!(n.flags & super::super::proto::consts::tf::SEND_FLUSH != 0);
@@ -331,27 +339,7 @@ mod tests {
 
     #[test]
     fn wrong_export_name_is_a_clear_error() {
-        let (mut client, server) = UnixStream::pair().unwrap();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            tokio::task::LocalSet::new().block_on(&rt, async move {
-                let (_tx, rx) = tokio::sync::watch::channel(false);
-                let shared = Shared::new(
-                    Rc::new(MemTarget::new(1 << 20)),
-                    "k".into(),
-                    &ServerConfig::default(),
-                    rx,
-                );
-                server.set_nonblocking(true).unwrap();
-                let (r, w) = tokio::net::UnixStream::from_std(server)
-                    .unwrap()
-                    .into_split();
-                let _ = serve_connection(shared, r, w).await;
-            });
-        });
+        let (mut client, _t) = mem_server("k", 1 << 20);
         let e = negotiate_for_kernel(&mut client, "other", "test")
             .unwrap_err()
             .to_string();

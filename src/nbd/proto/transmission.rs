@@ -333,22 +333,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn info() -> TargetInfo {
-        TargetInfo {
-            size: 1 << 20,
-            min_block: 512,
-            preferred_block: 4096,
-            max_block: 32 << 20,
-            read_only: false,
-            rotational: false,
-            can_flush: true,
-            can_fua: true,
-            can_trim: true,
-            can_zero: true,
-            can_fast_zero: true,
-            can_cache: true,
-            can_multi_conn: true,
-            description: String::new(),
-        }
+        let mut i =
+            crate::block::BlockTarget::info(&crate::block::mem::MemTarget::new(1 << 20)).clone();
+        i.min_block = 512;
+        i
     }
 
     fn negotiated(structured: bool) -> Negotiated {
