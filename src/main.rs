@@ -74,6 +74,9 @@ struct ExportArgs {
     /// Page-cache mode: none = O_DIRECT, writeback = buffered.
     #[arg(long, value_enum, default_value_t = CacheMode::None)]
     cache: CacheMode,
+    /// Data-path threads, each with its own io_uring ring (default: one per core, at most 4).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Seconds in-flight requests may take after SIGTERM.
     #[arg(long, default_value_t = 10)]
     shutdown_grace: u64,
@@ -132,6 +135,7 @@ fn run_export(a: ExportArgs) -> anyhow::Result<()> {
         engine: a.engine,
         cache: a.cache,
         server,
+        threads: a.threads.unwrap_or_else(export::default_threads),
     })?;
     Ok(())
 }

@@ -152,7 +152,7 @@ pub struct Engine {
     cache: CacheMode,
     read_only: bool,
     exported_size: u64,
-    rmw_lock: tokio::sync::RwLock<()>,
+    rmw_lock: std::sync::Arc<tokio::sync::RwLock<()>>,
     info: crate::block::TargetInfo,
 }
 
@@ -197,9 +197,21 @@ impl Engine {
             cache,
             read_only: opts.read_only,
             exported_size,
-            rmw_lock: tokio::sync::RwLock::new(()),
+            rmw_lock: Default::default(),
             info,
         })
+    }
+
+    /// Shares the read-modify-write lock with other engines open on the same device (one per
+    /// data-path thread), so an unaligned write on one thread excludes aligned writes on all.
+    pub fn with_rmw_lock(mut self, lock: std::sync::Arc<tokio::sync::RwLock<()>>) -> Self {
+        self.rmw_lock = lock;
+        self
+    }
+
+    /// The read-modify-write lock, to hand to engines opened on other threads.
+    pub fn rmw_lock(&self) -> std::sync::Arc<tokio::sync::RwLock<()>> {
+        self.rmw_lock.clone()
     }
 
     /// Which backend serves this device.

@@ -8,9 +8,11 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use std::sync::Arc;
 
-use super::server::{serve_connection, ServerConfig, Shared};
+use tokio::sync::{mpsc, watch};
+
+use super::server::{budget_for, serve_connection, ServerConfig, Shared};
 use crate::block::BlockTarget;
 use crate::engine::{self, CacheMode, Engine, EngineError, EngineKind, OpenOptions};
 
@@ -42,6 +44,16 @@ pub struct ExportOptions {
     pub cache: CacheMode,
     /// Server tuning.
     pub server: ServerConfig,
+    /// Data-path threads (each with its own ring); at least 1.
+    pub threads: usize,
+}
+
+/// Default number of data-path threads: one per core, at most 4.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(4)
 }
 
 /// Errors of the export command.
@@ -64,9 +76,12 @@ pub enum ExportError {
     /// The socket path is served by another live process.
     #[error("{0} is in use by another server; stop it or choose another --socket")]
     SocketInUse(PathBuf),
-    /// Signal handlers could not be installed.
-    #[error("cannot install signal handlers: {0}")]
+    /// Signal handlers or a data-path thread could not be set up.
+    #[error("cannot set up the process (signal handlers or threads): {0}")]
     Signals(std::io::Error),
+    /// A data-path thread could not open the device.
+    #[error("a data-path thread could not open the device (see the log above)")]
+    WorkerStart,
     /// The final flush failed: some acknowledged writes may not be durable.
     #[error("final flush failed: {0}")]
     Flush(crate::block::BlockError),
@@ -91,82 +106,273 @@ pub fn choose_engine(forced: Option<EngineKind>) -> Result<EngineKind, EngineErr
 }
 
 /// Runs the export until a signal (or, for stdio, until the client leaves).
+///
+/// With `threads > 1`, every data-path thread runs its own runtime (its own io_uring ring) and
+/// its own descriptors of the device; accepted connections are dealt round-robin. The threads
+/// share the payload byte budget and the read-modify-write lock, and FLUSH (fdatasync) acts on
+/// the inode, so CAN_MULTI_CONN holds across threads as it does within one.
 pub fn run(opts: ExportOptions) -> Result<(), ExportError> {
     let kind = choose_engine(opts.engine)?;
-    engine::block_on(kind, serve(kind, opts))?
+    if opts.endpoint == Endpoint::Stdio {
+        return engine::block_on(kind, serve_stdio(kind, opts))?;
+    }
+    let threads = opts.threads.max(1);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let budget = budget_for(&opts.server);
+    let rmw: Arc<tokio::sync::RwLock<()>> = Default::default();
+    let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+    let mut senders = Vec::with_capacity(threads);
+    let mut receivers = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        let (tx, rx) = mpsc::unbounded_channel::<StdConn>();
+        senders.push(tx);
+        receivers.push(rx);
+    }
+    let own = receivers.remove(0);
+    let mut handles = Vec::new();
+    for (i, conns) in receivers.into_iter().enumerate() {
+        let w = Worker {
+            index: i + 1,
+            kind,
+            opts: opts.clone(),
+            budget: budget.clone(),
+            rmw: rmw.clone(),
+            shutdown: shutdown_rx.clone(),
+            ready: ready_tx.clone(),
+        };
+        let h = std::thread::Builder::new()
+            .name(format!("twinvol-data-{}", i + 1))
+            .spawn(move || engine::block_on(kind, w.run(conns)))
+            .map_err(ExportError::Signals)?;
+        handles.push(h);
+    }
+    let w0 = Worker {
+        index: 0,
+        kind,
+        opts: opts.clone(),
+        budget,
+        rmw,
+        shutdown: shutdown_rx,
+        ready: ready_tx,
+    };
+    let result = engine::block_on(
+        kind,
+        accept_loop(opts, w0, own, senders, shutdown_tx, ready_rx, threads),
+    )?;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "data-path thread failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "data-path runtime failed"),
+            Err(_) => tracing::error!("data-path thread panicked"),
+        }
+    }
+    result
 }
 
-async fn serve(kind: EngineKind, opts: ExportOptions) -> Result<(), ExportError> {
+async fn serve_stdio(kind: EngineKind, opts: ExportOptions) -> Result<(), ExportError> {
+    let engine = Rc::new(Engine::open(kind, &open_options(&opts))?);
+    let (_tx, rx) = watch::channel(false);
+    let shared = Shared::new(engine.clone(), opts.name.clone(), &opts.server, rx);
+    if let Err(e) = serve_connection(shared, tokio::io::stdin(), tokio::io::stdout()).await {
+        tracing::info!(error = %e, "stdio connection ended");
+    }
+    engine.flush().await.map_err(ExportError::Flush)
+}
+
+fn open_options(opts: &ExportOptions) -> OpenOptions {
     let mut open = OpenOptions::new(&opts.path);
     open.read_only = opts.read_only;
     open.cache = opts.cache;
-    let engine = Rc::new(Engine::open(kind, &open)?);
-    let (tx, rx) = watch::channel(false);
-    let shared = Shared::new(engine.clone(), opts.name.clone(), &opts.server, rx);
-    let info = engine.info();
-    tracing::info!(
-        path = %opts.path.display(),
-        size = info.size,
-        engine = %kind,
-        cache = %engine.cache(),
-        min_block = info.min_block,
-        "export ready"
-    );
+    open
+}
 
-    if opts.endpoint == Endpoint::Stdio {
-        let r = serve_connection(shared, tokio::io::stdin(), tokio::io::stdout()).await;
-        if let Err(e) = r {
-            tracing::info!(error = %e, "stdio connection ended");
+/// An accepted connection on its way to a data-path thread.
+enum StdConn {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream, std::net::SocketAddr),
+}
+
+impl StdConn {
+    fn into_tokio(self) -> std::io::Result<(BoxRead, BoxWrite, String)> {
+        match self {
+            StdConn::Unix(s) => {
+                let (r, w) = tokio::net::UnixStream::from_std(s)?.into_split();
+                Ok((Box::new(r), Box::new(w), "unix".into()))
+            }
+            StdConn::Tcp(s, peer) => {
+                let s = tokio::net::TcpStream::from_std(s)?;
+                s.set_nodelay(true)?;
+                let (r, w) = s.into_split();
+                Ok((Box::new(r), Box::new(w), peer.to_string()))
+            }
         }
-        return engine.flush().await.map_err(ExportError::Flush);
     }
+}
 
-    let listener = Listener::bind(&opts.endpoint).await?;
+/// One data-path thread: its own engine on the device, serving the connections it is dealt.
+struct Worker {
+    index: usize,
+    kind: EngineKind,
+    opts: ExportOptions,
+    budget: Arc<tokio::sync::Semaphore>,
+    rmw: Arc<tokio::sync::RwLock<()>>,
+    shutdown: watch::Receiver<bool>,
+    ready: mpsc::UnboundedSender<Result<crate::block::TargetInfo, String>>,
+}
+
+impl Worker {
+    async fn run(self, mut conns: mpsc::UnboundedReceiver<StdConn>) -> Result<(), ExportError> {
+        let engine = match Engine::open(self.kind, &open_options(&self.opts)) {
+            Ok(e) => Rc::new(e.with_rmw_lock(self.rmw.clone())),
+            Err(e) => {
+                let _ = self.ready.send(Err(e.to_string()));
+                return Err(e.into());
+            }
+        };
+        let _ = self.ready.send(Ok(engine.info().clone()));
+        let shared = Shared::new(
+            engine.clone(),
+            self.opts.name.clone(),
+            &self.opts.server,
+            self.shutdown.clone(),
+        )
+        .with_budget(self.budget.clone());
+        let mut set = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                c = conns.recv() => match c {
+                    Some(c) => {
+                        let s = shared.clone();
+                        let index = self.index;
+                        set.spawn_local(async move {
+                            match c.into_tokio() {
+                                Ok((r, w, peer)) => {
+                                    tracing::debug!(%peer, thread = index, "client connected");
+                                    if let Err(e) = serve_connection(s, r, w).await {
+                                        tracing::info!(%peer, error = %e, "connection ended");
+                                    }
+                                }
+                                Err(e) => tracing::warn!(error = %e, "cannot adopt an accepted connection"),
+                            }
+                        });
+                    }
+                    None => break,
+                },
+                Some(_) = set.join_next(), if !set.is_empty() => {}
+            }
+        }
+        let grace = self.opts.server.shutdown_grace;
+        if !set.is_empty() {
+            tracing::info!(
+                thread = self.index,
+                connections = set.len(),
+                ?grace,
+                "finishing in-flight requests"
+            );
+        }
+        let drained =
+            tokio::time::timeout(grace, async { while set.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(
+                thread = self.index,
+                left = set.len(),
+                "grace period over; closing remaining connections"
+            );
+            set.shutdown().await;
+        }
+        engine.flush().await.map_err(ExportError::Flush)
+    }
+}
+
+async fn accept_loop(
+    opts: ExportOptions,
+    w0: Worker,
+    own: mpsc::UnboundedReceiver<StdConn>,
+    senders: Vec<mpsc::UnboundedSender<StdConn>>,
+    shutdown_tx: watch::Sender<bool>,
+    mut ready: mpsc::UnboundedReceiver<Result<crate::block::TargetInfo, String>>,
+    threads: usize,
+) -> Result<(), ExportError> {
+    let kind = w0.kind;
+    let mut shutdown = w0.shutdown.clone();
+    let worker0 = tokio::task::spawn_local(w0.run(own));
+    let mut info = None;
+    for _ in 0..threads {
+        match ready.recv().await {
+            Some(Ok(i)) => info = Some(i),
+            Some(Err(_)) | None => {
+                let _ = shutdown_tx.send(true);
+                drop(senders);
+                return match worker0.await {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(ExportError::WorkerStart),
+                };
+            }
+        }
+    }
+    if let Some(info) = &info {
+        tracing::info!(path = %opts.path.display(), size = info.size, engine = %kind, cache = %opts.cache,
+            min_block = info.min_block, threads, "export ready");
+    }
+    let listener = match Listener::bind(&opts.endpoint).await {
+        Ok(l) => l,
+        Err(e) => {
+            drop(senders);
+            let _ = worker0.await;
+            return Err(e);
+        }
+    };
     eprintln!(
         "twinvol: serving {} on {}",
         opts.path.display(),
         listener.uri(&opts.name)
     );
-    spawn_signal_watch(tx)?;
-    let mut shutdown = shared.shutdown.clone();
-    let mut conns = tokio::task::JoinSet::new();
+    spawn_signal_watch(shutdown_tx)?;
+    let mut next = 0usize;
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
-                Ok((r, w, peer)) => {
-                    tracing::debug!(%peer, "client connected");
-                    let s = shared.clone();
-                    conns.spawn_local(async move {
-                        if let Err(e) = serve_connection(s, r, w).await {
-                            tracing::info!(%peer, error = %e, "connection ended");
+                Ok(conn) => {
+                    // Deal round-robin; a thread that has gone away is skipped.
+                    let mut conn = Some(conn);
+                    for _ in 0..senders.len() {
+                        let i = next % senders.len();
+                        next += 1;
+                        match senders[i].send(conn.take().expect("connection present")) {
+                            Ok(()) => break,
+                            Err(mpsc::error::SendError(c)) => conn = Some(c),
                         }
-                    });
+                    }
+                    if conn.is_some() {
+                        tracing::error!("no data-path thread is running; stopping");
+                        break;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
-    tracing::info!(connections = conns.len(), grace = ?opts.server.shutdown_grace, "shutting down: finishing in-flight requests");
-    let drained = tokio::time::timeout(opts.server.shutdown_grace, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            left = conns.len(),
-            "grace period over; closing remaining connections"
-        );
-        conns.shutdown().await;
-    }
+    tracing::info!(
+        "shutting down: no new connections; in-flight requests finish, new ones get ESHUTDOWN"
+    );
+    drop(senders);
     listener.cleanup();
-    engine.flush().await.map_err(ExportError::Flush)?;
-    tracing::info!("export stopped cleanly");
-    Ok(())
+    let r = match worker0.await {
+        Ok(r) => r,
+        Err(e) => Err(ExportError::Flush(crate::block::BlockError::new(
+            "data-path thread 0",
+            std::io::Error::other(e.to_string()),
+        ))),
+    };
+    if r.is_ok() {
+        tracing::info!("export stopped cleanly");
+    }
+    r
 }
 
 fn spawn_signal_watch(tx: watch::Sender<bool>) -> Result<(), ExportError> {
@@ -227,19 +433,16 @@ impl Listener {
         }
     }
 
-    /// Accepts one client, split into read and write halves.
-    pub async fn accept(&self) -> std::io::Result<(BoxRead, BoxWrite, String)> {
+    /// Accepts one client, as a std socket that any data-path thread can adopt.
+    async fn accept(&self) -> std::io::Result<StdConn> {
         match self {
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().await?;
-                let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w), "unix".into()))
+                Ok(StdConn::Unix(s.into_std()?))
             }
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
-                s.set_nodelay(true)?;
-                let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w), peer.to_string()))
+                Ok(StdConn::Tcp(s.into_std()?, peer))
             }
         }
     }

@@ -99,14 +99,25 @@ impl<T: BlockTarget + 'static> Shared<T> {
             name,
             info: target.info().clone(),
         });
-        let permits = (cfg.budget_bytes / 1024).clamp(33 * 1024, Semaphore::MAX_PERMITS);
         Self {
             target,
             spec,
-            budget: Arc::new(Semaphore::new(permits)),
+            budget: budget_for(cfg),
             shutdown,
         }
     }
+
+    /// The same, drawing on a byte budget shared with other data-path threads.
+    pub fn with_budget(mut self, budget: Arc<Semaphore>) -> Self {
+        self.budget = budget;
+        self
+    }
+}
+
+/// A payload byte budget for `cfg` (permits are KiB; at least one maximum-size request fits).
+pub fn budget_for(cfg: &ServerConfig) -> Arc<Semaphore> {
+    let permits = (cfg.budget_bytes / 1024).clamp(33 * 1024, Semaphore::MAX_PERMITS);
+    Arc::new(Semaphore::new(permits))
 }
 
 /// One item for the writer task: bytes to send and, for reads, the data that follows.
