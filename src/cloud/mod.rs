@@ -23,6 +23,7 @@ pub mod eip;
 pub mod fence;
 pub mod resolve;
 pub mod route53;
+pub mod route53_failover;
 pub mod vip_route;
 
 /// One cloud resource a report speaks about.
