@@ -1224,3 +1224,30 @@ async fn failover_routing_keeps_one_health_checked_record_per_node() {
     assert!(repaired.repairs[0].succeeded(), "{repaired}");
     assert!(a.check().await.all_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impaired_availability_zone_is_drift_that_reconcile_cannot_hide() {
+    let lab = lab().await;
+    let a = lab.node_a(|c| c.monitor.reconcile = true).await;
+    assert!(a.activate().await.succeeded());
+    lab.proxy.set(|f| {
+        f.rewrites.push((
+            "DescribeAvailabilityZones".into(),
+            "<zoneState>available</zoneState>".into(),
+            "<zoneState>impaired</zoneState>".into(),
+        ))
+    });
+    let c = a.check().await;
+    assert_eq!(
+        c.get(&Resource::AvailabilityZone("us-east-1a".into())),
+        Some(&Health::Drift(
+            "availability zone us-east-1a is impaired, not available".into()
+        )),
+        "{c}"
+    );
+    assert!(c.repairs.is_empty(), "nothing to re-apply for an AZ: {c}");
+    assert!(
+        c.wants_local_recovery(),
+        "an impaired AZ asks the cluster to recover"
+    );
+}
