@@ -1081,3 +1081,173 @@ async fn resolution_monitor_waits_its_delay_then_reports_what_the_resolver_says(
     assert_eq!(good.get(&via), Some(&Health::Ok), "{good}");
     assert!(good.all_ok(), "{good}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_routing_keeps_one_health_checked_record_per_node() {
+    use twinvol::config::cloud::{FailoverConfig, FailoverRole, RecordMode};
+    let lab = lab().await;
+    let w = &lab.w;
+    let failover = |role| {
+        move |c: &mut twinvol::config::cloud::CloudConfig| {
+            c.records[0].mode = RecordMode::FailoverRouting;
+            c.records[0].failover = Some(FailoverConfig {
+                role,
+                health_port: 8080,
+                health_path: "/health".into(),
+                health_ip: None,
+                request_interval_s: 10,
+                failure_threshold: 3,
+            });
+        }
+    };
+    let a = lab.node_a(failover(FailoverRole::Primary)).await;
+    let b = lab.node_b(failover(FailoverRole::Secondary)).await;
+    for (node, role) in [(&a, "PRIMARY"), (&b, "SECONDARY")] {
+        let r = node.activate().await;
+        assert!(r.succeeded(), "{r}");
+        let dns = r
+            .items
+            .iter()
+            .find(|i| matches!(&i.resource, Resource::DnsRecord(n) if n.contains(role)))
+            .unwrap_or_else(|| panic!("{r}"));
+        assert!(
+            matches!(&dns.outcome, Outcome::Applied(s) if s.contains("health check")),
+            "{dns}"
+        );
+    }
+
+    let sets = w
+        .r53
+        .list_resource_record_sets()
+        .hosted_zone_id(&w.zone)
+        .send()
+        .await
+        .unwrap();
+    let mut failover_sets: Vec<(String, String, String, bool)> = sets
+        .resource_record_sets()
+        .iter()
+        .filter(|s| s.name() == RECORD)
+        .map(|s| {
+            (
+                s.set_identifier().unwrap_or("").to_string(),
+                s.failover()
+                    .map(|f| f.as_str().to_string())
+                    .unwrap_or_default(),
+                s.resource_records()[0].value().to_string(),
+                s.health_check_id().is_some(),
+            )
+        })
+        .collect();
+    failover_sets.sort();
+    assert_eq!(
+        failover_sets,
+        vec![
+            (
+                "twinvol-primary".into(),
+                "PRIMARY".into(),
+                w.a.ip.clone(),
+                true
+            ),
+            (
+                "twinvol-secondary".into(),
+                "SECONDARY".into(),
+                w.b.ip.clone(),
+                true
+            ),
+        ]
+    );
+    let checks = w.r53.list_health_checks().send().await.unwrap();
+    assert_eq!(checks.health_checks().len(), 2);
+    for hc in checks.health_checks() {
+        let c = hc.health_check_config().unwrap();
+        assert_eq!((c.port(), c.resource_path()), (Some(8080), Some("/health")));
+    }
+
+    let again = a.activate().await;
+    let dns = again
+        .items
+        .iter()
+        .find(|i| matches!(i.resource, Resource::DnsRecord(_)))
+        .unwrap();
+    assert_eq!(dns.outcome, Outcome::Unchanged, "{again}");
+    assert_eq!(
+        w.r53
+            .list_health_checks()
+            .send()
+            .await
+            .unwrap()
+            .health_checks()
+            .len(),
+        2,
+        "no second health check"
+    );
+    let plan = a.plan().await.unwrap();
+    let dns_plan = plan
+        .iter()
+        .find(|p| matches!(p.resource, Resource::DnsRecord(_)))
+        .unwrap();
+    assert_eq!(dns_plan.change, None, "{dns_plan}");
+    assert!(a.check().await.all_ok());
+
+    // Delete A's health check behind its back: drift, then reconcile recreates and re-ties it.
+    let mine = twinvol::cloud::route53_failover::find_health_check(
+        a.api(),
+        &twinvol::cloud::route53_failover::caller_reference(
+            &a.config().records[0],
+            FailoverRole::Primary,
+        ),
+        twinvol::cloud::aws::Deadline::after(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    w.r53
+        .delete_health_check()
+        .health_check_id(&mine.id)
+        .send()
+        .await
+        .unwrap();
+    let c = a.check().await;
+    match c
+        .items
+        .iter()
+        .find(|(r, _)| matches!(r, Resource::DnsRecord(_)))
+    {
+        Some((_, Health::Drift(d))) => assert!(
+            d.contains("health check") && d.contains("does not exist"),
+            "{d}"
+        ),
+        other => panic!("{other:?}\n{c}"),
+    }
+    let repaired = a.check_with(true).await;
+    assert_eq!(repaired.repairs.len(), 1, "{repaired}");
+    assert!(repaired.repairs[0].succeeded(), "{repaired}");
+    assert!(a.check().await.all_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impaired_availability_zone_is_drift_that_reconcile_cannot_hide() {
+    let lab = lab().await;
+    let a = lab.node_a(|c| c.monitor.reconcile = true).await;
+    assert!(a.activate().await.succeeded());
+    lab.proxy.set(|f| {
+        f.rewrites.push((
+            "DescribeAvailabilityZones".into(),
+            "<zoneState>available</zoneState>".into(),
+            "<zoneState>impaired</zoneState>".into(),
+        ))
+    });
+    let c = a.check().await;
+    assert_eq!(
+        c.get(&Resource::AvailabilityZone("us-east-1a".into())),
+        Some(&Health::Drift(
+            "availability zone us-east-1a is impaired, not available".into()
+        )),
+        "{c}"
+    );
+    assert!(c.repairs.is_empty(), "nothing to re-apply for an AZ: {c}");
+    assert!(
+        c.wants_local_recovery(),
+        "an impaired AZ asks the cluster to recover"
+    );
+}

@@ -23,6 +23,7 @@ pub mod eip;
 pub mod fence;
 pub mod resolve;
 pub mod route53;
+pub mod route53_failover;
 pub mod vip_route;
 
 /// One cloud resource a report speaks about.
@@ -348,6 +349,23 @@ pub trait Cloud: Send + Sync {
     fn fence_peer(&self) -> impl Future<Output = Report> + Send;
 }
 
+/// Runs `cloud.check()` every `interval` (the first at once; late ticks are delayed, never
+/// bunched) and hands each report to `sink` until it returns `false`.
+pub async fn monitor<C: Cloud>(
+    cloud: &C,
+    interval: Duration,
+    mut sink: impl FnMut(CheckReport) -> bool,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if !sink(cloud.check().await) {
+            return;
+        }
+    }
+}
+
 mod millis {
     use std::time::Duration;
 
@@ -359,6 +377,52 @@ mod millis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A provider whose checks alternate between ok and unknown.
+    struct Flaky(std::sync::atomic::AtomicU32);
+
+    impl Cloud for Flaky {
+        async fn activate(&self) -> Report {
+            Report::default()
+        }
+        async fn deactivate(&self) -> Report {
+            Report::default()
+        }
+        async fn check(&self) -> CheckReport {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let h = if n % 2 == 0 {
+                Health::Ok
+            } else {
+                Health::Unknown("timeout".into())
+            };
+            CheckReport {
+                items: vec![(Resource::AvailabilityZone("az-1".into()), h)],
+                repairs: vec![],
+                on_unreachable: UnreachableAction::Warn,
+            }
+        }
+        async fn fence_peer(&self) -> Report {
+            Report::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn monitor_runs_cycles_until_the_sink_stops_it() {
+        let cloud = Flaky(std::sync::atomic::AtomicU32::new(0));
+        let mut seen = Vec::new();
+        let start = tokio::time::Instant::now();
+        monitor(&cloud, Duration::from_millis(30), |r| {
+            seen.push(r.all_ok());
+            seen.len() < 3
+        })
+        .await;
+        assert_eq!(seen, vec![true, false, true]);
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(60) && took < Duration::from_millis(1000),
+            "first cycle at once, then every 30 ms: {took:?}"
+        );
+    }
 
     #[test]
     fn report_with_one_failed_table_is_not_successful_and_names_it() {

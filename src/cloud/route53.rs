@@ -15,8 +15,16 @@ use aws_sdk_route53::types::{
 use tokio::time::Instant;
 
 use crate::cloud::aws::{Api, AwsError, Deadline};
+use crate::cloud::route53_failover as failover;
 use crate::cloud::{DryRun, Health, Outcome, PlannedChange, Propagation, Resource, ResourceReport};
-use crate::config::cloud::RecordConfig;
+use crate::config::cloud::{FailoverConfig, RecordConfig, RecordMode};
+
+/// The failover side of `r` when it is in failover-routing mode.
+fn failover_of(r: &RecordConfig) -> Option<&FailoverConfig> {
+    r.failover
+        .as_ref()
+        .filter(|_| r.mode == RecordMode::FailoverRouting)
+}
 
 /// The observed A record: TTL and values; `None` when the record does not exist.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +191,9 @@ pub async fn wait_insync(
 
 /// UPSERTs the record to `ip` unless it already holds it, then waits (bounded) for INSYNC.
 pub async fn activate(api: &Api, r: &RecordConfig, ip: Ipv4Addr, dl: Deadline) -> ResourceReport {
+    if let Some(fo) = failover_of(r) {
+        return failover::activate(api, r, fo, ip, dl).await;
+    }
     let start = Instant::now();
     let mut report = ResourceReport::new(resource(r), Outcome::Unchanged, Duration::ZERO);
     let result = async {
@@ -223,6 +234,10 @@ pub async fn deactivate(
     ip: Ipv4Addr,
     dl: Deadline,
 ) -> Option<ResourceReport> {
+    if failover_of(r).is_some() {
+        // Failover records stay: the health check turns unhealthy when this node is not Primary.
+        return None;
+    }
     if !r.delete_on_deactivate {
         return None;
     }
@@ -254,6 +269,9 @@ pub async fn deactivate(
 
 /// Monitor: the record exists and holds `ip`.
 pub async fn check(api: &Api, r: &RecordConfig, ip: Ipv4Addr, dl: Deadline) -> (Resource, Health) {
+    if let Some(fo) = failover_of(r) {
+        return failover::check(api, r, fo, ip, dl).await;
+    }
     let health = match observe(api, r, dl).await {
         Ok(Some(st)) if st.values.len() == 1 && st.values[0] == ip.to_string() => Health::Ok,
         Ok(Some(st)) => Health::Drift(format!(
@@ -279,6 +297,9 @@ pub async fn plan(
     ip: Ipv4Addr,
     dl: Deadline,
 ) -> Result<PlannedChange, AwsError> {
+    if let Some(fo) = failover_of(r) {
+        return failover::plan(api, r, fo, ip, dl).await;
+    }
     let st = observe(api, r, dl).await?;
     let current = st.as_ref().map_or("absent".into(), |s| {
         format!("{} TTL {}", s.values.join(","), s.ttl.unwrap_or(0))

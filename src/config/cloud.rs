@@ -232,6 +232,65 @@ pub struct RecordConfig {
     /// before the record exists caches NXDOMAIN for the negative-caching TTL).
     #[serde(default = "default_resolve_delay")]
     pub resolve_delay_s: f64,
+    /// How the name follows the active node.
+    #[serde(default)]
+    pub mode: RecordMode,
+    /// This node's failover record and health check (`mode = "failover-routing"` only).
+    pub failover: Option<FailoverConfig>,
+}
+
+/// How a record follows the active node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecordMode {
+    /// One A record, UPSERTed to the active node's address at activation.
+    #[default]
+    Simple,
+    /// Route 53 failover routing: each node keeps its own PRIMARY or SECONDARY record tied to a
+    /// Route 53 health check of its twinvol health endpoint; Route 53's data plane answers with
+    /// the healthy one, even when its control plane (us-east-1) cannot be reached.
+    FailoverRouting,
+}
+
+/// This node's side of a failover-routing record.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverConfig {
+    /// `primary` or `secondary`: which failover record this node owns.
+    pub role: FailoverRole,
+    /// Port of this node's health endpoint (HTTP 200 only while Primary and healthy).
+    pub health_port: u16,
+    /// Path of the health endpoint.
+    #[serde(default = "default_health_path")]
+    pub health_path: String,
+    /// Address Route 53's checkers probe; default: the record's value for this node.
+    pub health_ip: Option<Ipv4Addr>,
+    /// Seconds between probes: 10 or 30.
+    #[serde(default = "default_request_interval")]
+    pub request_interval_s: i32,
+    /// Failed probes before unhealthy, 1..=10.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: i32,
+}
+
+/// Which failover record a node owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailoverRole {
+    /// Answered while its health check is healthy.
+    Primary,
+    /// Answered while the primary's health check is unhealthy.
+    Secondary,
+}
+
+fn default_health_path() -> String {
+    "/health".into()
+}
+fn default_request_interval() -> i32 {
+    10
+}
+fn default_failure_threshold() -> i32 {
+    3
 }
 
 fn default_resolve_delay() -> f64 {
@@ -564,6 +623,53 @@ impl CloudConfig {
                     "use 60 (longer than Route 53 propagation)",
                 ));
             }
+            match (r.mode, &r.failover) {
+                (RecordMode::FailoverRouting, None) => {
+                    return Err(bad(
+                        f("failover"),
+                        "mode = \"failover-routing\" needs this node's failover table",
+                        "add failover = { role = \"primary\", health_port = 8080 }",
+                    ));
+                }
+                (RecordMode::Simple, Some(_)) => {
+                    return Err(bad(
+                        f("failover"),
+                        "is set but mode is \"simple\"",
+                        "set mode = \"failover-routing\" or remove failover",
+                    ));
+                }
+                (RecordMode::FailoverRouting, Some(fo)) => {
+                    if !fo.health_path.starts_with('/') || fo.health_path.len() > 255 {
+                        return Err(bad(
+                            f("failover.health_path"),
+                            format!("{:?} is not an absolute path", fo.health_path),
+                            "write e.g. \"/health\"",
+                        ));
+                    }
+                    if fo.request_interval_s != 10 && fo.request_interval_s != 30 {
+                        return Err(bad(
+                            f("failover.request_interval_s"),
+                            format!("{} is neither 10 nor 30", fo.request_interval_s),
+                            "Route 53 probes every 10 or 30 s",
+                        ));
+                    }
+                    if !(1..=10).contains(&fo.failure_threshold) {
+                        return Err(bad(
+                            f("failover.failure_threshold"),
+                            format!("{} is outside 1..=10", fo.failure_threshold),
+                            "use 3",
+                        ));
+                    }
+                    if fo.health_port == 0 {
+                        return Err(bad(
+                            f("failover.health_port"),
+                            "0 is not a port",
+                            "write the port of twinvol's health endpoint",
+                        ));
+                    }
+                }
+                (RecordMode::Simple, None) => {}
+            }
             if r.value == RecordValue::Vip && self.vip_route.is_none() {
                 return Err(bad(
                     f("value"),
@@ -744,6 +850,32 @@ value = "vip"
             c.records[0].value,
             RecordValue::Address(Ipv4Addr::new(10, 1, 2, 3))
         );
+    }
+
+    #[test]
+    fn failover_routing_needs_this_nodes_failover_table() {
+        let e = parse(&GOOD.replace(
+            "value = \"vip\"",
+            "value = \"vip\"\nmode = \"failover-routing\"",
+        ))
+        .unwrap_err();
+        assert!(e.contains("cloud.route53[0].failover"), "{e}");
+        let c = parse(&GOOD.replace(
+            "value = \"vip\"",
+            "value = \"vip\"\nmode = \"failover-routing\"\nfailover = { role = \"secondary\", health_port = 8080 }",
+        ))
+        .unwrap();
+        let fo = c.records[0].failover.as_ref().unwrap();
+        assert_eq!(
+            (fo.role, fo.health_path.as_str(), fo.request_interval_s),
+            (FailoverRole::Secondary, "/health", 10)
+        );
+        let e = parse(&GOOD.replace(
+            "value = \"vip\"",
+            "value = \"vip\"\nmode = \"failover-routing\"\nfailover = { role = \"primary\", health_port = 8080, request_interval_s = 15 }",
+        ))
+        .unwrap_err();
+        assert!(e.contains("request_interval_s"), "{e}");
     }
 
     proptest::proptest! {

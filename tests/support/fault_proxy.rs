@@ -48,6 +48,8 @@ pub struct Faults {
     pub hang_action: Option<String>,
     /// GetChange (and ChangeResourceRecordSets) answers say PENDING for this many GetChange polls.
     pub pending_polls: u32,
+    /// Answers of an action have `from` replaced by `to` (action, from, to).
+    pub rewrites: Vec<(String, String, String)>,
 }
 
 /// Counts of what passed through.
@@ -337,7 +339,11 @@ async fn serve(
             Drop,
             Hang,
             Error(u16, String, String),
-            Forward { latency: Duration, pending: bool },
+            Forward {
+                latency: Duration,
+                pending: bool,
+                rewrites: Vec<(String, String)>,
+            },
         }
         let plan = {
             let mut f = faults.lock().unwrap();
@@ -370,9 +376,16 @@ async fn serve(
                     "ChangeResourceRecordSets" => f.pending_polls > 0,
                     _ => false,
                 };
+                let rewrites = f
+                    .rewrites
+                    .iter()
+                    .filter(|(a, _, _)| *a == action)
+                    .map(|(_, from, to)| (from.clone(), to.clone()))
+                    .collect();
                 Plan::Forward {
                     latency: f.latency,
                     pending,
+                    rewrites,
                 }
             }
         };
@@ -408,13 +421,22 @@ async fn serve(
                     return;
                 }
             }
-            Plan::Forward { latency, pending } => {
+            Plan::Forward {
+                latency,
+                pending,
+                rewrites,
+            } => {
                 if !latency.is_zero() {
                     tokio::time::sleep(latency).await;
                 }
                 let Ok((rhead, mut body)) = forward(&req, upstream).await else {
                     return;
                 };
+                for (from, to) in rewrites {
+                    body = String::from_utf8_lossy(&body)
+                        .replace(&from, &to)
+                        .into_bytes();
+                }
                 if pending {
                     let text = String::from_utf8_lossy(&body)
                         .replace("<Status>INSYNC</Status>", "<Status>PENDING</Status>");
