@@ -197,6 +197,7 @@ impl StdConn {
     fn into_tokio(self) -> std::io::Result<(BoxRead, BoxWrite, String)> {
         match self {
             StdConn::Unix(s) => {
+                enlarge_send_buffer(&s);
                 let (r, w) = tokio::net::UnixStream::from_std(s)?.into_split();
                 Ok((Box::new(r), Box::new(w), "unix".into()))
             }
@@ -207,6 +208,19 @@ impl StdConn {
                 Ok((Box::new(r), Box::new(w), peer.to_string()))
             }
         }
+    }
+}
+
+/// Send buffer of accepted Unix sockets. On AF_UNIX streams the sender's buffer bounds what is
+/// queued, and the default (~208 KiB) splits every 1 MiB READ reply into several wake-ups.
+const UNIX_SEND_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Raises the socket's send buffer (SO_SNDBUFFORCE when permitted, else SO_SNDBUF up to
+/// net.core.wmem_max). Best effort: a smaller buffer only costs throughput.
+fn enlarge_send_buffer(s: &std::os::unix::net::UnixStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if setsockopt(s, sockopt::SndBufForce, &UNIX_SEND_BUFFER).is_err() {
+        let _ = setsockopt(s, sockopt::SndBuf, &UNIX_SEND_BUFFER);
     }
 }
 
