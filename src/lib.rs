@@ -8,4 +8,5 @@ pub mod block;
 pub mod config;
 pub mod engine;
 pub mod nbd;
+pub mod ops;
 pub mod repl;

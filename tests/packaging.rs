@@ -1,0 +1,470 @@
+//! Node-image integration: systemd units, udev rules and helper, initramfs scripts, shell
+//! hygiene, the .deb and its installation into a Debian chroot.
+//!
+//! Every external tool these tests use is installed by scripts/test-deps.sh; a missing one is a
+//! failure that says so, never a silent skip.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{bin, require, scratch};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+}
+
+/// Values of `Key=` in a unit file, in order (one entry per line; continuation lines unused).
+fn unit_values(text: &str, key: &str) -> Vec<String> {
+    let prefix = format!("{key}=");
+    text.lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Copies the units into `dir`, pointing their commands at the binary under test (which
+/// `systemd-analyze verify` requires to exist and be executable).
+fn units_for_verify(dir: &Path) {
+    let exe = bin();
+    for name in ["twinvol.service", "twinvol-attach@.service"] {
+        let text = read(&format!("systemd/{name}"));
+        assert!(
+            text.contains("/usr/bin/twinvol "),
+            "{name} must run the packaged /usr/bin/twinvol"
+        );
+        let text = text.replace("/usr/bin/twinvol ", &format!("{} ", exe.display()));
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+}
+
+fn systemd_verify(dir: &Path, units: &[&str]) -> (bool, String) {
+    require(&["systemd-analyze"]);
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg("--man=no")
+        .args(units.iter().map(|u| dir.join(u)))
+        .output()
+        .expect("systemd-analyze runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), stderr)
+}
+
+#[test]
+fn systemd_units_pass_systemd_analyze_verify_without_a_warning() {
+    let dir = scratch();
+    units_for_verify(dir.path());
+    let (ok, stderr) = systemd_verify(
+        dir.path(),
+        &["twinvol.service", "twinvol-attach@data.service"],
+    );
+    // verify exits 0 on "ignoring" parse warnings: any output is a defect too.
+    assert!(ok && stderr.trim().is_empty(), "verify:\n{stderr}");
+}
+
+#[test]
+fn systemd_verify_reports_a_broken_unit() {
+    // The check above is only worth something if verify really parses our directives.
+    let dir = scratch();
+    units_for_verify(dir.path());
+    let p = dir.path().join("twinvol.service");
+    let broken = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("Type=notify", "Type=notfy");
+    std::fs::write(&p, broken).unwrap();
+    let (_, stderr) = systemd_verify(dir.path(), &["twinvol.service"]);
+    assert!(stderr.contains("notfy"), "verify said: {stderr}");
+}
+
+#[test]
+fn daemon_unit_has_the_readiness_restart_and_memory_settings() {
+    let u = read("systemd/twinvol.service");
+    let one = |k: &str| unit_values(&u, k).join(" ");
+    assert_eq!(one("Type"), "notify");
+    assert_eq!(one("NotifyAccess"), "main");
+    assert!(!one("WatchdogSec").is_empty(), "WatchdogSec missing");
+    assert_eq!(one("Restart"), "on-failure");
+    assert!(one("Wants").contains("network-online.target"));
+    assert!(one("After").contains("network-online.target"));
+    assert_eq!(one("LimitMEMLOCK"), "infinity");
+    assert_eq!(one("OOMScoreAdjust"), "-1000");
+    assert!(one("ExecStart").starts_with("/usr/bin/twinvol run --config /etc/twinvol/twinvol.toml"));
+}
+
+#[test]
+fn daemon_unit_hardening_keeps_netlink_ioctls_and_block_devices() {
+    let u = read("systemd/twinvol.service");
+    let one = |k: &str| unit_values(&u, k).join(" ");
+    for cap in [
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_RESOURCE",
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_IPC_LOCK",
+    ] {
+        assert!(
+            one("CapabilityBoundingSet").contains(cap),
+            "bounding set lacks {cap}"
+        );
+        assert!(
+            one("AmbientCapabilities").contains(cap),
+            "ambient set lacks {cap}"
+        );
+    }
+    assert_eq!(one("ProtectSystem"), "strict");
+    let rw = one("ReadWritePaths");
+    assert!(
+        rw.contains("/var/lib/twinvol") && rw.contains("/run/twinvol"),
+        "{rw}"
+    );
+    assert!(one("RestrictAddressFamilies").contains("AF_NETLINK"));
+    assert!(one("RestrictAddressFamilies").contains("AF_UNIX"));
+    let devices = unit_values(&u, "DeviceAllow");
+    assert!(devices.iter().any(|d| d == "block-nbd rw"), "{devices:?}");
+    assert!(
+        devices.iter().any(|d| d == "block-blkext rw"),
+        "{devices:?}"
+    );
+    assert!(
+        unit_values(&u, "PrivateDevices").iter().all(|v| v == "no"),
+        "PrivateDevices hides /dev/nbdN and the EBS device"
+    );
+    assert!(one("SystemCallFilter").contains("@system-service"));
+}
+
+#[test]
+fn attach_unit_passes_only_flags_the_binary_accepts() {
+    let u = read("systemd/twinvol-attach@.service");
+    let exec = unit_values(&u, "ExecStart").join(" ");
+    assert!(
+        exec.starts_with("/usr/bin/twinvol attach /run/twinvol/%i.sock ${DEVICE}"),
+        "{exec}"
+    );
+    let help = Command::new(bin())
+        .args(["attach", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flags: Vec<&str> = exec
+        .split_whitespace()
+        .filter(|w| w.starts_with("--"))
+        .map(|w| w.split('=').next().unwrap_or(w))
+        .collect();
+    assert!(flags.len() >= 4, "{flags:?}");
+    for f in flags {
+        assert!(help.contains(f), "`twinvol attach` has no {f}:\n{help}");
+    }
+    let stop = unit_values(&u, "ExecStop").join(" ");
+    assert_eq!(stop, "/usr/bin/twinvol detach ${DEVICE}");
+}
+
+/// Every shell script in the repository: *.sh, and files whose first line runs sh or bash.
+fn shell_scripts() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "sh")
+                || std::fs::read(&p).is_ok_and(|b| {
+                    let first = b.split(|c| *c == b'\n').next().unwrap_or_default();
+                    first.starts_with(b"#!")
+                        && (first.ends_with(b"/sh")
+                            || first.ends_with(b"/bash")
+                            || first.ends_with(b"env bash")
+                            || first.ends_with(b"env sh"))
+                })
+            {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for d in ["scripts", "initramfs", "packaging", "udev"] {
+        walk(&repo().join(d), &mut out);
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn every_shell_script_is_shellcheck_clean() {
+    require(&["shellcheck"]);
+    let scripts = shell_scripts();
+    for must in [
+        "scripts/test-deps.sh",
+        "initramfs/twinvol-early-attach",
+        "initramfs/initramfs-tools/hooks/twinvol",
+        "initramfs/initramfs-tools/scripts/local-top/twinvol",
+        "initramfs/dracut/90twinvol/module-setup.sh",
+        "udev/twinvol-udev-name",
+    ] {
+        assert!(
+            scripts.contains(&repo().join(must)),
+            "{must} not found among {scripts:?}"
+        );
+    }
+    let out = Command::new("shellcheck")
+        .args(&scripts)
+        .output()
+        .expect("shellcheck runs");
+    assert!(
+        out.status.success(),
+        "shellcheck:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn udev_name(sysfs: &Path, kernel: &str) -> (i32, String) {
+    let out = Command::new(repo().join("udev/twinvol-udev-name"))
+        .arg(kernel)
+        .env("TWINVOL_SYSFS", sysfs)
+        .env("TWINVOL_UDEV_WAIT_TENTHS", "3")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
+fn fake_backend(sysfs: &Path, kernel: &str, backend: &str) {
+    let d = sysfs.join("block").join(kernel);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("backend"), format!("{backend}\n")).unwrap();
+}
+
+#[test]
+fn udev_helper_names_the_volume_from_the_attach_backend_identifier() {
+    let sys = scratch();
+    fake_backend(sys.path(), "nbd7", "twinvol:/run/twinvol/db-data_1.sock");
+    assert_eq!(udev_name(sys.path(), "nbd7"), (0, "db-data_1".to_string()));
+}
+
+#[test]
+fn udev_helper_leaves_other_nbd_devices_alone() {
+    let sys = scratch();
+    fake_backend(sys.path(), "nbd0", "qemu-nbd:/var/lib/vm.img");
+    fake_backend(sys.path(), "nbd1", "twinvol:/dev/disk/by-id/nvme-x");
+    fake_backend(
+        sys.path(),
+        "nbd2",
+        "twinvol:/run/twinvol/../../etc/passwd x.sock",
+    );
+    for k in ["nbd0", "nbd1", "nbd2", "nbd9"] {
+        let (code, name) = udev_name(sys.path(), k);
+        assert_eq!((code, name.as_str()), (1, ""), "{k}");
+    }
+    let (code, _) = udev_name(sys.path(), "sda");
+    assert_eq!(code, 2, "a non-nbd device is a usage error");
+}
+
+#[test]
+fn udev_helper_waits_for_a_backend_file_that_appears_late() {
+    let sys = scratch();
+    let d = sys.path().join("block/nbd4");
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join("backend");
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        std::fs::write(p, "twinvol:/run/twinvol/late.sock\n").unwrap();
+    });
+    let out = Command::new(repo().join("udev/twinvol-udev-name"))
+        .arg("nbd4")
+        .env("TWINVOL_SYSFS", sys.path())
+        .env("TWINVOL_UDEV_WAIT_TENTHS", "30")
+        .output()
+        .unwrap();
+    writer.join().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "late");
+}
+
+/// `udevadm test` of a device with our rules in a private /run/udev/rules.d; returns the lines
+/// that mention the rules file. (There is no nbd device in CI: this proves the rules parse.)
+fn udevadm_lines_about(rules_text: &str) -> Vec<String> {
+    require(&["udevadm", "unshare"]);
+    let dir = scratch();
+    let rules = dir.path().join("99-twinvol.rules");
+    std::fs::write(&rules, rules_text).unwrap();
+    let script = format!(
+        "mkdir -p /run/udev/rules.d && mount -t tmpfs twinvol-test /run/udev/rules.d && \
+         cp {} /run/udev/rules.d/ && udevadm test --action=add /sys/class/block/loop0 2>&1",
+        rules.display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .expect("unshare runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("Reading rules file: /run/udev/rules.d/99-twinvol.rules"),
+        "udevadm test did not read our rules ({}):\n{text}",
+        out.status
+    );
+    text.lines()
+        .filter(|l| l.contains("99-twinvol.rules") && !l.starts_with("Reading rules file"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn udev_rules_parse_without_a_complaint() {
+    let lines = udevadm_lines_about(&read("udev/99-twinvol.rules"));
+    assert!(
+        lines.is_empty(),
+        "udevadm about our rules:\n{}",
+        lines.join("\n")
+    );
+}
+
+#[test]
+fn udevadm_check_reports_a_misspelt_key_and_a_dangling_goto() {
+    let bad = read("udev/99-twinvol.rules")
+        .replace("KERNEL!=\"nbd[0-9]*\"", "KERNL!=\"nbd[0-9]*\"")
+        .replace("GOTO=\"twinvol_end\"", "GOTO=\"twinvol_nowhere\"");
+    let lines = udevadm_lines_about(&bad);
+    let all = lines.join("\n");
+    assert!(
+        all.contains("KERNL") && all.contains("twinvol_nowhere"),
+        "{all}"
+    );
+}
+
+#[test]
+fn udev_rules_link_by_volume_and_set_queue_settings() {
+    let r = read("udev/99-twinvol.rules");
+    assert!(r.contains("PROGRAM=\"/usr/lib/twinvol/twinvol-udev-name %k\""));
+    assert!(r.contains("SYMLINK+=\"twinvol/$env{TWINVOL_VOLUME}\""));
+    assert!(r.contains("ATTR{queue/scheduler}=\"none\""));
+    assert!(r.contains("ATTR{queue/read_ahead_kb}="));
+    assert!(r.contains("nvme-Amazon_Elastic_Block_Store_vol"));
+}
+
+/// A `twinvol` for the early-attach script: `export` runs the real binary (which creates the
+/// socket); `attach` records its arguments (there is no nbd module in CI). The export's output
+/// goes to a file: a background process holding the script's stdout would block `output()`.
+fn early_attach_bin(dir: &Path) -> PathBuf {
+    let p = dir.join("twinvol-wrapper");
+    std::fs::write(
+        &p,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in\n  export) echo $$ >> {d}/pids; exec {bin} \"$@\" >> {d}/export.log 2>&1 ;;\n  \
+             attach) echo \"$*\" >> {d}/attach.log ;;\n  *) exit 9 ;;\nesac\n",
+            d = dir.display(),
+            bin = bin().display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&p).status().unwrap();
+    p
+}
+
+fn run_early_attach(dir: &Path, conf: &str) -> std::process::Output {
+    let conf_path = dir.join("initramfs.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let out = Command::new(repo().join("initramfs/twinvol-early-attach"))
+        .env("TWINVOL_BIN", early_attach_bin(dir))
+        .env("TWINVOL_INITRAMFS_CONF", &conf_path)
+        .env("TWINVOL_RUN_DIR", dir.join("run"))
+        .env("TWINVOL_SOCKET_WAIT_TENTHS", "100")
+        .output()
+        .unwrap();
+    // Wait for the backgrounded attach to record, then stop the exports we started.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    if let Ok(pids) = std::fs::read_to_string(dir.join("pids")) {
+        for pid in pids.split_whitespace() {
+            let _ = Command::new("kill").arg(pid).status();
+        }
+    }
+    out
+}
+
+#[test]
+fn early_attach_exports_each_volume_on_its_socket_and_attaches_it() {
+    let dir = scratch();
+    let disk = common::sparse_file(dir.path(), "root.img", 8 << 20);
+    let conf = format!(
+        "# comment\n\nroot {} /dev/nbd3 \nlogs\t{}\t/dev/nbd4",
+        disk.display(),
+        disk.display()
+    );
+    let out = run_early_attach(dir.path(), &conf);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(dir.path().join("attach.log")).unwrap_or_default();
+    let run = dir.path().join("run");
+    let mut lines: Vec<&str> = log.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        vec![
+            format!(
+                "attach {}/logs.sock /dev/nbd4 --dead-conn-timeout 300",
+                run.display()
+            ),
+            format!(
+                "attach {}/root.sock /dev/nbd3 --dead-conn-timeout 300",
+                run.display()
+            ),
+        ],
+        "the last line has no newline and must still be attached"
+    );
+}
+
+#[test]
+fn early_attach_refuses_a_bad_line_before_starting_anything() {
+    let dir = scratch();
+    let disk = common::sparse_file(dir.path(), "d.img", 1 << 20);
+    for (conf, says) in [
+        (
+            format!(
+                "good {} /dev/nbd0\nbad/name {} /dev/nbd1\n",
+                disk.display(),
+                disk.display()
+            ),
+            "bad/name",
+        ),
+        (
+            format!(
+                "good {} /dev/nbd0\nrel disk.img /dev/nbd1\n",
+                disk.display()
+            ),
+            "not an absolute path",
+        ),
+        (
+            format!("good {} /dev/sda\n", disk.display()),
+            "not an NBD device",
+        ),
+        (format!("good {}\n", disk.display()), "expected"),
+    ] {
+        let out = run_early_attach(dir.path(), &conf);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{conf}: {err}");
+        assert!(
+            !dir.path().join("pids").exists(),
+            "{conf}: an export was started"
+        );
+        assert!(!dir.path().join("attach.log").exists(), "{conf}: attached");
+    }
+}
+
+#[test]
+fn early_attach_without_configuration_does_nothing() {
+    let dir = scratch();
+    let out = run_early_attach(dir.path(), "# nothing here\n\n");
+    assert!(out.status.success());
+    assert!(!dir.path().join("run").exists());
+}
