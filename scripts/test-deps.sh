@@ -28,9 +28,9 @@ if ! "$VENV/bin/python" -c 'import moto, flask' >/dev/null 2>&1; then
   echo "test-deps: installing moto[server] into $VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6'
 fi
-# cargo-deb builds the .deb in tests/packaging.rs (into ~/.cargo/bin, a registry package).
+# cargo-deb builds the .deb in tests/packaging.rs (into ~/.cargo/bin; pinned: tests pack the dev profile).
 if ! command -v cargo-deb >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-deb" ]; then
   echo "test-deps: installing cargo-deb"
-  cargo install cargo-deb --locked --quiet
+  cargo install cargo-deb --version 3.8.0 --locked --quiet
 fi
 echo "test-deps: ok"

@@ -468,3 +468,287 @@ fn early_attach_without_configuration_does_nothing() {
     assert!(out.status.success());
     assert!(!dir.path().join("run").exists());
 }
+
+#[test]
+fn example_configs_pass_check_config() {
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(repo().join("examples"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    examples.sort();
+    assert!(!examples.is_empty(), "no examples/*.toml");
+    let out = Command::new(bin())
+        .arg("check-config")
+        .args(&examples)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "check-config {examples:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn man_pages_and_completions_come_from_the_cli_definition() {
+    let dir = scratch();
+    let out = Command::new(bin())
+        .arg("gen-man")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let main = std::fs::read_to_string(dir.path().join("twinvol.1")).unwrap();
+    assert!(main.contains(".TH twinvol 1"), "{main}");
+    for sub in ["export", "attach", "detach", "check-config"] {
+        let page = dir.path().join(format!("twinvol-{sub}.1"));
+        assert!(page.exists(), "no man page for {sub}");
+    }
+    assert!(
+        !dir.path().join("twinvol-gen-man.1").exists(),
+        "hidden packaging commands get no man page"
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{shell}");
+        assert!(
+            text.contains("check-config") && text.contains("dead-conn-timeout"),
+            "{shell}: {text}"
+        );
+    }
+    let out = Command::new(bin())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "an unknown shell is refused");
+}
+
+/// Builds the .deb once per test run from the binary under test (no nested cargo build).
+fn deb() -> &'static Path {
+    static DEB: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DEB.get_or_init(|| {
+        require(&["cargo-deb", "dpkg-deb", "dpkg-shlibdeps", "gzip"]);
+        // CARGO_BIN_EXE_twinvol is <target>/debug/twinvol: pack that profile directory.
+        let exe = bin();
+        let target = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("binary under <target>/debug");
+        let out_dir = scratch().keep();
+        let out = Command::new("bash")
+            .arg(repo().join("packaging/build-deb.sh"))
+            .args(["--profile", "dev", "--no-build", "--output"])
+            .arg(&out_dir)
+            .env("CARGO_TARGET_DIR", target)
+            .output()
+            .expect("build-deb.sh runs");
+        assert!(
+            out.status.success(),
+            "build-deb.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deb = out_dir.join(format!("twinvol_{}-1_amd64.deb", env!("CARGO_PKG_VERSION")));
+        assert!(
+            deb.exists(),
+            "no {}: {}",
+            deb.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        deb
+    })
+}
+
+#[test]
+fn deb_lists_every_file_where_it_belongs() {
+    let out = Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(deb())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let listing = String::from_utf8_lossy(&out.stdout);
+    // path -> permission string
+    let entries: std::collections::HashMap<String, String> = listing
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                cols.last()?.trim_start_matches('.').to_string(),
+                cols.first()?.to_string(),
+            ))
+        })
+        .collect();
+    let exec = "-rwxr-xr-x";
+    let data = "-rw-r--r--";
+    for (path, mode) in [
+        ("/usr/bin/twinvol", exec),
+        ("/usr/lib/systemd/system/twinvol.service", data),
+        ("/usr/lib/systemd/system/twinvol-attach@.service", data),
+        ("/usr/lib/modules-load.d/twinvol.conf", data),
+        ("/usr/lib/modprobe.d/twinvol-nbd.conf", data),
+        ("/usr/lib/udev/rules.d/99-twinvol.rules", data),
+        ("/usr/lib/twinvol/twinvol-udev-name", exec),
+        ("/usr/lib/twinvol/twinvol-early-attach", exec),
+        ("/usr/lib/twinvol/bake-ami.sh", exec),
+        ("/usr/share/initramfs-tools/hooks/twinvol", exec),
+        ("/usr/share/initramfs-tools/scripts/local-top/twinvol", exec),
+        ("/usr/lib/dracut/modules.d/90twinvol/module-setup.sh", exec),
+        (
+            "/usr/lib/dracut/modules.d/90twinvol/twinvol-early-attach-hook.sh",
+            exec,
+        ),
+        ("/usr/share/doc/twinvol/examples/twinvol.toml", data),
+        (
+            "/usr/share/doc/twinvol/examples/initramfs.conf.example",
+            data,
+        ),
+        ("/usr/share/doc/twinvol/OPERATIONS.md", data),
+        ("/usr/share/doc/twinvol/copyright", data),
+        ("/usr/share/man/man1/twinvol.1.gz", data),
+        ("/usr/share/man/man1/twinvol-attach.1.gz", data),
+        ("/usr/share/man/man1/twinvol-check-config.1.gz", data),
+        ("/usr/share/bash-completion/completions/twinvol", data),
+        ("/usr/share/zsh/vendor-completions/_twinvol", data),
+        ("/usr/share/fish/vendor_completions.d/twinvol.fish", data),
+    ] {
+        match entries.get(path) {
+            Some(m) => assert_eq!(m, mode, "{path}"),
+            None => panic!("{path} missing from the .deb:\n{listing}"),
+        }
+    }
+    let info = Command::new("dpkg-deb")
+        .arg("-I")
+        .arg(deb())
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.contains("postinst") && info.contains("postrm"),
+        "{info}"
+    );
+    assert!(info.contains("Depends: libc6"), "{info}");
+}
+
+/// Removes the package and test leftovers from the cached chroot, also when the test panics.
+struct ChrootCleanup(PathBuf);
+
+impl Drop for ChrootCleanup {
+    fn drop(&mut self) {
+        let _ = Command::new("chroot")
+            .arg(&self.0)
+            .args(["dpkg", "--purge", "twinvol"])
+            .output();
+        for p in [
+            "etc/twinvol",
+            "tmp/twinvol.deb",
+            "tmp/bake.sh",
+            "var/lib/twinvol",
+        ] {
+            let p = self.0.join(p);
+            let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+        }
+    }
+}
+
+fn in_chroot(root: &Path, cmd: &str) -> (bool, String) {
+    let out = Command::new("chroot")
+        .arg(root)
+        .args(["sh", "-c", cmd])
+        .output()
+        .expect("chroot runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn deb_installs_into_a_debian_chroot_and_the_ami_bake_clears_instance_state() {
+    require(&["debootstrap", "chroot"]);
+    let deb = deb();
+    let root = std::env::var_os("TWINVOL_CHROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+                .join(".cache/twinvol-chroot")
+        });
+    let made = Command::new("bash")
+        .arg(repo().join("packaging/debian-chroot.sh"))
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "cannot make the Debian chroot {}:\n{}",
+        root.display(),
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let _cleanup = ChrootCleanup(root.clone());
+    std::fs::copy(deb, root.join("tmp/twinvol.deb")).unwrap();
+
+    let (ok, log) = in_chroot(&root, "dpkg -i /tmp/twinvol.deb");
+    assert!(ok, "dpkg -i in the chroot:\n{log}");
+    let (ok, log) = in_chroot(&root, "twinvol --version");
+    assert!(
+        ok && log.trim() == format!("twinvol {}", env!("CARGO_PKG_VERSION")),
+        "{log}"
+    );
+    let (ok, log) = in_chroot(
+        &root,
+        "twinvol check-config /usr/share/doc/twinvol/examples/*.toml",
+    );
+    assert!(ok && log.is_empty(), "check-config in the chroot:\n{log}");
+    let (ok, log) = in_chroot(
+        &root,
+        "test -d /etc/twinvol/attach && stat -c %a /etc/twinvol",
+    );
+    assert!(
+        ok && log.trim() == "700",
+        "postinst made /etc/twinvol 0700: {log}"
+    );
+
+    // A node's per-instance state, then the bake: it must all be gone, the package still there.
+    let state = [
+        "var/lib/twinvol/data.meta",
+        "etc/twinvol/attach/data.env",
+        "etc/twinvol/twinvol.toml",
+        "etc/twinvol/psk.key",
+    ];
+    for p in state {
+        let p = root.join(p);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, "node-a state").unwrap();
+    }
+    std::fs::write(
+        root.join("etc/machine-id"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .unwrap();
+    std::fs::copy(
+        repo().join("packaging/ami/bake.sh"),
+        root.join("tmp/bake.sh"),
+    )
+    .unwrap();
+    let (ok, log) = in_chroot(&root, "sh /tmp/bake.sh --deb /tmp/twinvol.deb");
+    assert!(ok, "bake:\n{log}");
+    for p in state {
+        assert!(!root.join(p).exists(), "{p} survived the bake");
+    }
+    assert_eq!(std::fs::read(root.join("etc/machine-id")).unwrap(), b"");
+    let (ok, log) = in_chroot(&root, "twinvol --version");
+    assert!(ok, "twinvol gone after the bake: {log}");
+}
