@@ -296,10 +296,22 @@ fn udevadm_lines_about(rules_text: &str) -> Vec<String> {
     let dir = scratch();
     let rules = dir.path().join("99-twinvol.rules");
     std::fs::write(&rules, rules_text).unwrap();
+    // Any block device will do: the rules are read in full before the event is matched, and
+    // ours only act on nbd devices (udevadm test in systemd 252 writes ATTR assignments).
+    let device = std::fs::read_dir("/sys/class/block")
+        .expect("/sys/class/block is readable")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("nbd"))
+        })
+        .expect("a block device to run udevadm test on");
     let script = format!(
         "mkdir -p /run/udev/rules.d && mount -t tmpfs twinvol-test /run/udev/rules.d && \
-         cp {} /run/udev/rules.d/ && udevadm test --action=add /sys/class/block/loop0 2>&1",
-        rules.display()
+         cp {} /run/udev/rules.d/ && udevadm test --action=add {} 2>&1",
+        rules.display(),
+        device.display()
     );
     let out = Command::new("unshare")
         .args(["-m", "sh", "-c", &script])

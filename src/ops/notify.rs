@@ -386,6 +386,37 @@ mod tests {
 
     proptest::proptest! {
         #[test]
+        fn any_watchdog_usec_is_a_positive_duration_or_an_error(usec in ".*", pid in "[0-9]{0,6}") {
+            let w = Watchdog::from_lookup(
+                env(&[("WATCHDOG_USEC", &usec), ("WATCHDOG_PID", &pid)]),
+                4242,
+            );
+            if let Ok(Some(w)) = w {
+                proptest::prop_assert!(w.timeout > Duration::ZERO);
+                proptest::prop_assert!(w.ping_interval() <= w.timeout);
+            }
+        }
+
+        #[test]
+        fn usec_values_round_trip_to_durations(usec in 1u64..u64::MAX) {
+            let w = Watchdog::from_lookup(env(&[("WATCHDOG_USEC", &usec.to_string())]), 1)
+                .unwrap()
+                .unwrap();
+            proptest::prop_assert_eq!(w.timeout, Duration::from_micros(usec));
+        }
+
+        #[test]
+        fn any_notify_socket_value_parses_or_is_refused_without_panicking(v in ".*") {
+            match NotifyTarget::parse(OsStr::new(&v)) {
+                Ok(NotifyTarget::Path(p)) => proptest::prop_assert!(p.is_absolute()),
+                Ok(NotifyTarget::Abstract(name)) => {
+                    proptest::prop_assert_eq!(format!("@{}", String::from_utf8_lossy(&name)), v)
+                }
+                Err(e) => proptest::prop_assert!(e.to_string().contains("NOTIFY_SOCKET")),
+            }
+        }
+
+        #[test]
         fn any_status_encodes_to_exactly_one_line(text in ".*") {
             let msg = encode(&[State::Ready, State::Status(&text)]);
             proptest::prop_assert_eq!(msg.split('\n').count(), 2);
