@@ -764,3 +764,140 @@ fn deb_installs_into_a_debian_chroot_and_the_ami_bake_clears_instance_state() {
     let (ok, log) = in_chroot(&root, "twinvol --version");
     assert!(ok, "twinvol gone after the bake: {log}");
 }
+
+/// Runs `script` with initramfs-tools' or dracut's helper functions replaced by recorders that
+/// append "name args" to `log`; returns (exit code, log, stdout).
+fn run_with_recorders(shell: &str, script: &str, dir: &Path, conf: &Path) -> (i32, String, String) {
+    let log = dir.join("calls.log");
+    let out = Command::new(shell)
+        .arg("-c")
+        .arg(script)
+        .env("TWINVOL_INITRAMFS_CONF", conf)
+        .env("CALLS", &log)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn recorder_functions(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("{n}() {{ echo \"{n} $*\" >> \"$CALLS\"; }}\n"))
+        .collect()
+}
+
+#[test]
+fn initramfs_tools_hook_carries_binary_config_and_nbd_module_only_when_configured() {
+    let dir = scratch();
+    let functions = dir.path().join("hook-functions");
+    std::fs::write(
+        &functions,
+        recorder_functions(&["copy_exec", "copy_file", "manual_add_modules"]),
+    )
+    .unwrap();
+    let hook = repo().join("initramfs/initramfs-tools/hooks/twinvol");
+    let script = format!(
+        "TWINVOL_HOOK_FUNCTIONS={} {}",
+        functions.display(),
+        hook.display()
+    );
+    let conf = dir.path().join("initramfs.conf");
+
+    std::fs::write(&conf, "# root /dev/disk/by-id/x /dev/nbd0\n\n").unwrap();
+    let (code, calls, _) = run_with_recorders("sh", &script, dir.path(), &conf);
+    assert_eq!(
+        (code, calls.as_str()),
+        (0, ""),
+        "an unconfigured hook adds nothing"
+    );
+
+    std::fs::write(&conf, "root /dev/disk/by-id/x /dev/nbd0\n").unwrap();
+    let (code, calls, _) = run_with_recorders("sh", &script, dir.path(), &conf);
+    assert_eq!(code, 0, "{calls}");
+    for want in [
+        "copy_exec /usr/bin/twinvol /usr/bin".to_string(),
+        "copy_exec /usr/lib/twinvol/twinvol-early-attach /usr/lib/twinvol".to_string(),
+        "copy_exec /usr/lib/twinvol/twinvol-udev-name /usr/lib/twinvol".to_string(),
+        format!("copy_file config {} /etc/twinvol/initramfs.conf", conf.display()),
+        "copy_file udev /usr/lib/udev/rules.d/99-twinvol.rules /usr/lib/udev/rules.d/99-twinvol.rules"
+            .to_string(),
+        "manual_add_modules nbd".to_string(),
+    ] {
+        assert!(calls.lines().any(|l| l == want), "missing `{want}` in:\n{calls}");
+    }
+    let (code, _, stdout) = run_with_recorders(
+        "sh",
+        &format!("{} prereqs", hook.display()),
+        dir.path(),
+        &conf,
+    );
+    assert_eq!((code, stdout.trim()), (0, ""));
+    let local_top = repo().join("initramfs/initramfs-tools/scripts/local-top/twinvol");
+    let (code, _, stdout) = run_with_recorders(
+        "sh",
+        &format!("{} prereqs", local_top.display()),
+        dir.path(),
+        &conf,
+    );
+    assert_eq!(
+        (code, stdout.trim()),
+        (0, "udev"),
+        "local-top runs after udev starts"
+    );
+}
+
+#[test]
+fn dracut_module_installs_binary_rules_nbd_and_a_pre_trigger_hook_only_when_configured() {
+    let dir = scratch();
+    let module = repo().join("initramfs/dracut/90twinvol");
+    let recorders = recorder_functions(&[
+        "inst_binary",
+        "inst_script",
+        "inst_simple",
+        "inst_rules",
+        "inst_multiple",
+        "inst_hook",
+        "instmods",
+    ]);
+    let script = format!(
+        "{recorders}require_binaries() {{ return 0; }}\nmoddir={m}\n. {m}/module-setup.sh\n\
+         check; echo \"check=$?\"\ndepends\ninstallkernel\ninstall\n",
+        m = module.display()
+    );
+    let conf = dir.path().join("initramfs.conf");
+
+    std::fs::write(&conf, "# nothing\n").unwrap();
+    let (_, _, stdout) = run_with_recorders("bash", &script, dir.path(), &conf);
+    assert!(
+        stdout.contains("check=255"),
+        "unconfigured: not included by default ({stdout})"
+    );
+
+    std::fs::write(&conf, "root /dev/disk/by-id/x /dev/nbd0\n").unwrap();
+    let (code, calls, stdout) = run_with_recorders("bash", &script, dir.path(), &conf);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("check=0") && stdout.contains("udev-rules"),
+        "{stdout}"
+    );
+    for want in [
+        "instmods nbd".to_string(),
+        "inst_binary /usr/bin/twinvol".to_string(),
+        "inst_script /usr/lib/twinvol/twinvol-early-attach".to_string(),
+        "inst_rules /usr/lib/udev/rules.d/99-twinvol.rules".to_string(),
+        "inst_simple /etc/twinvol/initramfs.conf".to_string(),
+        format!(
+            "inst_hook pre-trigger 90 {}/twinvol-early-attach-hook.sh",
+            module.display()
+        ),
+    ] {
+        assert!(
+            calls.lines().any(|l| l == want),
+            "missing `{want}` in:\n{calls}"
+        );
+    }
+}

@@ -4,9 +4,11 @@
 # shellcheck disable=SC2154 # $initdir and $moddir are set by dracut
 
 # Included only when /etc/twinvol/initramfs.conf lists a volume (or when asked for by name).
+# TWINVOL_INITRAMFS_CONF: override for tests only.
 check() {
-    [ -r /etc/twinvol/initramfs.conf ] || return 255
-    grep -q '^[[:space:]]*[^#[:space:]]' /etc/twinvol/initramfs.conf || return 255
+    local conf="${TWINVOL_INITRAMFS_CONF:-/etc/twinvol/initramfs.conf}"
+    [ -r "$conf" ] || return 255
+    grep -q '^[[:space:]]*[^#[:space:]]' "$conf" || return 255
     require_binaries /usr/bin/twinvol || return 1
     return 0
 }
