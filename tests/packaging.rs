@@ -901,3 +901,31 @@ fn dracut_module_installs_binary_rules_nbd_and_a_pre_trigger_hook_only_when_conf
         );
     }
 }
+
+#[test]
+fn units_keep_a_systemd_security_exposure_of_at_most_4() {
+    // `systemd-analyze security` scores 0 (locked down) .. 10 (unprotected); --threshold is x10.
+    // Today: twinvol.service 3.1, twinvol-attach@.service 2.6. A hardening option dropped by
+    // accident pushes the score over the line.
+    require(&["systemd-analyze"]);
+    let dir = scratch();
+    units_for_verify(dir.path());
+    std::fs::copy(
+        dir.path().join("twinvol-attach@.service"),
+        dir.path().join("twinvol-attach@data.service"),
+    )
+    .unwrap();
+    for unit in ["twinvol.service", "twinvol-attach@data.service"] {
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--threshold=40", "--no-pager"])
+            .arg(dir.path().join(unit))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{unit} exposure above 4.0:\n{}",
+            text.lines().last().unwrap_or_default()
+        );
+    }
+}
