@@ -724,6 +724,13 @@ fn deb_installs_into_a_debian_chroot_and_the_ami_bake_clears_instance_state() {
         "twinvol check-config /usr/share/doc/twinvol/examples/*.toml",
     );
     assert!(ok && log.is_empty(), "check-config in the chroot:\n{log}");
+    // The units as installed, with the real /usr/bin/twinvol beside them.
+    let (ok, log) = in_chroot(
+        &root,
+        "systemd-analyze verify --man=no /usr/lib/systemd/system/twinvol.service \
+         /usr/lib/systemd/system/twinvol-attach@data.service",
+    );
+    assert!(ok && log.trim().is_empty(), "installed units:\n{log}");
     let (ok, log) = in_chroot(
         &root,
         "test -d /etc/twinvol/attach && stat -c %a /etc/twinvol",
