@@ -161,6 +161,13 @@ fn attach_unit_passes_only_flags_the_binary_accepts() {
     for f in flags {
         assert!(help.contains(f), "`twinvol attach` has no {f}:\n{help}");
     }
+    assert!(
+        unit_values(&u, "Requires").is_empty() && unit_values(&u, "BindsTo").is_empty(),
+        "a daemon restart must not take the kernel device down with it"
+    );
+    assert!(unit_values(&u, "Wants")
+        .join(" ")
+        .contains("twinvol.service"));
     let stop = unit_values(&u, "ExecStop").join(" ");
     assert_eq!(stop, "/usr/bin/twinvol detach ${DEVICE}");
 }
@@ -556,7 +563,8 @@ fn deb() -> &'static Path {
             .parent()
             .and_then(Path::parent)
             .expect("binary under <target>/debug");
-        let out_dir = scratch().keep();
+        let out_dir = target.join("packaging-test-deb");
+        let _ = std::fs::remove_dir_all(&out_dir);
         let out = Command::new("bash")
             .arg(repo().join("packaging/build-deb.sh"))
             .args(["--profile", "dev", "--no-build", "--output"])
