@@ -3,7 +3,10 @@
 # System packages from Debian; Python tools (moto) into a virtualenv outside the checkout.
 set -euo pipefail
 
-APT_PACKAGES=(nbdkit libnbd-bin fio nftables qemu-utils iproute2 e2fsprogs fuse3 python3-venv curl)
+# systemd: systemd-analyze verify; udev: udevadm test; shellcheck; debootstrap + dpkg-dev: the .deb
+# test (cargo-deb runs dpkg-shlibdeps) and its install into a chroot.
+APT_PACKAGES=(nbdkit libnbd-bin fio nftables qemu-utils iproute2 e2fsprogs fuse3 python3-venv curl
+  systemd udev shellcheck debootstrap dpkg-dev)
 VENV="${TWINVOL_VENV:-$HOME/.cache/twinvol-venv}"
 
 missing=()
@@ -24,5 +27,10 @@ fi
 if ! "$VENV/bin/python" -c 'import moto, flask' >/dev/null 2>&1; then
   echo "test-deps: installing moto[server] into $VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6'
+fi
+# cargo-deb builds the .deb in tests/packaging.rs (into ~/.cargo/bin; pinned: tests pack the dev profile).
+if ! command -v cargo-deb >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-deb" ]; then
+  echo "test-deps: installing cargo-deb"
+  cargo install cargo-deb --version 3.8.0 --locked --quiet
 fi
 echo "test-deps: ok"

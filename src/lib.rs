@@ -10,4 +10,5 @@ pub mod config;
 pub mod engine;
 pub mod meta;
 pub mod nbd;
+pub mod ops;
 pub mod repl;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use twinvol::engine::{CacheMode, EngineKind};
 use twinvol::nbd::export::{self, Endpoint, ExportOptions};
 
@@ -46,6 +46,19 @@ enum Command {
         /// Files to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Write the man pages (twinvol.1, twinvol-SUBCOMMAND.1) into DIR (packaging).
+    #[command(hide = true)]
+    GenMan {
+        /// Existing output directory.
+        dir: PathBuf,
+    },
+    /// Print the completion script for SHELL on stdout (packaging).
+    #[command(hide = true)]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 
@@ -194,6 +207,17 @@ fn main() -> ExitCode {
             twinvol::config::Config::load(f)?;
             Ok(())
         }),
+        Command::GenMan { dir } => clap_mangen::generate_to(Cli::command(), &dir)
+            .map_err(|e| anyhow::anyhow!("writing man pages into {}: {e}", dir.display())),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "twinvol",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,7 @@
+//! `ops`: how twinvol fits into the machine it runs on, service-manager side.
+//!
+//! `notify` speaks the systemd readiness/watchdog protocol (`Type=notify`, `WatchdogSec=`) so
+//! the unit in systemd/twinvol.service can tell "started" from "ready" and restart a hung daemon.
+//! Nothing here depends on the data path; the daemon calls it from its control loop.
+
+pub mod notify;
