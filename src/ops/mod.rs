@@ -2,6 +2,8 @@
 //!
 //! `notify` speaks the systemd readiness/watchdog protocol (`Type=notify`, `WatchdogSec=`) so
 //! the unit in systemd/twinvol.service can tell "started" from "ready" and restart a hung daemon.
+//! `health` is the HTTP endpoint Route 53 health checks probe in failover-routing mode.
 //! Nothing here depends on the data path; the daemon calls it from its control loop.
 
+pub mod health;
 pub mod notify;
