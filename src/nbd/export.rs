@@ -347,7 +347,7 @@ async fn accept_loop(
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept_std() => match accepted {
                 Ok(conn) => {
                     // Deal round-robin; a thread that has gone away is skipped.
                     let mut conn = Some(conn);
@@ -403,8 +403,10 @@ fn spawn_signal_watch(tx: watch::Sender<bool>) -> Result<(), ExportError> {
     Ok(())
 }
 
-type BoxRead = Box<dyn tokio::io::AsyncRead + Unpin>;
-type BoxWrite = Box<dyn tokio::io::AsyncWrite + Unpin>;
+/// The read half of an accepted connection.
+pub type BoxRead = Box<dyn tokio::io::AsyncRead + Unpin>;
+/// The write half of an accepted connection.
+pub type BoxWrite = Box<dyn tokio::io::AsyncWrite + Unpin>;
 
 /// A bound listener of either kind.
 pub enum Listener {
@@ -447,8 +449,13 @@ impl Listener {
         }
     }
 
+    /// Accepts one client on the calling thread, split into read and write halves.
+    pub async fn accept(&self) -> std::io::Result<(BoxRead, BoxWrite, String)> {
+        self.accept_std().await?.into_tokio()
+    }
+
     /// Accepts one client, as a std socket that any data-path thread can adopt.
-    async fn accept(&self) -> std::io::Result<StdConn> {
+    async fn accept_std(&self) -> std::io::Result<StdConn> {
         match self {
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().await?;
