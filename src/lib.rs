@@ -11,3 +11,4 @@ pub mod engine;
 pub mod meta;
 pub mod nbd;
 pub mod repl;
+pub mod volume;
