@@ -123,6 +123,8 @@ ping_timeout_secs = 2
             .spawn()
             .unwrap();
         self.child = Some(child);
+        // The first status snapshot is written after the signal handlers are installed.
+        self.wait_for("started", Duration::from_secs(20), |s| !s.is_null());
     }
 
     fn kill(&mut self) {
@@ -430,7 +432,7 @@ fn bit_flip_proxy(
             // secondary (client side) -> primary: untouched.
             std::thread::spawn(move || {
                 let _ = std::io::copy(&mut c2, &mut s2);
-                let _ = s2.shutdown(std::net::Shutdown::Both);
+                let _ = s2.shutdown(std::net::Shutdown::Write);
             });
             // primary -> secondary: flip bits.
             let flips = flips.clone();
@@ -455,7 +457,7 @@ fn bit_flip_proxy(
                         break;
                     }
                 }
-                let _ = c3.shutdown(std::net::Shutdown::Both);
+                let _ = c3.shutdown(std::net::Shutdown::Write);
             });
         }
     });
@@ -484,7 +486,7 @@ fn bit_flips_on_the_link_never_reach_a_disk_and_the_stream_recovers() {
         a_addr,
         "127.0.0.2",
         64 * 1024,
-        3 * MIB,
+        8 * MIB,
         flips.clone(),
     );
     b.start(&["--secondary"]);
@@ -503,8 +505,22 @@ fn bit_flips_on_the_link_never_reach_a_disk_and_the_stream_recovers() {
         flips.load(Ordering::Relaxed) >= 2,
         "the proxy flipped too few bits to test anything"
     );
-    // Stop flipping by letting the stream settle: every flip costs one reconnect + resync.
-    a.wait_connected_in_sync();
+    // Every flip costs one reconnect and a resync of what was in flight; the stream must settle.
+    let t0 = Instant::now();
+    while !(a.status()["connection"]["state"] == "connected"
+        && a.status()["rpo_bytes"] == 0
+        && a.status()["resync"].is_null())
+    {
+        if t0.elapsed() > Duration::from_secs(60) {
+            let log = b.log_text();
+            panic!(
+                "the stream did not recover; a: {:#}\nb log tail:\n{}",
+                a.status(),
+                &log[log.len().saturating_sub(3000)..]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let corrupt = b.status()["counters"]["corrupt_frames"].as_u64().unwrap();
     assert!(
         corrupt >= 1,

@@ -6,10 +6,14 @@
 //! - [`status`]: the status snapshot.
 //! - [`run`]: `twinvol mirror`, one node of a volume as a process.
 //!
-//! A write on the Primary: `mark_dirty` -> `prepare_write` (activity log) -> Data frame queued
-//! to the peer (sequence numbers give the order) and the local write, in parallel -> sync mode
-//! waits for the peer's Ack, async mode does not -> the bits are cleared only when the local
-//! write completed *and* the peer acknowledged, and only for chunks no unsent write touched.
+//! A write on the Primary: `prepare_write` (activity log: a crash of this node marks the hot
+//! extents dirty at the next open) -> Data frame queued to the peer (sequence numbers give the
+//! order) and the local write, in parallel -> sync mode waits for the peer's Ack, async mode
+//! does not. Bits are set (`mark_dirty`, before the local write is issued) only for a write the
+//! peer will not receive (disconnected, or async "ahead"), and when a sent write fails or its
+//! connection drops before the Ack (DRBD's rule): a bitmap granularity coarser than the
+//! writes then never leaves stale bits behind. Resync acks clear the chunks they cover,
+//! except chunks an unsent write touched meanwhile.
 //! Everything runs on the volume's data-path thread: state sits in `RefCell`s that are never
 //! borrowed across an `.await`.
 
@@ -117,6 +121,7 @@ enum PendingKind {
 #[derive(Debug)]
 struct Pending {
     kind: PendingKind,
+    sent_at: Instant,
     range: Range<u64>,
     local_done: bool,
     peer_ok: Option<bool>,
@@ -363,9 +368,17 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 ReplicationMode::Async => "async",
             },
             ahead: st.ahead,
-            rpo_bytes: m.bitmap().dirty_bytes(),
+            rpo_bytes: m.bitmap().dirty_bytes() + st.inflight_bytes,
             rpo_seconds: st
-                .oldest_unreplicated
+                .pending
+                .values()
+                .filter(|p| p.kind == PendingKind::App)
+                .map(|p| p.sent_at)
+                .chain(
+                    st.oldest_unreplicated
+                        .filter(|_| m.bitmap().dirty_chunks() > 0),
+                )
+                .min()
                 .map(|t| now.saturating_duration_since(t).as_secs_f64())
                 .unwrap_or(0.0),
             inflight_bytes: st.inflight_bytes,
@@ -416,6 +429,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             seq,
             Pending {
                 local_done: kind != PendingKind::App,
+                sent_at: Instant::now(),
                 kind,
                 range,
                 peer_ok: None,
@@ -437,9 +451,6 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
         st.rate.on_app_write(Instant::now());
-        if st.oldest_unreplicated.is_none() {
-            st.oldest_unreplicated = Some(Instant::now());
-        }
         if st.session.is_some()
             && !st.ahead
             && self.settings.mode == ReplicationMode::Async
@@ -450,7 +461,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             tracing::warn!(volume = %self.settings.volume, inflight = st.inflight_bytes, bound = self.settings.max_inflight_bytes, "replication queue full: going ahead (data stays dirty, resync when the link catches up)");
         }
         if st.session.is_none() || st.ahead {
-            let _ = st.unsent.set(offset, len);
+            self.mark_unsent(st, offset, len);
             return None;
         }
         let epoch = st.session.as_ref().map(|s| s.id).unwrap_or(0);
@@ -469,9 +480,19 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 Some(r)
             }
             None => {
-                let _ = st.unsent.set(offset, len);
+                self.mark_unsent(st, offset, len);
                 None
             }
+        }
+    }
+
+    /// A write the peer will not receive: its chunks become dirty (before the local write is
+    /// issued) and no resync ack may clear them while this connection lasts.
+    fn mark_unsent(&self, st: &mut State, offset: u64, len: u64) {
+        let _ = st.unsent.set(offset, len);
+        let _ = self.meta.borrow_mut().mark_dirty(offset, len);
+        if st.oldest_unreplicated.is_none() {
+            st.oldest_unreplicated = Some(Instant::now());
         }
     }
 
@@ -510,8 +531,17 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         if p.kind != PendingKind::Control {
             st.inflight_bytes = st.inflight_bytes.saturating_sub(bytes);
         }
-        if ok && p.kind != PendingKind::Control && !(st.ahead && p.kind == PendingKind::App) {
-            self.clear_synced(&st, p.range.clone());
+        match (ok, &p.kind) {
+            // Resync pieces are chunk-aligned: both copies now hold every chunk they cover.
+            (true, PendingKind::Resync) => self.clear_synced(&st, p.range.clone()),
+            // A replicated application write never set bits (the activity log covers a crash).
+            (true, _) | (false, PendingKind::Control) => {}
+            (false, _) => {
+                let _ = self
+                    .meta
+                    .borrow_mut()
+                    .mark_dirty(p.range.start, p.range.end - p.range.start);
+            }
         }
         if ok && p.kind == PendingKind::Resync {
             if let Some(r) = st.resync.as_mut() {
@@ -569,11 +599,10 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         })
         .await;
         {
+            // The activity log covers the write against a crash of this node; bits are set
+            // only for a write the peer will not receive, or that fails on either side.
             let mut m = self.meta.borrow_mut();
-            if let Err(e) = m
-                .mark_dirty(offset, len)
-                .and_then(|_| m.prepare_write(offset, len).map(|_| ()))
-            {
+            if let Err(e) = m.prepare_write(offset, len) {
                 return (
                     Err(eio(
                         format!(
@@ -598,7 +627,11 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         self.st.borrow_mut().app_ranges.remove(&app_id);
         self.wake.notify_waiters();
         if res.is_err() {
-            // The bits stay set; the peer may or may not apply its copy: a resync settles it.
+            // The peer may or may not apply its copy: the region is dirty, a resync settles it.
+            let _ = self.meta.borrow_mut().mark_dirty(offset, len);
+            if let Some((seq, _)) = sent {
+                self.local_done(seq);
+            }
             return (res, buf);
         }
         if let Some((seq, rx)) = sent {

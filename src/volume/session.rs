@@ -37,9 +37,9 @@ use crate::repl::wire::{
 /// Bit of `Hello::disk_state` above the metadata flags: the sender is Primary now.
 pub const HELLO_PRIMARY: u32 = 1 << 31;
 /// Largest resync piece.
-const RESYNC_PIECE: u64 = 1 << 20;
+const RESYNC_PIECE: u64 = 256 << 10;
 /// Resync pieces in flight.
-const RESYNC_WINDOW: usize = 16;
+const RESYNC_WINDOW: usize = 8;
 /// Largest bitmap chunk payload.
 const BITMAP_CHUNK: usize = 1 << 20;
 /// Wait after a refused connection before trying again.
@@ -381,6 +381,12 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                         ResyncPayload::Bytes(b) => {
                             self.mark_target().await;
                             let s = self.apply(r.offset, b, false, false).await;
+                            if s == 0 {
+                                // This copy now holds the region: a later connection must not
+                                // ask for it again.
+                                let _ =
+                                    self.meta.borrow_mut().clear_dirty(r.offset, b.len() as u64);
+                            }
                             let mut st = self.st.borrow_mut();
                             st.counters.resync_bytes_applied += b.len() as u64;
                             if let Some(run) = st.resync.as_mut() {
