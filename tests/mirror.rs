@@ -622,3 +622,61 @@ fn split_brain_discard_zero_changes_resyncs_the_node_that_wrote_nothing() {
         "the node without changes was not resynced"
     );
 }
+
+#[test]
+fn async_mode_never_holds_writes_for_a_stalled_peer_and_rpo_returns_to_zero() {
+    let dir = scratch();
+    let extra = "mode = \"async\"\nmax_inflight_bytes = 1048576";
+    let (mut a, mut b) = pair(dir.path(), extra, extra);
+    b.start(&["--secondary"]);
+    a.start(&["--primary"]);
+    a.wait_connected_in_sync();
+    let size = data_size(&a);
+    let mut c = Client::connect(&a);
+    // Stall the peer: it reads nothing, so nothing is acknowledged.
+    let bpid = nix::unistd::Pid::from_raw(b.child.as_ref().unwrap().id() as i32);
+    nix::sys::signal::kill(bpid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let mut slowest = Duration::ZERO;
+    let t0 = Instant::now();
+    let mut max_inflight = 0;
+    for i in 0..200u64 {
+        let w = Instant::now();
+        c.write((i * 65536) % (size - 65536), &pattern(500 + i, 65536))
+            .unwrap();
+        slowest = slowest.max(w.elapsed());
+        if i % 20 == 0 {
+            max_inflight = max_inflight.max(a.status()["inflight_bytes"].as_u64().unwrap());
+        }
+    }
+    let wrote = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let s = a.status();
+    eprintln!("200 x 64 KiB in {wrote:?}, slowest {slowest:?}; status {s:#}");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a write was held {slowest:?} by the stalled peer"
+    );
+    assert!(
+        s["counters"]["ahead_events"].as_u64().unwrap() >= 1,
+        "never went ahead"
+    );
+    assert!(
+        max_inflight <= 1048576 + 65536,
+        "queue {max_inflight} above its bound"
+    );
+    assert!(s["rpo_bytes"].as_u64().unwrap() > 0, "RPO not reported");
+    assert!(
+        s["rpo_seconds"].as_f64().unwrap() > 0.0,
+        "RPO age not reported"
+    );
+    nix::sys::signal::kill(bpid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let s = a.wait_connected_in_sync();
+    assert_eq!(s["rpo_seconds"].as_f64().unwrap(), 0.0);
+    drop(c);
+    a.stop();
+    b.stop();
+    assert!(
+        a.data(size) == b.data(size),
+        "images differ after the async catch-up"
+    );
+}
