@@ -143,6 +143,12 @@ ping_timeout_secs = 2
             .unwrap();
             let st = c.wait().unwrap();
             assert!(
+                !self.log_text().contains("volume still in use"),
+                "{} did not close its metadata cleanly:\n{}",
+                self.name,
+                self.log_text()
+            );
+            assert!(
                 st.success(),
                 "{} did not stop cleanly: {st}\n{}",
                 self.name,

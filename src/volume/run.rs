@@ -129,15 +129,17 @@ pub fn run(args: MirrorArgs) -> Result<(), MirrorError> {
     engine::block_on(kind, serve(kind, cfg.node.id.clone(), v, args))?
 }
 
-async fn serve(
+/// A mirrored volume opened from its configuration, Secondary and disconnected, plus the link
+/// settings to run [`super::session::keep_connected`] with. Call on the data-path runtime
+/// ([`engine::block_on`]): the io_uring engine binds to it.
+pub fn open_volume(
     kind: engine::EngineKind,
-    node: String,
-    v: VolumeConfig,
-    args: MirrorArgs,
-) -> Result<(), MirrorError> {
+    node: &str,
+    v: &VolumeConfig,
+) -> Result<(MirroredVolume<Engine, FileDevice>, LinkConfig), MirrorError> {
     let Some(r) = v.replication.clone() else {
         return Err(MirrorError::NoVolume {
-            config: args.config.clone(),
+            config: PathBuf::new(),
             name: v.name.clone(),
             fix: "add a [volume.replication] table".into(),
         });
@@ -175,7 +177,7 @@ async fn serve(
     })?;
     let settings = Settings {
         volume: v.name.clone(),
-        node: node.clone(),
+        node: node.to_string(),
         peer: r.peer_id.clone(),
         mode: r.mode,
         max_inflight_bytes: r.max_inflight_bytes,
@@ -184,14 +186,25 @@ async fn serve(
         split_brain_policy: r.split_brain_policy.clone(),
         ping_timeout: Duration::from_secs(r.ping_timeout_secs),
     };
-    let vol = Rc::new(MirroredVolume::new(local, store, settings));
-    if args.primary {
-        vol.promote(args.force)?;
-    }
+    let vol = MirroredVolume::new(local, store, settings);
     let mut link_cfg = LinkConfig::new(r.address, r.peer, key, vol.hello());
     link_cfg.interface = r.interface.clone();
     link_cfg.compression_level = r.compression_level;
-    {
+    Ok((vol, link_cfg))
+}
+
+async fn serve(
+    kind: engine::EngineKind,
+    node: String,
+    v: VolumeConfig,
+    args: MirrorArgs,
+) -> Result<(), MirrorError> {
+    let (vol, link_cfg) = open_volume(kind, &node, &v)?;
+    let vol = Rc::new(vol);
+    if args.primary {
+        vol.promote(args.force)?;
+    }
+    let replication = {
         let vol = vol.clone();
         let name = v.name.clone();
         tokio::task::spawn_local(async move {
@@ -200,9 +213,9 @@ async fn serve(
                 eprintln!("twinvol: error: volume {name}: replication: {e}");
                 std::process::exit(1);
             }
-        });
-    }
-    if let Some(p) = args.status_file.clone() {
+        })
+    };
+    let status_task = args.status_file.clone().map(|p| {
         let vol = vol.clone();
         tokio::task::spawn_local(async move {
             let mut persist_tick = 0u32;
@@ -214,8 +227,8 @@ async fn serve(
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-        });
-    }
+        })
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     spawn_signals(vol.clone(), stop_tx)?;
     let endpoint = match (&v.export.socket, &v.export.listen) {
@@ -229,6 +242,20 @@ async fn serve(
         write_status(p, &vol.status());
     }
     let _ = vol.local().flush().await;
+    // Stop the helpers, then close the metadata cleanly (activity log emptied, crashed-primary
+    // flag cleared) once nothing else holds the volume.
+    replication.abort();
+    let _ = replication.await;
+    if let Some(t) = status_task {
+        t.abort();
+        let _ = t.await;
+    }
+    for _ in 0..100 {
+        if Rc::strong_count(&vol) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     match Rc::try_unwrap(vol) {
         Ok(vol) => {
             if let Err(e) = vol.close() {
@@ -236,6 +263,7 @@ async fn serve(
             }
         }
         Err(vol) => {
+            tracing::warn!("volume still in use at shutdown; bitmap persisted, the activity log is replayed at the next start");
             let _ = vol.persist_bitmap();
         }
     }

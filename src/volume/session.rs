@@ -77,6 +77,15 @@ fn from_generations(g: &Generations) -> GenIds {
     }
 }
 
+/// Aborts a helper task when the session that owns it ends, even by cancellation.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How a session ended.
 #[derive(Debug)]
 pub enum SessionEnd {
@@ -257,20 +266,20 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         tracing::info!(volume = %vol, peer = %peer.name, session = session_id, "replication connected");
         let writer_task = tokio::task::spawn_local(write_loop(writer, rx));
         let resync_task = match resync {
-            Some((true, _)) => Some(tokio::task::spawn_local(
+            Some((true, _)) => Some(AbortOnDrop(tokio::task::spawn_local(
                 self.clone().resync_source(session_id, true),
-            )),
+            ))),
             _ => None,
         };
-        let ahead_task = tokio::task::spawn_local(self.clone().ahead_watch(session_id));
+        let ahead_task = AbortOnDrop(tokio::task::spawn_local(
+            self.clone().ahead_watch(session_id),
+        ));
         let end = tokio::select! {
             e = self.read_loop(&mut reader, &tx, &peer_hello) => e,
             _ = kill.notified() => SessionEnd::Dropped,
         };
-        if let Some(t) = resync_task {
-            t.abort();
-        }
-        ahead_task.abort();
+        drop(resync_task);
+        drop(ahead_task);
         drop(tx);
         self.teardown(session_id);
         // Give the writer a moment to push a final Disconnect or acks, then stop it.
