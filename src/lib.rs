@@ -12,3 +12,4 @@ pub mod meta;
 pub mod nbd;
 pub mod ops;
 pub mod repl;
+pub mod volume;

@@ -41,6 +41,8 @@ enum Command {
         #[command(subcommand)]
         command: twinvol::cloud::cli::CloudCommand,
     },
+    /// Run one node of a mirrored volume: replication, and the NBD export while Primary.
+    Mirror(twinvol::volume::run::MirrorArgs),
     /// Load and validate configuration files; prints nothing but errors and warnings.
     CheckConfig {
         /// Files to check.
@@ -203,6 +205,7 @@ fn main() -> ExitCode {
             twinvol::meta::cli::run(cmd, &mut std::io::stdout().lock()).map_err(Into::into)
         }
         Command::Cloud { config, command } => run_cloud(config, command),
+        Command::Mirror(a) => twinvol::volume::run::run(a).map_err(Into::into),
         Command::CheckConfig { files } => files.iter().try_for_each(|f| {
             twinvol::config::Config::load(f)?;
             Ok(())

@@ -12,8 +12,10 @@ use serde::Deserialize;
 use crate::engine::{CacheMode, EngineKind};
 
 pub mod cloud;
+pub mod replication;
 
 pub use cloud::CloudConfig;
+pub use replication::{MetadataPlacement, ReplicationConfig, ReplicationMode, SplitBrainPolicy};
 
 /// Errors loading a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +114,9 @@ pub struct VolumeConfig {
     /// How the volume is exported over NBD.
     #[serde(default)]
     pub export: ExportConfig,
+    /// Mirroring to the peer (`[volume.replication]`); absent: a local-only volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationConfig>,
 }
 
 fn default_cache() -> CacheMode {
@@ -224,6 +229,15 @@ impl Config {
                     "set export.socket = \"/run/twinvol/<volume>.sock\" or export.listen = \"127.0.0.1:10809\"",
                 ));
             }
+            if let Some(r) = &v.replication {
+                r.validate(&self.node.id).map_err(|p| {
+                    invalid(
+                        format!("volume[{i}].replication.{}", p.field),
+                        p.problem,
+                        &p.fix,
+                    )
+                })?;
+            }
             if v.export.name.len() > 4096 || v.export.name.contains('\0') {
                 return Err(invalid(
                     format!("volume[{i}].export.name"),
@@ -331,6 +345,86 @@ socket = "/run/twinvol/data.sock"
             "{e}"
         );
         assert!(e.contains("trailing dot"), "{e}");
+    }
+
+    const REPL: &str = r#"
+[volume.replication]
+address = "10.0.1.10:7789"
+peer = "10.0.1.11:7789"
+peer_id = "node-b"
+key_file = "/etc/twinvol/key"
+"#;
+
+    #[test]
+    fn replication_table_loads_with_defaults() {
+        let c = Config::parse(Path::new("t.toml"), &format!("{GOOD}{REPL}")).unwrap();
+        let r = c.volumes[0].replication.as_ref().unwrap();
+        assert_eq!(r.mode, ReplicationMode::Sync);
+        assert_eq!(r.split_brain_policy, SplitBrainPolicy::Disconnect);
+        assert_eq!(r.metadata, MetadataPlacement::Internal);
+        assert_eq!(r.compression_level, 1);
+    }
+
+    #[test]
+    fn replication_policy_and_external_metadata_parse() {
+        let text = format!(
+            "{GOOD}{REPL}mode = \"async\"\nsplit_brain_policy = \"discard-node:node-b\"\nmetadata = {{ kind = \"external\", device = \"/dev/xvdg\" }}\n"
+        );
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        let r = c.volumes[0].replication.as_ref().unwrap();
+        assert_eq!(r.mode, ReplicationMode::Async);
+        assert_eq!(
+            r.split_brain_policy,
+            SplitBrainPolicy::DiscardNode("node-b".into())
+        );
+        assert_eq!(
+            r.metadata,
+            MetadataPlacement::External {
+                device: "/dev/xvdg".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_split_brain_policy_names_the_choices() {
+        let text = format!("{GOOD}{REPL}split_brain_policy = \"newest\"\n");
+        let e = Config::parse(Path::new("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("discard-zero-changes") && e.contains("newest"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn discard_node_of_a_stranger_is_refused() {
+        let text = format!("{GOOD}{REPL}split_brain_policy = \"discard-node:node-z\"\n");
+        let e = Config::parse(Path::new("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("volume[0].replication.split_brain_policy") && e.contains("node-z"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rate_floor_above_ceiling_is_refused() {
+        let text = format!("{GOOD}{REPL}resync_rate_min = 200\nresync_rate_max = 100\n");
+        let e = Config::parse(Path::new("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("replication.resync_rate_min"), "{e}");
+    }
+
+    #[test]
+    fn peer_equal_to_own_address_is_refused() {
+        let text = format!("{GOOD}{REPL}").replace("10.0.1.11:7789", "10.0.1.10:7789");
+        let e = Config::parse(Path::new("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("replication.peer"), "{e}");
     }
 
     #[test]

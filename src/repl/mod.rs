@@ -5,7 +5,10 @@
 //! - [`link`]: the TCP connection to the peer over the replication address (bind, socket
 //!   options, reconnect backoff, peer filtering, the authenticated handshake).
 //!
-//! The sender/receiver/resync machinery is built on these two and lives in later modules.
+//! - [`resync`]: resync pacing (rate controller) and progress, pure.
+//!
+//! The sender, the ordered apply and the resync loop of a volume live in `volume::session`.
 
 pub mod link;
+pub mod resync;
 pub mod wire;

@@ -258,6 +258,12 @@ impl LinkListener {
         Ok(Self { listener, cfg })
     }
 
+    /// Replaces the Hello sent to the next connections (generation ids change while a
+    /// volume runs; the listener outlives them).
+    pub fn set_hello(&mut self, hello: Hello) {
+        self.cfg.hello = hello;
+    }
+
     /// The bound address (useful when `cfg.local` had port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, LinkError> {
         self.listener

@@ -42,6 +42,8 @@ pub enum MessageKind {
     ResyncRequest = 0x30,
     /// [`ResyncData`].
     ResyncData = 0x31,
+    /// [`Message::ResyncDone`].
+    ResyncDone = 0x32,
     /// [`VerifyRequest`].
     VerifyRequest = 0x40,
     /// [`VerifyReply`].
@@ -69,6 +71,7 @@ impl MessageKind {
             0x20 => BitmapChunk,
             0x30 => ResyncRequest,
             0x31 => ResyncData,
+            0x32 => ResyncDone,
             0x40 => VerifyRequest,
             0x41 => VerifyReply,
             0x50 => Ping,
@@ -83,7 +86,14 @@ impl MessageKind {
         use MessageKind::*;
         matches!(
             self,
-            Data | Ack | Barrier | Flush | ResyncRequest | ResyncData | VerifyRequest | VerifyReply
+            Data | Ack
+                | Barrier
+                | Flush
+                | ResyncRequest
+                | ResyncData
+                | ResyncDone
+                | VerifyRequest
+                | VerifyReply
         )
     }
 
@@ -388,6 +398,12 @@ pub enum Message {
     ResyncRequest(ResyncRequest),
     /// Resync: a region's bytes (or "in sync").
     ResyncData(ResyncData),
+    /// Resync: the source sent every region of this resync and each was acknowledged; the
+    /// target flushes, becomes consistent and acks `seq`.
+    ResyncDone {
+        /// Sequence number (acked like a write).
+        seq: u64,
+    },
     /// Verify: request digests.
     VerifyRequest(VerifyRequest),
     /// Verify: digests.
@@ -478,6 +494,7 @@ impl Message {
             Message::BitmapChunk(_) => MessageKind::BitmapChunk,
             Message::ResyncRequest(_) => MessageKind::ResyncRequest,
             Message::ResyncData(_) => MessageKind::ResyncData,
+            Message::ResyncDone { .. } => MessageKind::ResyncDone,
             Message::VerifyRequest(_) => MessageKind::VerifyRequest,
             Message::VerifyReply(_) => MessageKind::VerifyReply,
             Message::Ping { .. } => MessageKind::Ping,
@@ -490,9 +507,10 @@ impl Message {
     pub fn header_fields(&self) -> (u64, u64) {
         match self {
             Message::Data(d) => (d.seq, d.offset),
-            Message::Ack { seq, .. } | Message::Barrier { seq, .. } | Message::Flush { seq } => {
-                (*seq, 0)
-            }
+            Message::Ack { seq, .. }
+            | Message::Barrier { seq, .. }
+            | Message::Flush { seq }
+            | Message::ResyncDone { seq } => (*seq, 0),
             Message::BitmapChunk(c) => (0, c.offset),
             Message::ResyncRequest(r) => (r.seq, r.offset),
             Message::ResyncData(r) => (r.seq, r.offset),
@@ -550,7 +568,7 @@ impl Message {
             }
             Message::Ack { status, .. } => out.put_u32(*status),
             Message::Barrier { epoch, .. } => out.put_u64(*epoch),
-            Message::Flush { .. } => {}
+            Message::Flush { .. } | Message::ResyncDone { .. } => {}
             Message::BitmapChunk(c) => {
                 let end = c.offset.checked_add(c.data.len() as u64);
                 if end.is_none_or(|e| e > c.total_len) {
@@ -689,6 +707,7 @@ impl Message {
                 epoch: r.u64()?,
             },
             MessageKind::Flush => Message::Flush { seq },
+            MessageKind::ResyncDone => Message::ResyncDone { seq },
             MessageKind::BitmapChunk => {
                 let total_len = r.u64()?;
                 let data = r.rest();

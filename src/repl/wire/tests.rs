@@ -126,6 +126,7 @@ pub(crate) fn message() -> impl Strategy<Value = Message> {
         (any::<u64>(), any::<u32>()).prop_map(|(seq, status)| Message::Ack { seq, status }),
         (any::<u64>(), any::<u64>()).prop_map(|(seq, epoch)| Message::Barrier { seq, epoch }),
         any::<u64>().prop_map(|seq| Message::Flush { seq }),
+        any::<u64>().prop_map(|seq| Message::ResyncDone { seq }),
         (payload(5000), any::<u32>(), any::<u16>()).prop_map(|(data, pre, post)| {
             let offset = u64::from(pre);
             let total_len = offset + data.len() as u64 + u64::from(post);

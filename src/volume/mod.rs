@@ -1,0 +1,747 @@
+//! `volume`: the mirrored volume, a local leg plus a peer leg with dirty tracking.
+//!
+//! - [`MirroredVolume`] implements [`BlockTarget`]: the NBD server exports it on the Primary.
+//! - [`plan`]: what a connection does after the Hellos (resync direction, split-brain policy).
+//! - [`session`]: one replication connection: bitmap exchange, apply (secondary), acks, resync.
+//! - [`status`]: the status snapshot.
+//! - [`run`]: `twinvol mirror`, one node of a volume as a process.
+//!
+//! A write on the Primary: `prepare_write` (activity log: a crash of this node marks the hot
+//! extents dirty at the next open) -> Data frame queued to the peer (sequence numbers give the
+//! order) and the local write, in parallel -> sync mode waits for the peer's Ack, async mode
+//! does not. Bits are set (`mark_dirty`, before the local write is issued) only for a write the
+//! peer will not receive (disconnected, or async "ahead"), and when a sent write fails or its
+//! connection drops before the Ack (DRBD's rule): a bitmap granularity coarser than the
+//! writes then never leaves stale bits behind. Resync acks clear the chunks they cover,
+//! except chunks an unsent write touched meanwhile.
+//! Everything runs on the volume's data-path thread: state sits in `RefCell`s that are never
+//! borrowed across an `.await`.
+
+pub mod plan;
+pub mod run;
+pub mod session;
+pub mod status;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::block::{BlockError, BlockResult, BlockTarget, Extent, TargetInfo, ZeroFlags};
+use crate::config::{ReplicationMode, SplitBrainPolicy};
+use crate::engine::buf::AlignedBuf;
+use crate::meta::bitmap::DirtyBitmap;
+use crate::meta::device::MetaDevice;
+use crate::meta::gen::{self, DiskFlags, JUST_CREATED};
+use crate::meta::store::{MetaStore, StoreError};
+use crate::repl::resync::{Progress, RateController};
+use crate::repl::wire::{Data, DataFlags, Message};
+
+pub use status::{Connection, Counters, ResyncRole, ResyncStatus, Role, VolumeStatus};
+
+/// Largest payload of one Data frame made from WRITE_ZEROES/TRIM.
+const ZERO_PIECE: u64 = 1 << 20;
+
+/// Errors of role changes.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// Promotion of a copy that is not known to be up to date.
+    #[error("volume {volume}: refusing to promote: this copy is {disk}; wait for the resync to finish, or promote with --force if the peer's copy is lost (writes the peer has and this node lacks are then discarded)")]
+    NotUpToDate {
+        /// Volume.
+        volume: String,
+        /// Disk state.
+        disk: &'static str,
+    },
+    /// Promotion while the connected peer is Primary.
+    #[error(
+        "volume {volume}: the peer is Primary; demote it first (two Primaries must never serve)"
+    )]
+    PeerIsPrimary {
+        /// Volume.
+        volume: String,
+    },
+    /// The metadata could not be written.
+    #[error("volume {volume}: metadata: {source}")]
+    Meta {
+        /// Volume.
+        volume: String,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// A random generation id could not be drawn.
+    #[error("volume {volume}: no randomness for a generation id: {why}")]
+    Random {
+        /// Volume.
+        volume: String,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Fixed settings of a mirrored volume.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Volume name.
+    pub volume: String,
+    /// This node's `node.id`.
+    pub node: String,
+    /// The peer's `node.id`.
+    pub peer: String,
+    /// sync or async.
+    pub mode: ReplicationMode,
+    /// Async: bound of bytes sent and not acknowledged before going "ahead".
+    pub max_inflight_bytes: u64,
+    /// Resync ceiling, bytes/s.
+    pub resync_rate_max: u64,
+    /// Resync floor, bytes/s.
+    pub resync_rate_min: u64,
+    /// Split-brain policy.
+    pub split_brain_policy: SplitBrainPolicy,
+    /// Seconds of silence before the peer counts as lost.
+    pub ping_timeout: std::time::Duration,
+}
+
+/// What an outstanding sequence number stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PendingKind {
+    /// An application write (Data).
+    App,
+    /// A resync piece (ResyncData).
+    Resync,
+    /// A Flush or ResyncDone.
+    Control,
+}
+
+#[derive(Debug)]
+struct Pending {
+    kind: PendingKind,
+    sent_at: Instant,
+    range: Range<u64>,
+    local_done: bool,
+    peer_ok: Option<bool>,
+    waiter: Option<oneshot::Sender<bool>>,
+}
+
+/// The sending side of the current session.
+#[derive(Debug, Clone)]
+struct SessionTx {
+    id: u64,
+    tx: mpsc::UnboundedSender<Message>,
+    kill: Rc<Notify>,
+}
+
+#[derive(Debug)]
+struct ResyncRun {
+    role: ResyncRole,
+    progress: Progress,
+}
+
+#[derive(Debug)]
+struct State {
+    role: Role,
+    connection: Connection,
+    session: Option<SessionTx>,
+    next_session: u64,
+    next_seq: u64,
+    pending: HashMap<u64, Pending>,
+    inflight_bytes: u64,
+    ahead: bool,
+    /// Chunks written while connected but not sent (ahead): no ack may clear them.
+    unsent: DirtyBitmap,
+    app_ranges: HashMap<u64, Range<u64>>,
+    next_app: u64,
+    resync_lock: Option<Range<u64>>,
+    resync: Option<ResyncRun>,
+    rate: RateController,
+    counters: Counters,
+    oldest_unreplicated: Option<Instant>,
+    peer_primary: bool,
+}
+
+/// A local device mirrored to a peer.
+///
+/// Invariants: a chunk is clean in the bitmap only if both copies hold its data (or no write
+/// touched it since the last resync); writes are refused unless the role is Primary; `State`
+/// and the metadata are never borrowed across an `.await`.
+pub struct MirroredVolume<T, D: MetaDevice> {
+    local: T,
+    meta: RefCell<MetaStore<D>>,
+    st: RefCell<State>,
+    info: TargetInfo,
+    wake: Notify,
+    settings: Settings,
+}
+
+fn eio(what: String, e: impl std::fmt::Display) -> BlockError {
+    BlockError::new(what.clone(), std::io::Error::other(format!("{what}: {e}")))
+}
+
+impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
+    /// A volume over `local` with its metadata `meta`, starting as Secondary and disconnected.
+    /// The local target must export exactly the metadata's data size.
+    pub fn new(local: T, meta: MetaStore<D>, settings: Settings) -> Self {
+        let mut info = local.info().clone();
+        info.description = format!("twinvol mirrored volume {}", settings.volume);
+        // Trim is served as zeroes on both legs, so both copies stay identical.
+        info.can_fast_zero = false;
+        let geometry = meta.bitmap().geometry();
+        let now = Instant::now();
+        let st = State {
+            role: Role::Secondary,
+            connection: Connection::Connecting,
+            session: None,
+            next_session: 1,
+            next_seq: 1,
+            pending: HashMap::new(),
+            inflight_bytes: 0,
+            ahead: false,
+            unsent: DirtyBitmap::new(geometry),
+            app_ranges: HashMap::new(),
+            next_app: 0,
+            resync_lock: None,
+            resync: None,
+            rate: RateController::new(settings.resync_rate_max, settings.resync_rate_min, now),
+            counters: Counters::default(),
+            oldest_unreplicated: (meta.bitmap().dirty_chunks() > 0).then_some(now),
+            peer_primary: false,
+        };
+        Self {
+            local,
+            meta: RefCell::new(meta),
+            st: RefCell::new(st),
+            info,
+            wake: Notify::new(),
+            settings,
+        }
+    }
+
+    /// Fixed settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The local leg.
+    pub fn local(&self) -> &T {
+        &self.local
+    }
+
+    /// Current role.
+    pub fn role(&self) -> Role {
+        self.st.borrow().role
+    }
+
+    fn meta_err(&self, source: StoreError) -> VolumeError {
+        VolumeError::Meta {
+            volume: self.settings.volume.clone(),
+            source,
+        }
+    }
+
+    fn disk_word(flags: DiskFlags) -> &'static str {
+        if flags.has(DiskFlags::OUTDATED) {
+            "outdated"
+        } else if !flags.has(DiskFlags::CONSISTENT) {
+            "inconsistent"
+        } else if flags.has(DiskFlags::UP_TO_DATE) {
+            "up-to-date"
+        } else {
+            "consistent"
+        }
+    }
+
+    /// Makes this node Primary. Without `force` the copy must be consistent and up to date.
+    /// Starts a new data generation (the peer learns of it at the next connection, which this
+    /// call forces by dropping the current one).
+    pub fn promote(&self, force: bool) -> Result<(), VolumeError> {
+        if self.role() == Role::Primary {
+            return Ok(());
+        }
+        if self.st.borrow().peer_primary && self.st.borrow().session.is_some() {
+            return Err(VolumeError::PeerIsPrimary {
+                volume: self.settings.volume.clone(),
+            });
+        }
+        let (flags, ids) = {
+            let m = self.meta.borrow();
+            (m.superblock().flags, m.superblock().gen)
+        };
+        let ok = flags.has(DiskFlags::CONSISTENT)
+            && flags.has(DiskFlags::UP_TO_DATE)
+            && ids.current != JUST_CREATED;
+        if !ok && !force {
+            return Err(VolumeError::NotUpToDate {
+                volume: self.settings.volume.clone(),
+                disk: if ids.current == JUST_CREATED {
+                    "freshly created (never synced)"
+                } else {
+                    Self::disk_word(flags)
+                },
+            });
+        }
+        if force && !ok {
+            tracing::warn!(volume = %self.settings.volume, disk = Self::disk_word(flags), "FORCED promotion: this copy becomes the newest; the peer's differing data will be overwritten at the next resync");
+        }
+        let new = gen::random_id().map_err(|e| VolumeError::Random {
+            volume: self.settings.volume.clone(),
+            why: e.to_string(),
+        })?;
+        self.meta
+            .borrow_mut()
+            .update_state(|g, f| {
+                if g.current == JUST_CREATED {
+                    g.current = new;
+                } else {
+                    g.new_current(new);
+                }
+                f.set(DiskFlags::WAS_PRIMARY, true);
+                f.set(DiskFlags::CRASHED_PRIMARY, true);
+                f.set(DiskFlags::OUTDATED, false);
+                if force {
+                    f.set(DiskFlags::CONSISTENT, true);
+                    f.set(DiskFlags::UP_TO_DATE, true);
+                    f.set(DiskFlags::INITIAL_SYNC_DONE, true);
+                }
+            })
+            .map_err(|e| self.meta_err(e))?;
+        self.st.borrow_mut().role = Role::Primary;
+        tracing::info!(volume = %self.settings.volume, generation = format!("{new:016x}"), "promoted to Primary");
+        self.drop_session("promoted");
+        Ok(())
+    }
+
+    /// Makes this node Secondary: persists the bitmap, clears the crashed-primary flag and
+    /// reconnects so the peer learns the new role. The caller stops the export first.
+    pub fn demote(&self) -> Result<(), VolumeError> {
+        if self.role() == Role::Secondary {
+            return Ok(());
+        }
+        self.st.borrow_mut().role = Role::Secondary;
+        {
+            let mut m = self.meta.borrow_mut();
+            m.persist_bitmap().map_err(|e| self.meta_err(e))?;
+            m.update_state(|_, f| f.set(DiskFlags::CRASHED_PRIMARY, false))
+                .map_err(|e| self.meta_err(e))?;
+        }
+        tracing::info!(volume = %self.settings.volume, "demoted to Secondary");
+        self.drop_session("demoted");
+        Ok(())
+    }
+
+    /// Persists the bitmap and records a clean shutdown (no write may be in flight).
+    pub fn close(self) -> Result<D, StoreError> {
+        self.meta.into_inner().close_clean()
+    }
+
+    /// Persists changed bitmap pages (called periodically and at shutdown).
+    pub fn persist_bitmap(&self) -> Result<u64, StoreError> {
+        self.meta.borrow_mut().persist_bitmap()
+    }
+
+    /// Asks the current session (if any) to end; the connection loop reconnects.
+    pub fn drop_session(&self, why: &str) {
+        if let Some(s) = &self.st.borrow().session {
+            tracing::info!(volume = %self.settings.volume, why, "dropping the replication connection");
+            s.kill.notify_one();
+        }
+    }
+
+    /// The status snapshot.
+    pub fn status(&self) -> VolumeStatus {
+        let now = Instant::now();
+        let m = self.meta.borrow();
+        let st = self.st.borrow();
+        let sb = m.superblock();
+        VolumeStatus {
+            volume: self.settings.volume.clone(),
+            node: self.settings.node.clone(),
+            role: st.role,
+            connection: st.connection.clone(),
+            disk: Self::disk_word(sb.flags),
+            mode: match self.settings.mode {
+                ReplicationMode::Sync => "sync",
+                ReplicationMode::Async => "async",
+            },
+            ahead: st.ahead,
+            rpo_bytes: m.bitmap().dirty_bytes() + st.inflight_bytes,
+            rpo_seconds: st
+                .pending
+                .values()
+                .filter(|p| p.kind == PendingKind::App)
+                .map(|p| p.sent_at)
+                .chain(
+                    st.oldest_unreplicated
+                        .filter(|_| m.bitmap().dirty_chunks() > 0),
+                )
+                .min()
+                .map(|t| now.saturating_duration_since(t).as_secs_f64())
+                .unwrap_or(0.0),
+            inflight_bytes: st.inflight_bytes,
+            resync: st.resync.as_ref().map(|r| ResyncStatus {
+                role: r.role,
+                progress: r.progress.report(now),
+            }),
+            counters: st.counters,
+            current_generation: format!("{:016x}", sb.gen.current),
+        }
+    }
+
+    async fn wait_until(&self, mut ready: impl FnMut(&Self) -> bool) {
+        loop {
+            let n = self.wake.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if ready(self) {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
+        a.start < b.end && b.start < a.end
+    }
+
+    /// Queues `msg` on the session; returns its seq and a receiver for the peer's verdict.
+    fn send_tracked(
+        st: &mut State,
+        kind: PendingKind,
+        range: Range<u64>,
+        make: impl FnOnce(u64) -> Message,
+    ) -> Option<(u64, oneshot::Receiver<bool>)> {
+        let s = st.session.clone()?;
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let (tx, rx) = oneshot::channel();
+        if s.tx.send(make(seq)).is_err() {
+            return None;
+        }
+        let bytes = range.end - range.start;
+        if kind != PendingKind::Control {
+            st.inflight_bytes += bytes;
+        }
+        st.pending.insert(
+            seq,
+            Pending {
+                local_done: kind != PendingKind::App,
+                sent_at: Instant::now(),
+                kind,
+                range,
+                peer_ok: None,
+                waiter: Some(tx),
+            },
+        );
+        Some((seq, rx))
+    }
+
+    /// Registers an application write and queues it to the peer when that is allowed.
+    fn replicate(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Option<(u64, oneshot::Receiver<bool>)> {
+        let len = data.len() as u64;
+        let range = offset..offset + len;
+        let mut st = self.st.borrow_mut();
+        let st = &mut *st;
+        st.rate.on_app_write(Instant::now());
+        if st.session.is_some()
+            && !st.ahead
+            && self.settings.mode == ReplicationMode::Async
+            && st.inflight_bytes + len > self.settings.max_inflight_bytes
+        {
+            st.ahead = true;
+            st.counters.ahead_events += 1;
+            tracing::warn!(volume = %self.settings.volume, inflight = st.inflight_bytes, bound = self.settings.max_inflight_bytes, "replication queue full: going ahead (data stays dirty, resync when the link catches up)");
+        }
+        if st.session.is_none() || st.ahead {
+            self.mark_unsent(st, offset, len);
+            return None;
+        }
+        let epoch = st.session.as_ref().map(|s| s.id).unwrap_or(0);
+        let r = Self::send_tracked(st, PendingKind::App, range, |seq| {
+            Message::Data(Data {
+                seq,
+                epoch,
+                offset,
+                flags: DataFlags(if fua { DataFlags::FUA } else { 0 }),
+                data,
+            })
+        });
+        match r {
+            Some(r) => {
+                st.counters.data_bytes_sent += len;
+                Some(r)
+            }
+            None => {
+                self.mark_unsent(st, offset, len);
+                None
+            }
+        }
+    }
+
+    /// A write the peer will not receive: its chunks become dirty (before the local write is
+    /// issued) and no resync ack may clear them while this connection lasts.
+    fn mark_unsent(&self, st: &mut State, offset: u64, len: u64) {
+        let _ = st.unsent.set(offset, len);
+        let _ = self.meta.borrow_mut().mark_dirty(offset, len);
+        if st.oldest_unreplicated.is_none() {
+            st.oldest_unreplicated = Some(Instant::now());
+        }
+    }
+
+    /// Clears the bits of `range` except chunks an unsent write touched.
+    fn clear_synced(&self, st: &State, range: Range<u64>) {
+        let mut m = self.meta.borrow_mut();
+        let len = range.end - range.start;
+        if !st.unsent.is_dirty(range.start, len).unwrap_or(true) {
+            let _ = m.clear_dirty(range.start, len);
+            return;
+        }
+        let chunks = st.unsent.covered_chunks(range.start, len);
+        let g = st.unsent.geometry();
+        for c in chunks {
+            if !st.unsent.test_chunk(c) {
+                let r = g.chunk_range(c);
+                let _ = m.clear_dirty(r.start, r.end - r.start);
+            }
+        }
+    }
+
+    fn try_finish(&self, seq: u64) {
+        let mut st = self.st.borrow_mut();
+        let ready = st
+            .pending
+            .get(&seq)
+            .is_some_and(|p| p.local_done && p.peer_ok.is_some());
+        if !ready {
+            return;
+        }
+        let Some(mut p) = st.pending.remove(&seq) else {
+            return;
+        };
+        let ok = p.peer_ok == Some(true);
+        let bytes = p.range.end - p.range.start;
+        if p.kind != PendingKind::Control {
+            st.inflight_bytes = st.inflight_bytes.saturating_sub(bytes);
+        }
+        match (ok, &p.kind) {
+            // Resync pieces are chunk-aligned: both copies now hold every chunk they cover.
+            (true, PendingKind::Resync) => self.clear_synced(&st, p.range.clone()),
+            // A replicated application write never set bits (the activity log covers a crash).
+            (true, _) | (false, PendingKind::Control) => {}
+            (false, _) => {
+                let _ = self
+                    .meta
+                    .borrow_mut()
+                    .mark_dirty(p.range.start, p.range.end - p.range.start);
+            }
+        }
+        if ok && p.kind == PendingKind::Resync {
+            if let Some(r) = st.resync.as_mut() {
+                r.progress.advance(bytes);
+            }
+        }
+        if self.meta.borrow().bitmap().dirty_chunks() == 0 {
+            st.oldest_unreplicated = None;
+        }
+        if let Some(w) = p.waiter.take() {
+            let _ = w.send(ok);
+        }
+        drop(st);
+        self.wake.notify_waiters();
+    }
+
+    /// The peer acknowledged `seq` (status 0 = durable).
+    fn on_ack(&self, seq: u64, status: u32) {
+        {
+            let mut st = self.st.borrow_mut();
+            match st.pending.get_mut(&seq) {
+                Some(p) => p.peer_ok = Some(status == 0),
+                None => {
+                    tracing::warn!(volume = %self.settings.volume, seq, "ack for an unknown sequence number");
+                    return;
+                }
+            }
+            if status != 0 {
+                tracing::error!(volume = %self.settings.volume, seq, errno = status, "the peer failed a write; the region stays dirty");
+            }
+        }
+        self.try_finish(seq);
+    }
+
+    fn local_done(&self, seq: u64) {
+        if let Some(p) = self.st.borrow_mut().pending.get_mut(&seq) {
+            p.local_done = true;
+        }
+        self.try_finish(seq);
+    }
+
+    async fn write_primary(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    ) -> (BlockResult<()>, AlignedBuf) {
+        let len = buf.len() as u64;
+        let range = offset..offset + len;
+        self.wait_until(|v| {
+            v.st.borrow()
+                .resync_lock
+                .as_ref()
+                .is_none_or(|l| !Self::overlaps(l, &range))
+        })
+        .await;
+        {
+            // The activity log covers the write against a crash of this node; bits are set
+            // only for a write the peer will not receive, or that fails on either side.
+            let mut m = self.meta.borrow_mut();
+            if let Err(e) = m.prepare_write(offset, len) {
+                return (
+                    Err(eio(
+                        format!(
+                            "recording write {offset}+{len} in the metadata of {}",
+                            self.settings.volume
+                        ),
+                        e,
+                    )),
+                    buf,
+                );
+            }
+        }
+        let app_id = {
+            let mut st = self.st.borrow_mut();
+            let id = st.next_app;
+            st.next_app += 1;
+            st.app_ranges.insert(id, range.clone());
+            id
+        };
+        let sent = self.replicate(offset, Bytes::copy_from_slice(&buf), fua);
+        let (res, buf) = self.local.write(offset, buf, fua).await;
+        self.st.borrow_mut().app_ranges.remove(&app_id);
+        self.wake.notify_waiters();
+        if res.is_err() {
+            // The peer may or may not apply its copy: the region is dirty, a resync settles it.
+            let _ = self.meta.borrow_mut().mark_dirty(offset, len);
+            if let Some((seq, _)) = sent {
+                self.local_done(seq);
+            }
+            return (res, buf);
+        }
+        if let Some((seq, rx)) = sent {
+            self.local_done(seq);
+            if self.settings.mode == ReplicationMode::Sync {
+                // false or a dropped sender: the peer was lost; the region stays dirty and
+                // the write completes on the local copy alone (the peer resyncs later).
+                let _ = rx.await;
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    fn refuse_write(&self, what: &str) -> BlockError {
+        BlockError::errno(
+            format!(
+                "{what} on volume {} refused: this node is Secondary",
+                self.settings.volume
+            ),
+            libc::EROFS,
+        )
+    }
+
+    async fn write_zero_pieces(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(ZERO_PIECE);
+            let buf = self.local.alloc_buf(n as usize);
+            let (r, _) = self.write_primary(pos, buf, fua).await;
+            r?;
+            pos += n;
+        }
+        Ok(())
+    }
+}
+
+impl<T: BlockTarget, D: MetaDevice> BlockTarget for MirroredVolume<T, D> {
+    fn info(&self) -> &TargetInfo {
+        &self.info
+    }
+
+    fn alloc_buf(&self, len: usize) -> AlignedBuf {
+        self.local.alloc_buf(len)
+    }
+
+    async fn read(&self, offset: u64, buf: AlignedBuf) -> (BlockResult<()>, AlignedBuf) {
+        self.local.read(offset, buf).await
+    }
+
+    async fn write(
+        &self,
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+    ) -> (BlockResult<()>, AlignedBuf) {
+        if self.role() != Role::Primary {
+            let e = self.refuse_write("write");
+            return (Err(e), buf);
+        }
+        self.write_primary(offset, buf, fua).await
+    }
+
+    async fn flush(&self) -> BlockResult<()> {
+        if self.role() != Role::Primary {
+            return self.local.flush().await;
+        }
+        let sent = if self.settings.mode == ReplicationMode::Sync {
+            let mut st = self.st.borrow_mut();
+            Self::send_tracked(&mut st, PendingKind::Control, 0..0, |seq| Message::Flush {
+                seq,
+            })
+        } else {
+            None
+        };
+        let r = self.local.flush().await;
+        if let Some((_, rx)) = sent {
+            let _ = rx.await;
+        }
+        r
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
+        if self.role() != Role::Primary {
+            return Err(self.refuse_write("trim"));
+        }
+        self.write_zero_pieces(offset, len, fua).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        if self.role() != Role::Primary {
+            return Err(self.refuse_write("write-zeroes"));
+        }
+        if flags.fast {
+            return Err(BlockError::errno(
+                "fast zero is not offered by a mirrored volume",
+                libc::ENOTSUP,
+            ));
+        }
+        self.write_zero_pieces(offset, len, flags.fua).await
+    }
+
+    async fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.local.cache(offset, len).await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
+        self.local.block_status(offset, len).await
+    }
+}
+
+/// Shared handle used by the session and the runner.
+pub type VolumeRc<T, D> = Rc<MirroredVolume<T, D>>;

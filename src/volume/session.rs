@@ -1,0 +1,741 @@
+//! One replication connection of a [`MirroredVolume`], and the loop that keeps one up.
+//!
+//! After the link's handshake (Hellos + HMAC): both sides send their dirty bitmap (RLE in
+//! BitmapChunks), both compute [`plan::plan`] from the same facts, then:
+//! - InSync / AwaitInitialSync: replicate (the Primary sends Data, the Secondary applies);
+//! - Source: the union of both bitmaps (or everything) becomes this node's bitmap and the
+//!   resync task sends it as ResyncData, then ResyncDone;
+//! - Target: this copy is marked Inconsistent durably before the first resync byte lands, and
+//!   becomes consistent (adopting the source's generation) at ResyncDone;
+//! - Refuse: a Disconnect with the reason; nothing is copied.
+//!
+//! The receiving side applies Data, ResyncData, Flush and ResyncDone strictly in arrival order
+//! (the sender's sequence order) and acks each after its write completed (FUA and FLUSH carried
+//! through). A frame that fails a CRC never reaches a message, so it is never written: the
+//! connection is reset, the sender keeps the region dirty, and the next connection resyncs it.
+
+use std::ops::Range;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, Notify};
+
+use super::plan::{self, Plan, Refusal, Side};
+use super::{Connection, MirroredVolume, PendingKind, ResyncRole, ResyncRun, Role, SessionTx};
+use crate::block::BlockTarget;
+use crate::meta::bitmap::DirtyBitmap;
+use crate::meta::device::MetaDevice;
+use crate::meta::gen::{DiskFlags, GenIds, NodeGen};
+use crate::repl::link::{self, Link, LinkConfig, LinkError, LinkListener, LinkReader, LinkWriter};
+use crate::repl::resync::{pieces, Progress};
+use crate::repl::wire::bitmap::{split, BitmapAssembler};
+use crate::repl::wire::{
+    DisconnectReason, Generations, Hello, Message, ResyncData, ResyncPayload, PROTOCOL_VERSION,
+};
+
+/// Bit of `Hello::disk_state` above the metadata flags: the sender is Primary now.
+pub const HELLO_PRIMARY: u32 = 1 << 31;
+/// Largest resync piece.
+const RESYNC_PIECE: u64 = 256 << 10;
+/// Resync pieces in flight.
+const RESYNC_WINDOW: usize = 8;
+/// Largest bitmap chunk payload.
+const BITMAP_CHUNK: usize = 1 << 20;
+/// Wait after a refused connection before trying again.
+const REFUSED_RETRY: Duration = Duration::from_secs(2);
+
+/// The 16-byte volume identity both nodes put in their Hello: derived from the volume name,
+/// so two nodes configured for the same volume agree without exchanging anything.
+pub fn volume_uuid(name: &str) -> [u8; 16] {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(format!("twinvol volume {name}").as_bytes());
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&d[..16]);
+    u
+}
+
+/// A stable small id per node name for the decision's tie-break: the smaller name is 0.
+fn tie_id(me: &str, other: &str) -> u32 {
+    u32::from(me > other)
+}
+
+fn to_generations(g: &GenIds) -> Generations {
+    Generations {
+        current: g.current,
+        bitmap: g.bitmap,
+        history1: g.history[0],
+        history2: g.history[1],
+    }
+}
+
+fn from_generations(g: &Generations) -> GenIds {
+    GenIds {
+        current: g.current,
+        bitmap: g.bitmap,
+        history: [g.history1, g.history2],
+    }
+}
+
+/// Aborts a helper task when the session that owns it ends, even by cancellation.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// The link failed or the peer left (reconnect at once).
+    Lost(String),
+    /// The connection was refused by the plan (retry later).
+    Refused(Refusal),
+    /// Asked to stop (role change): reconnect at once.
+    Dropped,
+}
+
+impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
+    /// The Hello describing this node now.
+    pub fn hello(&self) -> Hello {
+        let m = self.meta.borrow();
+        let sb = m.superblock();
+        let primary = self.role() == Role::Primary;
+        Hello {
+            proto_min: PROTOCOL_VERSION,
+            proto_max: PROTOCOL_VERSION,
+            volume_uuid: volume_uuid(&self.settings.volume),
+            node_id: self.settings.node.clone(),
+            peer_node_id: self.settings.peer.clone(),
+            generations: to_generations(&sb.gen),
+            disk_state: sb.flags.0 | if primary { HELLO_PRIMARY } else { 0 },
+            bitmap_granularity: sb.granularity.bytes(),
+            device_size: sb.data_size,
+            features: 0,
+        }
+    }
+
+    fn side_local(&self) -> Side {
+        let m = self.meta.borrow();
+        Side {
+            name: self.settings.node.clone(),
+            gen: NodeGen {
+                node_id: tie_id(&self.settings.node, &self.settings.peer),
+                ids: m.superblock().gen,
+                flags: m.superblock().flags,
+            },
+            dirty_chunks: m.bitmap().dirty_chunks(),
+            primary: self.role() == Role::Primary,
+        }
+    }
+
+    fn set_connection(&self, c: Connection) {
+        self.st.borrow_mut().connection = c;
+    }
+
+    /// Runs one connection until it ends. Never panics on peer input.
+    pub async fn run_session(self: &Rc<Self>, link: Link) -> SessionEnd {
+        let (info, mut reader, mut writer) = link.into_split();
+        let peer_hello = info.hello;
+        let ours = self.hello();
+        let vol = &self.settings.volume;
+        if peer_hello.device_size != ours.device_size
+            || peer_hello.bitmap_granularity != ours.bitmap_granularity
+        {
+            let detail = format!(
+                "volume {vol}: data size {} / bitmap granularity {} here, {} / {} on the peer; create the metadata of both nodes with the same device size and --granularity",
+                ours.device_size, ours.bitmap_granularity, peer_hello.device_size, peer_hello.bitmap_granularity
+            );
+            let _ = writer
+                .send(&Message::Disconnect {
+                    reason: DisconnectReason::VolumeMismatch,
+                    detail: detail.clone(),
+                })
+                .await;
+            return SessionEnd::Lost(detail);
+        }
+        // Bitmap exchange.
+        let encoded = Bytes::from(self.meta.borrow().bitmap().encode_rle());
+        for c in split(&encoded, BITMAP_CHUNK) {
+            if let Err(e) = writer.queue(&Message::BitmapChunk(c)) {
+                return SessionEnd::Lost(e.to_string());
+            }
+        }
+        if let Err(e) = writer.flush().await {
+            return SessionEnd::Lost(e.to_string());
+        }
+        let geometry = self.meta.borrow().bitmap().geometry();
+        let peer_bitmap =
+            match recv_bitmap(&mut reader, geometry, self.settings.ping_timeout * 2).await {
+                Ok(b) => b,
+                Err(e) => {
+                    if e.contains("CRC") || e.contains("magic") {
+                        self.st.borrow_mut().counters.corrupt_frames += 1;
+                    }
+                    return SessionEnd::Lost(e);
+                }
+            };
+        let local = self.side_local();
+        let peer = Side {
+            name: peer_hello.node_id.clone(),
+            gen: NodeGen {
+                node_id: tie_id(&peer_hello.node_id, &self.settings.node),
+                ids: from_generations(&peer_hello.generations),
+                flags: DiskFlags(peer_hello.disk_state & DiskFlags::ALL),
+            },
+            dirty_chunks: peer_bitmap.dirty_chunks(),
+            primary: peer_hello.disk_state & HELLO_PRIMARY != 0,
+        };
+        let decided = plan::plan(&local, &peer, &self.settings.split_brain_policy);
+        tracing::info!(volume = %vol, plan = ?decided, local = ?local.gen.ids, peer = ?peer.gen.ids, "replication connection plan");
+        if let Plan::Refuse(r) = decided {
+            let reason = match &r {
+                Refusal::SplitBrain { .. } => DisconnectReason::SplitBrain,
+                Refusal::UnrelatedData => DisconnectReason::UnrelatedData,
+                _ => DisconnectReason::Other(1),
+            };
+            tracing::error!(volume = %vol, refusal = ?r, "replication refused: no data is copied");
+            let _ = writer
+                .send(&Message::Disconnect {
+                    reason,
+                    detail: format!("{r:?}"),
+                })
+                .await;
+            self.set_connection(Connection::Refused { refusal: r.clone() });
+            return SessionEnd::Refused(r);
+        }
+        // Apply the plan's bitmap and state changes before any data moves.
+        let resync = match decided {
+            Plan::Source { full } | Plan::Target { full } => {
+                let mut m = self.meta.borrow_mut();
+                let mut union = m.bitmap().clone();
+                if full {
+                    union.set_all();
+                } else if union.merge(&peer_bitmap).is_err() {
+                    return SessionEnd::Lost("peer bitmap geometry differs".into());
+                }
+                if let Err(e) = m
+                    .replace_bitmap(union)
+                    .and_then(|_| m.persist_bitmap().map(|_| ()))
+                {
+                    return SessionEnd::Lost(e.to_string());
+                }
+                if matches!(decided, Plan::Target { .. }) {
+                    if let Err(e) = m.update_state(|_, f| {
+                        f.set(DiskFlags::CONSISTENT, false);
+                        f.set(DiskFlags::UP_TO_DATE, false);
+                    }) {
+                        return SessionEnd::Lost(e.to_string());
+                    }
+                }
+                Some((matches!(decided, Plan::Source { .. }), full))
+            }
+            _ => None,
+        };
+        let kill = Rc::new(Notify::new());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let session_id = {
+            let mut st = self.st.borrow_mut();
+            let id = st.next_session;
+            st.next_session += 1;
+            st.session = Some(SessionTx {
+                id,
+                tx: tx.clone(),
+                kill: kill.clone(),
+            });
+            st.peer_primary = peer.primary;
+            st.connection = Connection::Connected;
+            st.counters.connections += 1;
+            st.ahead = false;
+            st.unsent.clear_all();
+            if let Some((source, _)) = resync {
+                let total = self.meta.borrow().bitmap().dirty_bytes();
+                st.resync = Some(ResyncRun {
+                    role: if source {
+                        ResyncRole::Source
+                    } else {
+                        ResyncRole::Target
+                    },
+                    progress: Progress::new(total, Instant::now()),
+                });
+            }
+            id
+        };
+        tracing::info!(volume = %vol, peer = %peer.name, session = session_id, "replication connected");
+        let writer_task = tokio::task::spawn_local(write_loop(writer, rx));
+        let resync_task = match resync {
+            Some((true, _)) => Some(AbortOnDrop(tokio::task::spawn_local(
+                self.clone().resync_source(session_id, true),
+            ))),
+            _ => None,
+        };
+        let ahead_task = AbortOnDrop(tokio::task::spawn_local(
+            self.clone().ahead_watch(session_id),
+        ));
+        let end = tokio::select! {
+            e = self.read_loop(&mut reader, &tx, &peer_hello) => e,
+            _ = kill.notified() => SessionEnd::Dropped,
+        };
+        drop(resync_task);
+        drop(ahead_task);
+        drop(tx);
+        self.teardown(session_id);
+        // Give the writer a moment to push a final Disconnect or acks, then stop it.
+        let _ = tokio::time::timeout(Duration::from_millis(100), writer_task).await;
+        tracing::warn!(volume = %vol, end = ?end, "replication disconnected");
+        end
+    }
+
+    /// Ends the session: every outstanding item stays (or becomes again) dirty; a Primary
+    /// starts a new generation so a later promotion of the peer is detected as such.
+    fn teardown(&self, session_id: u64) {
+        let pendings: Vec<_> = {
+            let mut st = self.st.borrow_mut();
+            if st.session.as_ref().map(|s| s.id) != Some(session_id) {
+                return;
+            }
+            st.session = None;
+            st.inflight_bytes = 0;
+            st.ahead = false;
+            st.resync_lock = None;
+            st.resync = None;
+            if matches!(st.connection, Connection::Connected) {
+                st.connection = Connection::Connecting;
+            }
+            st.pending.drain().collect()
+        };
+        {
+            let mut m = self.meta.borrow_mut();
+            for (_, p) in &pendings {
+                if p.kind != PendingKind::Control && p.range.end > p.range.start {
+                    let _ = m.mark_dirty(p.range.start, p.range.end - p.range.start);
+                }
+            }
+            if self.role() == Role::Primary {
+                if let Ok(new) = crate::meta::gen::random_id() {
+                    if let Err(e) = m.update_state(|g, _| g.new_current(new)) {
+                        tracing::error!(volume = %self.settings.volume, error = %e, "cannot record the new generation after losing the peer");
+                    }
+                }
+            }
+            let _ = m.persist_bitmap();
+        }
+        for (_, mut p) in pendings {
+            if let Some(w) = p.waiter.take() {
+                let _ = w.send(false);
+            }
+        }
+        self.wake.notify_waiters();
+    }
+
+    async fn read_loop(
+        self: &Rc<Self>,
+        reader: &mut LinkReader,
+        tx: &mpsc::UnboundedSender<Message>,
+        peer_hello: &Hello,
+    ) -> SessionEnd {
+        let interval = (self.settings.ping_timeout / 4).max(Duration::from_millis(100));
+        let mut last_rx = Instant::now();
+        let mut nonce = 0u64;
+        loop {
+            let msg = match tokio::time::timeout(interval, reader.recv()).await {
+                Err(_) => {
+                    if last_rx.elapsed() >= self.settings.ping_timeout {
+                        return SessionEnd::Lost(format!(
+                            "peer silent for {:?} (ping timeout)",
+                            last_rx.elapsed()
+                        ));
+                    }
+                    nonce += 1;
+                    let _ = tx.send(Message::Ping { nonce });
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    if matches!(e, LinkError::Wire { .. }) {
+                        self.st.borrow_mut().counters.corrupt_frames += 1;
+                        tracing::error!(volume = %self.settings.volume, error = %e, "corrupt replication frame refused (never written); resetting the connection");
+                    }
+                    return SessionEnd::Lost(e.to_string());
+                }
+                Ok(Ok(m)) => m,
+            };
+            last_rx = Instant::now();
+            match msg {
+                Message::Ack { seq, status } => self.on_ack(seq, status),
+                Message::Ping { nonce } => {
+                    let _ = tx.send(Message::Pong { nonce });
+                }
+                Message::Pong { .. } => {}
+                Message::Disconnect { reason, detail } => {
+                    return SessionEnd::Lost(format!("peer disconnected: {reason:?}: {detail}"));
+                }
+                Message::Data(d) => {
+                    if self.role() == Role::Primary {
+                        return SessionEnd::Lost("peer sent Data to a Primary".into());
+                    }
+                    let len = d.data.len() as u64;
+                    let status = self
+                        .apply(d.offset, &d.data, d.flags.fua(), d.flags.flush())
+                        .await;
+                    self.st.borrow_mut().counters.data_bytes_applied += len;
+                    let _ = tx.send(Message::Ack { seq: d.seq, status });
+                }
+                Message::ResyncData(r) => {
+                    if self.role() == Role::Primary {
+                        return SessionEnd::Lost("peer sent resync data to a Primary".into());
+                    }
+                    let status = match &r.payload {
+                        ResyncPayload::Bytes(b) => {
+                            self.mark_target().await;
+                            let s = self.apply(r.offset, b, false, false).await;
+                            if s == 0 {
+                                // This copy now holds the region: a later connection must not
+                                // ask for it again.
+                                let _ =
+                                    self.meta.borrow_mut().clear_dirty(r.offset, b.len() as u64);
+                            }
+                            let mut st = self.st.borrow_mut();
+                            st.counters.resync_bytes_applied += b.len() as u64;
+                            if let Some(run) = st.resync.as_mut() {
+                                run.progress.advance(b.len() as u64);
+                            }
+                            s
+                        }
+                        ResyncPayload::InSync => 0,
+                    };
+                    let _ = tx.send(Message::Ack { seq: r.seq, status });
+                }
+                Message::Flush { seq } => {
+                    let status = match self.local.flush().await {
+                        Ok(()) => 0,
+                        Err(e) => e.raw_errno() as u32,
+                    };
+                    let _ = tx.send(Message::Ack { seq, status });
+                }
+                Message::ResyncDone { seq } => {
+                    let status = self.finish_as_target(peer_hello).await;
+                    let _ = tx.send(Message::Ack { seq, status });
+                }
+                other => {
+                    tracing::warn!(volume = %self.settings.volume, kind = ?other.kind(), "unexpected replication message ignored");
+                }
+            }
+        }
+    }
+
+    /// Marks this copy Inconsistent (durably) when a resync begins without a connect-time plan
+    /// (async catch-up after "ahead").
+    async fn mark_target(&self) {
+        let needs = {
+            let m = self.meta.borrow();
+            m.superblock().flags.has(DiskFlags::CONSISTENT)
+        };
+        if needs {
+            let r = self.meta.borrow_mut().update_state(|_, f| {
+                f.set(DiskFlags::CONSISTENT, false);
+                f.set(DiskFlags::UP_TO_DATE, false);
+            });
+            if let Err(e) = r {
+                tracing::error!(volume = %self.settings.volume, error = %e, "cannot mark the resync target inconsistent");
+            }
+            let mut st = self.st.borrow_mut();
+            if st.resync.is_none() {
+                st.resync = Some(ResyncRun {
+                    role: ResyncRole::Target,
+                    progress: Progress::new(u64::MAX / 2, Instant::now()),
+                });
+            }
+        }
+    }
+
+    /// Writes one received region; returns the Ack status (0 or errno).
+    async fn apply(&self, offset: u64, data: &[u8], fua: bool, flush_first: bool) -> u32 {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > self.info.size)
+        {
+            tracing::error!(volume = %self.settings.volume, offset, len = data.len(), "peer wrote beyond the device; refused");
+            return libc::EINVAL as u32;
+        }
+        if flush_first {
+            if let Err(e) = self.local.flush().await {
+                return e.raw_errno() as u32;
+            }
+        }
+        let mut buf = self.local.alloc_buf(data.len());
+        buf.copy_from_slice(data);
+        let (r, _) = self.local.write(offset, buf, fua).await;
+        match r {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(volume = %self.settings.volume, error = %e, "applying a replicated write failed");
+                e.raw_errno() as u32
+            }
+        }
+    }
+
+    async fn finish_as_target(&self, source: &Hello) -> u32 {
+        if let Err(e) = self.local.flush().await {
+            return e.raw_errno() as u32;
+        }
+        let src = from_generations(&source.generations);
+        let mut m = self.meta.borrow_mut();
+        let mut clean = m.bitmap().clone();
+        clean.clear_all();
+        let r = m
+            .replace_bitmap(clean)
+            .and_then(|_| m.persist_bitmap().map(|_| ()))
+            .and_then(|_| {
+                m.update_state(|g, f| {
+                    let full = g.current == crate::meta::gen::JUST_CREATED;
+                    g.resync_finished_as_target(&src, full);
+                    f.set(DiskFlags::CONSISTENT, true);
+                    f.set(DiskFlags::UP_TO_DATE, true);
+                    f.set(DiskFlags::INITIAL_SYNC_DONE, true);
+                })
+            });
+        drop(m);
+        self.st.borrow_mut().resync = None;
+        match r {
+            Ok(()) => {
+                tracing::info!(volume = %self.settings.volume, "resync finished: this copy is up to date");
+                0
+            }
+            Err(e) => {
+                tracing::error!(volume = %self.settings.volume, error = %e, "cannot record the finished resync");
+                libc::EIO as u32
+            }
+        }
+    }
+
+    fn session_is(&self, id: u64) -> bool {
+        self.st.borrow().session.as_ref().map(|s| s.id) == Some(id)
+    }
+
+    /// Async mode: when the volume went ahead and everything sent was acknowledged, resync
+    /// the bits left behind.
+    async fn ahead_watch(self: Rc<Self>, session_id: u64) {
+        loop {
+            self.wait_until(|v| {
+                let st = v.st.borrow();
+                st.ahead && st.inflight_bytes == 0 && st.resync.is_none()
+            })
+            .await;
+            if !self.session_is(session_id) {
+                return;
+            }
+            {
+                let mut st = self.st.borrow_mut();
+                st.ahead = false;
+                let total = self.meta.borrow().bitmap().dirty_bytes();
+                st.resync = Some(ResyncRun {
+                    role: ResyncRole::Source,
+                    progress: Progress::new(total, Instant::now()),
+                });
+            }
+            tracing::info!(volume = %self.settings.volume, "link caught up: resyncing what was left behind");
+            self.clone().resync_source(session_id, false).await;
+        }
+    }
+
+    /// Sends every dirty region as ResyncData (rate-limited, windowed), then ResyncDone; on
+    /// success records the finished resync (`by_generation`: the resync came from the
+    /// connect decision and the generation ids move on).
+    async fn resync_source(self: Rc<Self>, session_id: u64, by_generation: bool) {
+        let runs: Vec<Range<u64>> = self.meta.borrow().bitmap().dirty_runs().collect();
+        let gran = u64::from(self.meta.borrow().superblock().granularity.bytes());
+        for run in runs {
+            for piece in pieces(run, RESYNC_PIECE, gran) {
+                if !self.session_is(session_id) {
+                    return;
+                }
+                let len = piece.end - piece.start;
+                let wait = self.st.borrow_mut().rate.take(len, Instant::now());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                self.wait_until(|v| {
+                    let st = v.st.borrow();
+                    st.pending
+                        .values()
+                        .filter(|p| p.kind == PendingKind::Resync)
+                        .count()
+                        < RESYNC_WINDOW
+                })
+                .await;
+                // Lock the piece against new application writes, wait for those in flight.
+                self.st.borrow_mut().resync_lock = Some(piece.clone());
+                self.wait_until(|v| {
+                    v.st.borrow()
+                        .app_ranges
+                        .values()
+                        .all(|r| !Self::overlaps(r, &piece))
+                })
+                .await;
+                let buf = self.local.alloc_buf(len as usize);
+                let (r, buf) = self.local.read(piece.start, buf).await;
+                if let Err(e) = r {
+                    tracing::error!(volume = %self.settings.volume, error = %e, "resync read failed; dropping the connection");
+                    self.st.borrow_mut().resync_lock = None;
+                    self.wake.notify_waiters();
+                    self.drop_session("resync read failed");
+                    return;
+                }
+                {
+                    let mut st = self.st.borrow_mut();
+                    let _ = st.unsent.clear(piece.start, len);
+                    let data = Bytes::copy_from_slice(&buf);
+                    let offset = piece.start;
+                    let sent =
+                        Self::send_tracked(&mut st, PendingKind::Resync, piece.clone(), |seq| {
+                            Message::ResyncData(ResyncData {
+                                seq,
+                                offset,
+                                length: len as u32,
+                                payload: ResyncPayload::Bytes(data),
+                            })
+                        });
+                    if sent.is_some() {
+                        st.counters.resync_bytes_sent += len;
+                    }
+                    st.resync_lock = None;
+                }
+                self.wake.notify_waiters();
+            }
+        }
+        self.wait_until(|v| {
+            !v.session_is(session_id)
+                || v.st
+                    .borrow()
+                    .pending
+                    .values()
+                    .all(|p| p.kind != PendingKind::Resync)
+        })
+        .await;
+        let done = {
+            let mut st = self.st.borrow_mut();
+            Self::send_tracked(&mut st, PendingKind::Control, 0..0, |seq| {
+                Message::ResyncDone { seq }
+            })
+        };
+        let Some((_, rx)) = done else { return };
+        if rx.await != Ok(true) {
+            return;
+        }
+        if by_generation {
+            let r = self.meta.borrow_mut().update_state(|g, f| {
+                g.resync_finished_as_source();
+                f.set(DiskFlags::INITIAL_SYNC_DONE, true);
+            });
+            if let Err(e) = r {
+                tracing::error!(volume = %self.settings.volume, error = %e, "cannot record the finished resync");
+            }
+        }
+        let _ = self.meta.borrow_mut().persist_bitmap();
+        self.st.borrow_mut().resync = None;
+        tracing::info!(volume = %self.settings.volume, left = self.meta.borrow().bitmap().dirty_bytes(), "resync finished as source");
+    }
+}
+
+async fn recv_bitmap(
+    reader: &mut LinkReader,
+    geometry: crate::meta::bitmap::BitmapGeometry,
+    timeout: Duration,
+) -> Result<DirtyBitmap, String> {
+    let mut asm = BitmapAssembler::new(geometry.chunks().saturating_mul(10).max(1 << 16));
+    loop {
+        let m = match tokio::time::timeout(timeout, reader.recv()).await {
+            Err(_) => return Err("peer sent no bitmap in time".into()),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Ok(Ok(m)) => m,
+        };
+        match m {
+            Message::BitmapChunk(c) => {
+                if let Some(all) = asm.push(&c).map_err(|e| e.to_string())? {
+                    return DirtyBitmap::decode_rle(&all, geometry).map_err(|e| e.to_string());
+                }
+            }
+            Message::Disconnect { reason, detail } => {
+                return Err(format!("peer refused: {reason:?}: {detail}"))
+            }
+            Message::Ping { .. } | Message::Pong { .. } => {}
+            other => {
+                return Err(format!(
+                    "expected the peer's bitmap, got {:?}",
+                    other.kind()
+                ))
+            }
+        }
+    }
+}
+
+async fn write_loop(mut w: LinkWriter, mut rx: mpsc::UnboundedReceiver<Message>) {
+    while let Some(m) = rx.recv().await {
+        if w.queue(&m).is_err() {
+            return;
+        }
+        // Batch whatever else is ready, up to a few MiB, then write.
+        while w.queued_bytes() < (4 << 20) {
+            match rx.try_recv() {
+                Ok(m) => {
+                    if w.queue(&m).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Keeps a replication connection up for `vol` forever: the node with the smaller id listens,
+/// the other connects with backoff. Each connection carries a fresh Hello.
+pub async fn keep_connected<T: BlockTarget + 'static, D: MetaDevice + 'static>(
+    vol: Rc<MirroredVolume<T, D>>,
+    mut cfg: LinkConfig,
+) -> Result<(), LinkError> {
+    let listen = vol.settings.node < vol.settings.peer;
+    let after = |end: &SessionEnd| match end {
+        SessionEnd::Refused(_) => REFUSED_RETRY,
+        _ => Duration::from_millis(100),
+    };
+    if listen {
+        cfg.hello = vol.hello();
+        let mut l = LinkListener::bind(cfg)?;
+        loop {
+            l.set_hello(vol.hello());
+            match l.accept().await {
+                Ok(link) => {
+                    let end = vol.run_session(link).await;
+                    tokio::time::sleep(after(&end)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %vol.settings.volume, error = %e, "replication accept failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    } else {
+        let mut backoff = link::Backoff::new(link::BackoffPolicy::default());
+        loop {
+            cfg.hello = vol.hello();
+            match link::connect(&cfg).await {
+                Ok(l) => {
+                    backoff = link::Backoff::new(link::BackoffPolicy::default());
+                    let end = vol.run_session(l).await;
+                    tokio::time::sleep(after(&end)).await;
+                }
+                Err(e) => {
+                    let d = backoff.next_delay_random().min(Duration::from_secs(1));
+                    tracing::debug!(volume = %vol.settings.volume, error = %e, retry_in = ?d, "replication connect failed");
+                    tokio::time::sleep(d).await;
+                }
+            }
+        }
+    }
+}

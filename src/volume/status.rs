@@ -1,0 +1,102 @@
+//! The status snapshot of one mirrored volume: a plain serialisable value for `twinvol status`,
+//! the cluster daemon and tests. Taking it never blocks the data path.
+
+use crate::repl::resync::ProgressReport;
+
+use super::plan::Refusal;
+
+/// Role of this node for a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Serves the volume; its writes are mirrored to the peer.
+    Primary,
+    /// Receives the primary's writes; refuses exports and writes of its own.
+    Secondary,
+}
+
+/// The replication connection.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum Connection {
+    /// Waiting for the peer (listening or connecting).
+    Connecting,
+    /// Connected and replicating (maybe resyncing).
+    Connected,
+    /// The last connection was refused; the reason stays until the next attempt succeeds.
+    Refused {
+        /// Why.
+        #[serde(flatten)]
+        refusal: Refusal,
+    },
+}
+
+/// Which way a running resync copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResyncRole {
+    /// This node sends.
+    Source,
+    /// This node receives; its copy is Inconsistent until done.
+    Target,
+}
+
+/// A resync in progress.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ResyncStatus {
+    /// Direction from this node's view.
+    pub role: ResyncRole,
+    /// Bytes done, left, rate, ETA (source side; the target reports bytes received).
+    #[serde(flatten)]
+    pub progress: ProgressReport,
+}
+
+/// Counters since the process started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Application write bytes sent to the peer in Data frames.
+    pub data_bytes_sent: u64,
+    /// Resync bytes sent to the peer.
+    pub resync_bytes_sent: u64,
+    /// Data bytes applied from the peer (Data frames).
+    pub data_bytes_applied: u64,
+    /// Resync bytes applied from the peer.
+    pub resync_bytes_applied: u64,
+    /// Frames refused because a CRC (or any framing check) failed; never written.
+    pub corrupt_frames: u64,
+    /// Connections established (handshake and plan done).
+    pub connections: u64,
+    /// Times async mode went "ahead" (queue over its bound).
+    pub ahead_events: u64,
+}
+
+/// Everything an operator or the cluster daemon needs about one volume.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct VolumeStatus {
+    /// Volume name.
+    pub volume: String,
+    /// This node.
+    pub node: String,
+    /// Role.
+    pub role: Role,
+    /// Replication connection.
+    pub connection: Connection,
+    /// This copy: "up-to-date", "consistent", "inconsistent" or "outdated".
+    pub disk: &'static str,
+    /// "sync" or "async".
+    pub mode: &'static str,
+    /// Async: the volume stopped sending data because the queue overflowed.
+    pub ahead: bool,
+    /// Bytes written here that the peer may not have (dirty-bitmap granularity).
+    pub rpo_bytes: u64,
+    /// Age of the oldest write the peer may not have, in seconds (0 when none).
+    pub rpo_seconds: f64,
+    /// Bytes sent but not yet acknowledged.
+    pub inflight_bytes: u64,
+    /// The resync in progress, if any.
+    pub resync: Option<ResyncStatus>,
+    /// Counters.
+    pub counters: Counters,
+    /// Current generation id (hex).
+    pub current_generation: String,
+}

@@ -1,0 +1,688 @@
+//! Two nodes of a mirrored volume as two `twinvol mirror` processes over loopback
+//! (127.0.0.1 and 127.0.0.2): acknowledged writes survive a SIGKILL of the primary on the
+//! secondary's disk, a reconnect copies only dirty regions, a bit-flipping link never corrupts
+//! a disk, and split brain is refused or resolved exactly as the policy says.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{bin, scratch, sh, sparse_file};
+
+const MIB: u64 = 1024 * 1024;
+const DEV: u64 = 64 * MIB;
+
+/// One node's files and process.
+struct Node {
+    name: &'static str,
+    device: PathBuf,
+    config: PathBuf,
+    socket: PathBuf,
+    status: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Node {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        dir: &Path,
+        name: &'static str,
+        peer: &'static str,
+        address: SocketAddr,
+        peer_addr: SocketAddr,
+        key: &Path,
+        extra: &str,
+    ) -> Node {
+        let device = sparse_file(dir, &format!("{name}.img"), DEV);
+        let socket = dir.join(format!("{name}.sock"));
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"[node]
+id = "{name}"
+
+[[volume]]
+name = "data"
+device = "{dev}"
+engine = "sync"
+[volume.export]
+socket = "{sock}"
+[volume.replication]
+address = "{address}"
+peer = "{peer_addr}"
+peer_id = "{peer}"
+key_file = "{key}"
+ping_timeout_secs = 2
+{extra}
+"#,
+                dev = device.display(),
+                sock = socket.display(),
+                key = key.display(),
+            ),
+        )
+        .unwrap();
+        sh(&format!(
+            "{} create-md --device {} --granularity 64K --al-extents 16 --al-extent-size 1M",
+            bin().display(),
+            device.display()
+        ));
+        Node {
+            name,
+            device,
+            socket,
+            status: dir.join(format!("{name}.json")),
+            log: dir.join(format!("{name}.log")),
+            config,
+            child: None,
+        }
+    }
+
+    fn start(&mut self, role: &[&str]) {
+        let _ = std::fs::remove_file(&self.status);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(bin())
+            .arg("mirror")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--status-file")
+            .arg(&self.status)
+            .args(role)
+            .env("TWINVOL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        // The first status snapshot is written after the signal handlers are installed.
+        self.wait_for("started", Duration::from_secs(20), |s| !s.is_null());
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap();
+            let st = c.wait().unwrap();
+            assert!(
+                !self.log_text().contains("volume still in use"),
+                "{} did not close its metadata cleanly:\n{}",
+                self.name,
+                self.log_text()
+            );
+            assert!(
+                st.success(),
+                "{} did not stop cleanly: {st}\n{}",
+                self.name,
+                self.log_text()
+            );
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(&self.status).unwrap_or_else(|_| "null".into());
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let t0 = Instant::now();
+        loop {
+            let s = self.status();
+            if ok(&s) {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "{}: {what} not reached in {timeout:?}; status {s:#}\nlog:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_connected_in_sync(&self) -> serde_json::Value {
+        self.wait_for("connected, in sync", Duration::from_secs(60), |s| {
+            s["connection"]["state"] == "connected"
+                && s["resync"].is_null()
+                && s["disk"] == "up-to-date"
+                && s["rpo_bytes"] == 0
+        })
+    }
+
+    /// The data region (the metadata sits at the tail).
+    fn data(&self, size: u64) -> Vec<u8> {
+        let mut f = std::fs::File::open(&self.device).unwrap();
+        let mut v = vec![0u8; size as usize];
+        f.read_exact(&mut v).unwrap();
+        v
+    }
+}
+
+fn key(dir: &Path) -> PathBuf {
+    let p = dir.join("key");
+    std::fs::write(&p, [0x5au8; 32]).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// Two nodes "a" (127.0.0.1, listens) and "b" (127.0.0.2, connects) on fresh devices that
+/// skip the initial sync (both zero, same generation).
+fn pair(dir: &Path, extra_a: &str, extra_b: &str) -> (Node, Node) {
+    let k = key(dir);
+    let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
+    let a = Node::new(dir, "a", "b", a_addr, b_addr, &k, extra_a);
+    let b = Node::new(dir, "b", "a", b_addr, a_addr, &k, extra_b);
+    for n in [&a, &b] {
+        sh(&format!(
+            "{} new-current-uuid --clear-bitmap --uuid 1234abcd --device {}",
+            bin().display(),
+            n.device.display()
+        ));
+    }
+    (a, b)
+}
+
+/// A connected NBD client on the primary's socket.
+struct Client {
+    s: std::os::unix::net::UnixStream,
+    export: nbd::Export,
+}
+
+impl Client {
+    fn connect(node: &Node) -> Client {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&node.socket) {
+                if let Ok(export) = nbd::client::handshake(&mut s, b"") {
+                    return Client { s, export };
+                }
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "no NBD export on {}:\n{}",
+                node.name,
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut c = nbd::client::NbdClient::new(&mut self.s, &self.export);
+        c.seek(SeekFrom::Start(offset))?;
+        c.write_all(data)?;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut c = nbd::client::NbdClient::new(&mut self.s, &self.export);
+        c.flush()
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn data_size(node: &Node) -> u64 {
+    let c = Client::connect(node);
+    c.export.size
+}
+
+#[test]
+fn every_acknowledged_sync_write_is_on_the_secondary_after_the_primary_is_sigkilled() {
+    let dir = scratch();
+    let (mut a, mut b) = pair(dir.path(), "", "");
+    b.start(&["--secondary"]);
+    a.start(&["--primary"]);
+    a.wait_connected_in_sync();
+    let size = data_size(&a);
+    let slots = size / 4096;
+    let mut rng = 0x1234_5678u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut seed = 1u64;
+    for round in 0..4 {
+        // Each round writes distinct 4 KiB slots (a slot is written once per round), so the
+        // secondary must hold exactly the logged pattern for every acknowledged write.
+        let acked: Arc<std::sync::Mutex<Vec<(u64, u64)>>> = Default::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let first_slot = round * (slots / 4);
+        let writer = {
+            let acked = acked.clone();
+            let stop = stop.clone();
+            let mut c = Client::connect(&a);
+            let base_seed = seed;
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) && i < slots / 4 {
+                    let off = (first_slot + i) * 4096;
+                    let s = base_seed + i;
+                    match c.write(off, &pattern(s, 4096)) {
+                        Ok(()) => acked.lock().unwrap().push((off, s)),
+                        Err(_) => break,
+                    }
+                    i += 1;
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100 + next() % 700));
+        a.kill();
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        let acked = acked.lock().unwrap().clone();
+        assert!(
+            !acked.is_empty(),
+            "round {round}: no write was acknowledged before the kill"
+        );
+        seed += slots;
+        let img = b.data(size);
+        for (off, s) in &acked {
+            let want = pattern(*s, 4096);
+            assert!(
+                img[*off as usize..*off as usize + 4096] == want[..],
+                "round {round}: acknowledged write at {off} missing on the secondary ({} acked)",
+                acked.len()
+            );
+        }
+        eprintln!(
+            "round {round}: {} acknowledged writes all on the secondary",
+            acked.len()
+        );
+        // Bring the primary back (it crashed as primary: its activity-log extents resync).
+        a.start(&["--primary"]);
+        a.wait_connected_in_sync();
+    }
+    a.stop();
+    b.stop();
+    assert_eq!(
+        a.data(size),
+        b.data(size),
+        "images differ after the crash rounds resynced"
+    );
+}
+
+#[test]
+fn reconnect_sends_only_the_dirty_regions_and_images_end_identical() {
+    let dir = scratch();
+    let (mut a, mut b) = pair(dir.path(), "", "");
+    b.start(&["--secondary"]);
+    a.start(&["--primary"]);
+    a.wait_connected_in_sync();
+    let size = data_size(&a);
+    let mut c = Client::connect(&a);
+    c.write(0, &pattern(7, 65536)).unwrap();
+    // Cut the link: the secondary dies.
+    b.kill();
+    a.wait_for("peer lost", Duration::from_secs(10), |s| {
+        s["connection"]["state"] != "connected"
+    });
+    // 40 scattered 4 KiB writes while disconnected: 40 dirty 64 KiB chunks at most.
+    let before = a.status()["counters"]["resync_bytes_sent"]
+        .as_u64()
+        .unwrap();
+    for i in 0..40u64 {
+        c.write(i * (size / 40) + 8192, &pattern(100 + i, 4096))
+            .unwrap();
+    }
+    c.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let dirty = a.status()["rpo_bytes"].as_u64().unwrap();
+    // 40 chunks written apart, plus at most the activity-log extents in flight at the cut.
+    assert!(
+        dirty >= 40 * 65536 && dirty <= 48 * 65536,
+        "dirty bytes {dirty}"
+    );
+    b.start(&["--secondary"]);
+    let s = a.wait_connected_in_sync();
+    let sent = s["counters"]["resync_bytes_sent"].as_u64().unwrap() - before;
+    eprintln!("dirty {dirty} bytes, resync sent {sent} bytes of a {size} byte device");
+    assert!(
+        sent >= 40 * 4096 && sent <= dirty && sent < size / 20,
+        "resync sent {sent} bytes for {dirty} dirty bytes"
+    );
+    drop(c);
+    a.stop();
+    b.stop();
+    assert!(
+        a.data(size) == b.data(size),
+        "images differ after the resync"
+    );
+}
+
+/// A TCP proxy from `listen` to `to`, binding its outgoing side to `from_ip`, that flips one
+/// bit in the primary->secondary direction every `every` bytes after the first `skip`.
+fn bit_flip_proxy(
+    listen: SocketAddr,
+    to: SocketAddr,
+    from_ip: &str,
+    skip: u64,
+    every: u64,
+    flips: Arc<AtomicU64>,
+) {
+    let l = TcpListener::bind(listen).unwrap();
+    let from_ip = from_ip.to_string();
+    std::thread::spawn(move || {
+        for client in l.incoming() {
+            let Ok(client) = client else { continue };
+            let sock =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            sock.bind(&format!("{from_ip}:0").parse::<SocketAddr>().unwrap().into())
+                .unwrap();
+            if sock.connect(&to.into()).is_err() {
+                continue;
+            }
+            let server: TcpStream = sock.into();
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            // secondary (client side) -> primary: untouched.
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+                let _ = s2.shutdown(std::net::Shutdown::Write);
+            });
+            // primary -> secondary: flip bits.
+            let flips = flips.clone();
+            let (mut s3, mut c3) = (server, client);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let mut seen = 0u64;
+                let mut next_flip = skip + every;
+                loop {
+                    let n = match s3.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if seen + n as u64 > next_flip {
+                        let i = (next_flip - seen) as usize;
+                        buf[i] ^= 0x10;
+                        flips.fetch_add(1, Ordering::Relaxed);
+                        next_flip += every;
+                    }
+                    seen += n as u64;
+                    if c3.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = c3.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+}
+
+#[test]
+fn bit_flips_on_the_link_never_reach_a_disk_and_the_stream_recovers() {
+    let dir = scratch();
+    let k = key(dir.path());
+    let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
+    let proxy: SocketAddr = format!("127.0.0.3:{}", free_port()).parse().unwrap();
+    // b connects to the proxy, which connects to a from b's IP (a accepts only its peer's IP).
+    let mut a = Node::new(dir.path(), "a", "b", a_addr, b_addr, &k, "");
+    let mut b = Node::new(dir.path(), "b", "a", b_addr, proxy, &k, "");
+    for n in [&a, &b] {
+        sh(&format!(
+            "{} new-current-uuid --clear-bitmap --uuid 1234abcd --device {}",
+            bin().display(),
+            n.device.display()
+        ));
+    }
+    let flips = Arc::new(AtomicU64::new(0));
+    bit_flip_proxy(
+        proxy,
+        a_addr,
+        "127.0.0.2",
+        64 * 1024,
+        8 * MIB,
+        flips.clone(),
+    );
+    b.start(&["--secondary"]);
+    a.start(&["--primary"]);
+    a.wait_for("connected", Duration::from_secs(30), |s| {
+        s["connection"]["state"] == "connected"
+    });
+    let size = data_size(&a);
+    let mut c = Client::connect(&a);
+    for i in 0..600u64 {
+        let off = (i * 37 % (size / 65536)) * 65536;
+        c.write(off, &pattern(i, 32768)).unwrap();
+    }
+    c.flush().unwrap();
+    assert!(
+        flips.load(Ordering::Relaxed) >= 2,
+        "the proxy flipped too few bits to test anything"
+    );
+    // Every flip costs one reconnect and a resync of what was in flight; the stream must settle.
+    let t0 = Instant::now();
+    while !(a.status()["connection"]["state"] == "connected"
+        && a.status()["rpo_bytes"] == 0
+        && a.status()["resync"].is_null())
+    {
+        if t0.elapsed() > Duration::from_secs(60) {
+            let log = b.log_text();
+            panic!(
+                "the stream did not recover; a: {:#}\nb log tail:\n{}",
+                a.status(),
+                &log[log.len().saturating_sub(3000)..]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let corrupt = b.status()["counters"]["corrupt_frames"].as_u64().unwrap();
+    assert!(
+        corrupt >= 1,
+        "the secondary counted no corrupt frame: {:#}",
+        b.status()
+    );
+    drop(c);
+    a.stop();
+    b.stop();
+    assert!(
+        a.data(size) == b.data(size),
+        "a corrupt frame reached a disk: images differ"
+    );
+}
+
+fn split_brain(dir: &Path, policy: &str) -> (Node, Node, u64) {
+    let extra = format!("split_brain_policy = \"{policy}\"");
+    let (mut a, mut b) = pair(dir, &extra, &extra);
+    b.start(&["--secondary"]);
+    a.start(&["--primary"]);
+    a.wait_connected_in_sync();
+    let size = data_size(&a);
+    a.stop();
+    b.stop();
+    // Apart: each side is promoted and writes.
+    a.start(&["--primary"]);
+    let mut c = Client::connect(&a);
+    c.write(0, &pattern(1, 4096)).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    a.stop();
+    b.start(&["--primary", "--force"]);
+    if policy != "discard-zero-changes" {
+        let mut c = Client::connect(&b);
+        c.write(MIB, &pattern(2, 4096)).unwrap();
+        c.flush().unwrap();
+    }
+    b.stop();
+    (a, b, size)
+}
+
+#[test]
+fn split_brain_with_disconnect_policy_copies_nothing_and_says_split_brain() {
+    let dir = scratch();
+    let (mut a, mut b, size) = split_brain(dir.path(), "disconnect");
+    let (img_a, img_b) = (a.data(size), b.data(size));
+    a.start(&["--primary"]);
+    b.start(&["--secondary"]);
+    let s = a.wait_for("split brain", Duration::from_secs(30), |s| {
+        s["connection"]["refused"] == "split-brain"
+    });
+    eprintln!("{s:#}");
+    b.wait_for("split brain", Duration::from_secs(30), |s| {
+        s["connection"]["refused"] == "split-brain"
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    a.stop();
+    b.stop();
+    assert!(
+        a.data(size) == img_a && b.data(size) == img_b,
+        "data was overwritten"
+    );
+}
+
+#[test]
+fn split_brain_discard_node_resyncs_the_named_node_from_the_other() {
+    let dir = scratch();
+    let (mut a, mut b, size) = split_brain(dir.path(), "discard-node:b");
+    let img_a = a.data(size);
+    a.start(&["--primary"]);
+    b.start(&["--secondary"]);
+    a.wait_connected_in_sync();
+    b.wait_for("resynced", Duration::from_secs(30), |s| {
+        s["disk"] == "up-to-date"
+            && s["resync"].is_null()
+            && s["connection"]["state"] == "connected"
+    });
+    a.stop();
+    b.stop();
+    assert!(a.data(size) == img_a, "the surviving node's data changed");
+    assert!(
+        b.data(size) == img_a,
+        "the discarded node was not resynced to the survivor"
+    );
+}
+
+#[test]
+fn split_brain_discard_zero_changes_resyncs_the_node_that_wrote_nothing() {
+    let dir = scratch();
+    let (mut a, mut b, size) = split_brain(dir.path(), "discard-zero-changes");
+    let img_a = a.data(size);
+    a.start(&["--primary"]);
+    b.start(&["--secondary"]);
+    a.wait_connected_in_sync();
+    a.stop();
+    b.stop();
+    assert!(
+        b.data(size) == img_a,
+        "the node without changes was not resynced"
+    );
+}
+
+#[test]
+fn async_mode_never_holds_writes_for_a_stalled_peer_and_rpo_returns_to_zero() {
+    let dir = scratch();
+    let extra = "mode = \"async\"\nmax_inflight_bytes = 1048576";
+    let (mut a, mut b) = pair(dir.path(), extra, extra);
+    b.start(&["--secondary"]);
+    a.start(&["--primary"]);
+    a.wait_connected_in_sync();
+    let size = data_size(&a);
+    let mut c = Client::connect(&a);
+    // Stall the peer: it reads nothing, so nothing is acknowledged.
+    let bpid = nix::unistd::Pid::from_raw(b.child.as_ref().unwrap().id() as i32);
+    nix::sys::signal::kill(bpid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let mut slowest = Duration::ZERO;
+    let t0 = Instant::now();
+    let mut max_inflight = 0;
+    for i in 0..200u64 {
+        let w = Instant::now();
+        c.write((i * 65536) % (size - 65536), &pattern(500 + i, 65536))
+            .unwrap();
+        slowest = slowest.max(w.elapsed());
+        if i % 20 == 0 {
+            max_inflight = max_inflight.max(a.status()["inflight_bytes"].as_u64().unwrap());
+        }
+    }
+    let wrote = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let s = a.status();
+    eprintln!("200 x 64 KiB in {wrote:?}, slowest {slowest:?}; status {s:#}");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a write was held {slowest:?} by the stalled peer"
+    );
+    assert!(
+        s["counters"]["ahead_events"].as_u64().unwrap() >= 1,
+        "never went ahead"
+    );
+    assert!(
+        max_inflight <= 1048576 + 65536,
+        "queue {max_inflight} above its bound"
+    );
+    assert!(s["rpo_bytes"].as_u64().unwrap() > 0, "RPO not reported");
+    assert!(
+        s["rpo_seconds"].as_f64().unwrap() > 0.0,
+        "RPO age not reported"
+    );
+    nix::sys::signal::kill(bpid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let s = a.wait_connected_in_sync();
+    assert_eq!(s["rpo_seconds"].as_f64().unwrap(), 0.0);
+    drop(c);
+    a.stop();
+    b.stop();
+    assert!(
+        a.data(size) == b.data(size),
+        "images differ after the async catch-up"
+    );
+}
