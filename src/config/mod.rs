@@ -12,8 +12,10 @@ use serde::Deserialize;
 use crate::engine::{CacheMode, EngineKind};
 
 pub mod cloud;
+pub mod cluster;
 
 pub use cloud::CloudConfig;
+pub use cluster::ClusterConfig;
 
 /// Errors loading a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +87,9 @@ pub struct Config {
     /// Network identity and fencing in the cloud (`[cloud]`); absent: none is moved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud: Option<CloudConfig>,
+    /// The node daemon (`[cluster]`): peer, heartbeats, witness, fencing; absent: no daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Identity of this node.
@@ -185,6 +190,10 @@ impl Config {
         }
         if let Some(c) = &self.cloud {
             c.validate()
+                .map_err(|e| invalid(e.field, e.problem, &e.fix))?;
+        }
+        if let Some(c) = &self.cluster {
+            c.validate(&self.node.id)
                 .map_err(|e| invalid(e.field, e.problem, &e.fix))?;
         }
         let mut names = std::collections::HashSet::new();
