@@ -8,7 +8,9 @@
 //!   not isolated, and it has proof the peer is down (the peer was fenced).
 //! - An isolated node (no witness reachable and no peer heartbeat) never promotes; an
 //!   isolated Primary demotes after the isolation grace.
-//! - Only a non-isolated node fences; the less-preferred node waits `fence_delay` first.
+//! - Only a non-isolated node fences, and only a Secondary fences. The less-preferred node
+//!   waits `fence_delay` first, unless the peer was last seen Primary (a Primary never
+//!   fences, so no race is possible and the standby fences at once).
 //! - Of two Primaries that see each other, the less-preferred one demotes at once.
 
 use std::time::Duration;
@@ -109,6 +111,8 @@ pub struct Controller {
     /// Set by operator switchover on a Secondary: ask the Primary to hand over.
     wants_primary: bool,
     reason: String,
+    /// The peer's role in its last heartbeat.
+    last_peer_role: Option<Role>,
 }
 
 impl Controller {
@@ -120,6 +124,7 @@ impl Controller {
             yielding: false,
             wants_primary: false,
             reason: "starting".into(),
+            last_peer_role: None,
         }
     }
 
@@ -186,7 +191,8 @@ impl Controller {
 
     /// Decides what to do now.
     pub fn decide(&mut self, i: Inputs) -> Action {
-        if let PeerView::Alive(_) = i.peer {
+        if let PeerView::Alive(st) = i.peer {
+            self.last_peer_role = Some(st.role);
             if !matches!(self.fence, FenceState::InProgress) {
                 self.fence = FenceState::Idle;
             }
@@ -328,7 +334,7 @@ impl Controller {
             );
         }
         match self.fence.clone() {
-            FenceState::Idle if preferred => {
+            FenceState::Idle if preferred || self.last_peer_role == Some(Role::Primary) => {
                 self.fence = FenceState::InProgress;
                 self.say(Action::Fence, "peer lost: fencing it before promotion")
             }
@@ -434,6 +440,24 @@ mod tests {
                 WitnessView::Reachable
             )),
             Action::Promote
+        );
+    }
+
+    #[test]
+    fn standby_of_a_lost_primary_fences_at_once_even_when_less_preferred() {
+        let mut c = Controller::new(params(20));
+        let i = inputs(
+            1,
+            Role::Secondary,
+            alive(Role::Primary, 10),
+            WitnessView::Reachable,
+        );
+        assert_eq!(c.decide(i), Action::None);
+        let lost = inputs(5, Role::Secondary, PeerView::Lost, WitnessView::Reachable);
+        assert_eq!(
+            c.decide(lost),
+            Action::Fence,
+            "a Primary never fences, so there is no race to guard"
         );
     }
 
