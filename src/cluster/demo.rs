@@ -595,6 +595,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let mut active = 0usize;
     let mut samples = Vec::new();
+    let mut plan_seen = [0usize; 2];
     let blocks = 256u64;
     for round in 1..=args.runs {
         let standby = 1 - active;
@@ -645,9 +646,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             "   cloud plan of {} (lab provider: what it would change on AWS):",
             NAMES[standby]
         );
-        for l in lab.plan(standby).lines() {
+        let plan = lab.plan(standby);
+        for l in plan.lines().skip(plan_seen[standby]) {
             println!("     {l}");
         }
+        plan_seen[standby] = plan.lines().count();
         let mut c = NbdClient::connect(&lab.exports[standby])
             .context("connecting to the new Primary's export")?;
         let mut bad = 0;

@@ -406,3 +406,103 @@ impl ClusterConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn example(name: &str) -> String {
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples")
+                .join(name),
+        )
+        .unwrap()
+    }
+
+    fn err_of(text: &str) -> String {
+        Config::parse(Path::new("t.toml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn lab_examples_load_with_their_cluster_tables() {
+        for f in ["lab-node-a.toml", "lab-node-b.toml"] {
+            let c = Config::parse(Path::new(f), &example(f)).unwrap();
+            let cl = c.cluster.unwrap();
+            assert_eq!(cl.heartbeats.len(), 2);
+            assert!(cl.lab.is_some());
+        }
+    }
+
+    #[test]
+    fn equal_priorities_are_refused_naming_the_field_and_fix() {
+        let t = example("lab-node-a.toml").replace("peer_priority = 20", "peer_priority = 10");
+        let e = err_of(&t);
+        assert!(
+            e.contains("cluster.peer_priority") && e.contains("different priorities"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_single_heartbeat_path_is_refused() {
+        let t = example("lab-node-a.toml");
+        let cut = t
+            .find("[[cluster.heartbeat]]\nname = \"replication\"")
+            .unwrap();
+        let end = t.find("[cluster.witness]").unwrap();
+        let t = format!("{}{}", &t[..cut], &t[end..]);
+        let e = err_of(&t);
+        assert!(
+            e.contains("cluster.heartbeat") && e.contains("two or more"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn priority_outside_1_to_999_is_refused() {
+        let e = err_of(&example("lab-node-a.toml").replace("priority = 10 ", "priority = 1000 "));
+        assert!(
+            e.contains("cluster.priority") && e.contains("1..=999"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_witness_url_is_named() {
+        let e = err_of(&example("lab-node-a.toml").replace("http://10.0.0.1/", "ftp://x/"));
+        assert!(
+            e.contains("cluster.witness.targets[0]") && e.contains("http://"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn timeout_shorter_than_two_intervals_is_refused() {
+        let e = err_of(
+            &example("lab-node-a.toml")
+                .replace("heartbeat_timeout_ms = 5000", "heartbeat_timeout_ms = 1500"),
+        );
+        assert!(e.contains("cluster.heartbeat_timeout_ms"), "{e}");
+    }
+
+    #[test]
+    fn witness_urls_parse_with_default_ports() {
+        let u = WitnessUrl::parse("https://ec2.eu-west-1.amazonaws.com").unwrap();
+        assert_eq!(
+            (u.https, u.host.as_str(), u.port, u.path.as_str()),
+            (true, "ec2.eu-west-1.amazonaws.com", 443, "/")
+        );
+        let u = WitnessUrl::parse("http://[::1]:8080/h?x=1").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("::1", 8080, "/h?x=1")
+        );
+        assert!(WitnessUrl::parse("http://host:0/").is_err());
+        assert!(WitnessUrl::parse("http:///").is_err());
+    }
+}
