@@ -67,7 +67,7 @@ fn never_two_primaries(l: &Lab, d: Duration) {
 fn one_cut_heartbeat_path_is_a_warning_and_no_failover() {
     let d = tempfile::tempdir().unwrap();
     let l = started(d.path(), &options());
-    l.cut_path(0, true);
+    l.cut_path(0, true).unwrap();
     let s = l
         .wait_for(B, Duration::from_secs(10), |s| s["paths"][0]["up"] == false)
         .expect("node-b never saw the service path go down");
@@ -119,8 +119,8 @@ fn killed_active_node_is_replaced_within_heartbeat_timeout_plus_2s_and_the_expor
 fn all_paths_cut_while_both_live_the_standby_fences_the_primary_before_promoting() {
     let d = tempfile::tempdir().unwrap();
     let mut l = started(d.path(), &options());
-    l.cut_path(0, true);
-    l.cut_path(1, true);
+    l.cut_path(0, true).unwrap();
+    l.cut_path(1, true).unwrap();
     let t0 = Instant::now();
     let mut promoted = false;
     while t0.elapsed() < Duration::from_secs(15) && !promoted {
@@ -146,8 +146,8 @@ fn fence_race_when_both_lose_each_other_at_once_exactly_one_fences() {
     let d = tempfile::tempdir().unwrap();
     let mut l = lab(d.path(), &options());
     // Both start with every path cut: each sees the other lost at the same moment.
-    l.cut_path(0, true);
-    l.cut_path(1, true);
+    l.cut_path(0, true).unwrap();
+    l.cut_path(1, true).unwrap();
     l.start(A).unwrap();
     l.start(B).unwrap();
     let s = l
@@ -200,8 +200,8 @@ fn isolated_standby_never_promotes() {
         s["witness"]["state"] == "unreachable"
     })
     .expect("node-b never noticed its witness is gone");
-    l.cut_path(0, true);
-    l.cut_path(1, true);
+    l.cut_path(0, true).unwrap();
+    l.cut_path(1, true).unwrap();
     never_two_primaries(&l, Duration::from_secs(7));
     let s = l.status(B).unwrap();
     assert_eq!(s["role"], "secondary");
@@ -228,8 +228,8 @@ fn isolated_primary_stops_its_service_after_the_grace() {
         s["witness"]["state"] == "unreachable"
     })
     .expect("node-a never noticed its witness is gone");
-    l.cut_path(0, true);
-    l.cut_path(1, true);
+    l.cut_path(0, true).unwrap();
+    l.cut_path(1, true).unwrap();
     let s = l
         .wait_for(A, Duration::from_secs(10), |s| s["role"] == "secondary")
         .unwrap_or_else(|| panic!("isolated node-a kept serving:\n{}", l.log(A)));

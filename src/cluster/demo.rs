@@ -39,6 +39,9 @@ pub struct DemoArgs {
     /// The twinvol binary to run as the nodes (default: this executable).
     #[arg(long)]
     pub bin: Option<PathBuf>,
+    /// Run each node in its own network namespace (two veth pairs; needs root, iproute2).
+    #[arg(long)]
+    pub netns: bool,
 }
 
 /// Per-node options of the lab.
@@ -65,6 +68,9 @@ pub struct LabOptions {
     pub nodes: [NodeOptions; 2],
     /// Volume size in bytes.
     pub volume_size: u64,
+    /// Run each node in its own network namespace joined by two veth pairs (one per path),
+    /// cut paths with nftables drops, and use no witness (needs root, iproute2, nftables).
+    pub netns: bool,
 }
 
 impl Default for LabOptions {
@@ -80,6 +86,7 @@ impl Default for LabOptions {
             timeout_ms: 3000,
             nodes: [n.clone(), n],
             volume_size: 64 << 20,
+            netns: false,
         }
     }
 }
@@ -136,6 +143,118 @@ fn free_udp_port(ip: &str) -> std::io::Result<u16> {
     Ok(UdpSocket::bind((ip, 0))?.local_addr()?.port())
 }
 
+fn sh(args: &[&str]) -> std::io::Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| {
+            std::io::Error::other(format!(
+                "cannot run {}: {e} (install iproute2 and nftables)",
+                args[0]
+            ))
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "`{}` failed: {} (network-namespace tests need root, iproute2 and nftables)",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Two network namespaces joined by one veth pair per heartbeat path; removed on drop.
+struct Netns {
+    names: [String; 2],
+    /// veths[p][n]: node n's end of path p.
+    veths: [[String; 2]; 2],
+    /// addrs[p][n]: node n's address on path p.
+    addrs: [[String; 2]; 2],
+}
+
+impl Netns {
+    fn new() -> std::io::Result<Self> {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let c = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = (std::process::id() % 60) * 4 + c % 4;
+        let names = [format!("tv{id}a"), format!("tv{id}b")];
+        let veths = [
+            [format!("tv{id}p0a"), format!("tv{id}p0b")],
+            [format!("tv{id}p1a"), format!("tv{id}p1b")],
+        ];
+        let addrs = [
+            [format!("10.100.{id}.1"), format!("10.100.{id}.2")],
+            [format!("10.101.{id}.1"), format!("10.101.{id}.2")],
+        ];
+        let ns = Self {
+            names,
+            veths,
+            addrs,
+        };
+        for n in &ns.names {
+            let _ = sh(&["ip", "netns", "del", n]);
+            sh(&["ip", "netns", "add", n])?;
+            sh(&["ip", "-n", n, "link", "set", "lo", "up"])?;
+        }
+        for p in 0..2 {
+            let [va, vb] = &ns.veths[p];
+            sh(&["ip", "link", "add", va, "type", "veth", "peer", "name", vb])?;
+            for n in 0..2 {
+                let v = &ns.veths[p][n];
+                sh(&["ip", "link", "set", v, "netns", &ns.names[n]])?;
+                let a = format!("{}/24", ns.addrs[p][n]);
+                sh(&["ip", "-n", &ns.names[n], "addr", "add", &a, "dev", v])?;
+                sh(&["ip", "-n", &ns.names[n], "link", "set", v, "up"])?;
+            }
+        }
+        Ok(ns)
+    }
+
+    fn cut(&self, p: usize, cut: bool) -> std::io::Result<()> {
+        for n in 0..2 {
+            let table = format!("tvcut{p}");
+            if cut {
+                let rules = format!(
+                    "table inet {table} {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    iifname \"{}\" drop\n  }}\n}}\n",
+                    self.veths[p][n]
+                );
+                let mut child = Command::new("ip")
+                    .args(["netns", "exec", &self.names[n], "nft", "-f", "-"])
+                    .stdin(Stdio::piped())
+                    .spawn()?;
+                if let Some(mut i) = child.stdin.take() {
+                    i.write_all(rules.as_bytes())?;
+                }
+                if !child.wait()?.success() {
+                    return Err(std::io::Error::other("nft refused the drop rule"));
+                }
+            } else {
+                sh(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &self.names[n],
+                    "nft",
+                    "delete",
+                    "table",
+                    "inet",
+                    &table,
+                ])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = sh(&["ip", "netns", "del", n]);
+        }
+    }
+}
+
 /// Unix milliseconds.
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -158,6 +277,7 @@ pub struct Lab {
     children: [Option<Child>; 2],
     relays: Vec<(usize, Relay)>,
     witnesses: [Witness; 2],
+    netns: Option<Netns>,
 }
 
 /// Node names.
@@ -174,17 +294,28 @@ impl Lab {
         let volume = dir.join("volume.img");
         std::fs::File::create(&volume)?.set_len(o.volume_size)?;
         let witnesses = [witness()?, witness()?];
+        let netns = if o.netns { Some(Netns::new()?) } else { None };
         let mut relays = Vec::new();
         // Per path: node i listens on IPS[i]:local; node i sends to a relay on IPS[1-i].
         let mut locals = [[0u16; 2]; 2];
         let mut relay_ports = [[0u16; 2]; 2];
-        for p in 0..2 {
-            for n in 0..2 {
-                locals[n][p] = free_udp_port(IPS[n])?;
-                relay_ports[n][p] = free_udp_port(IPS[1 - n])?;
+        let mut ips = [
+            [IPS[0].to_string(), IPS[1].to_string()],
+            [IPS[0].to_string(), IPS[1].to_string()],
+        ];
+        if let Some(ns) = &netns {
+            ips = ns.addrs.clone();
+            locals = [[7790, 7791], [7790, 7791]];
+            relay_ports = locals;
+        } else {
+            for p in 0..2 {
+                for n in 0..2 {
+                    locals[n][p] = free_udp_port(IPS[n])?;
+                    relay_ports[n][p] = free_udp_port(IPS[1 - n])?;
+                }
             }
         }
-        for p in 0..2 {
+        for p in (0..2).filter(|_| netns.is_none()) {
             for n in 0..2 {
                 let listen: SocketAddr = format!("{}:{}", IPS[1 - n], relay_ports[n][p])
                     .parse()
@@ -234,18 +365,18 @@ control_socket = "{control}"
 
 [[cluster.heartbeat]]
 name = "service"
-local = "{ip}:{l0}"
-peer = "{pip}:{r0}"
+local = "{ip0}:{l0}"
+peer = "{pip0}:{r0}"
 priority = 1
 
 [[cluster.heartbeat]]
 name = "replication"
-local = "{ip}:{l1}"
-peer = "{pip}:{r1}"
+local = "{ip1}:{l1}"
+peer = "{pip1}:{r1}"
 priority = 2
 
 [cluster.witness]
-targets = ["http://{witness}/"]
+targets = {witness}
 timeout_ms = 500
 interval_ms = 500
 isolation_grace_ms = {grace}
@@ -274,13 +405,19 @@ record = "db.lab.internal."
                 fence_delay = no.fence_delay_ms,
                 state = nd.display(),
                 control = sockets[n].display(),
-                ip = IPS[n],
-                pip = IPS[1 - n],
+                ip0 = ips[0][n],
+                pip0 = ips[0][1 - n],
+                ip1 = ips[1][n],
+                pip1 = ips[1][1 - n],
                 l0 = locals[n][0],
                 l1 = locals[n][1],
                 r0 = relay_ports[n][0],
                 r1 = relay_ports[n][1],
-                witness = witnesses[n].addr,
+                witness = if netns.is_some() {
+                    "[]".to_string()
+                } else {
+                    format!("[\"http://{}/\"]", witnesses[n].addr)
+                },
                 grace = no.isolation_grace_ms,
                 start = no
                     .start_hook
@@ -302,6 +439,7 @@ record = "db.lab.internal."
             children: [None, None],
             relays,
             witnesses,
+            netns,
         })
     }
 
@@ -311,7 +449,15 @@ record = "db.lab.internal."
             .create(true)
             .append(true)
             .open(self.dir.join(format!("{}.log", NAMES[n])))?;
-        let child = Command::new(&self.bin)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.names[n]]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&self.configs[n])
             .env("TWINVOL_LOG", "info")
@@ -342,12 +488,16 @@ record = "db.lab.internal."
     }
 
     /// Cuts (or restores) heartbeat path `p` in both directions.
-    pub fn cut_path(&self, p: usize, cut: bool) {
+    pub fn cut_path(&self, p: usize, cut: bool) -> std::io::Result<()> {
+        if let Some(ns) = &self.netns {
+            return ns.cut(p, cut);
+        }
         for (path, r) in &self.relays {
             if *path == p {
                 r.cut.store(cut, Ordering::SeqCst);
             }
         }
+        Ok(())
     }
 
     /// Switches node `n`'s witness off (no answer) or on.
@@ -569,12 +719,22 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let o = LabOptions {
         interval_ms: args.interval_ms,
         timeout_ms: args.timeout_ms,
+        netns: args.netns,
         ..Default::default()
     };
     let deadline = Duration::from_millis(args.timeout_ms) + Duration::from_secs(20);
     println!("== twinvol demo in {}", dir.display());
-    println!("   two nodes on this machine: node-a 127.0.0.1 (priority 10), node-b 127.0.0.2 (priority 20)");
-    println!("   heartbeats every {} ms on two paths, peer lost after {} ms; witness over HTTP; lab cloud provider", args.interval_ms, args.timeout_ms);
+    if args.netns {
+        println!(
+            "   two nodes in two network namespaces, one veth pair per heartbeat path; no witness"
+        );
+    } else {
+        println!("   two nodes on this machine: node-a 127.0.0.1 (priority 10), node-b 127.0.0.2 (priority 20)");
+    }
+    println!(
+        "   heartbeats every {} ms on two paths, peer lost after {} ms; lab cloud provider",
+        args.interval_ms, args.timeout_ms
+    );
     println!(
         "   NOTE: the volume is not mirrored in this build: both nodes use the SAME backing file"
     );
