@@ -6,6 +6,7 @@
 
 pub mod block;
 pub mod cloud;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod meta;

@@ -43,6 +43,40 @@ enum Command {
     },
     /// Run one node of a mirrored volume: replication, and the NBD export while Primary.
     Mirror(twinvol::volume::run::MirrorArgs),
+    /// Run the node daemon: heartbeats, partition resolution, fencing, failover, control socket.
+    Run {
+        /// Configuration file with a [cluster] table.
+        #[arg(long, default_value = "/etc/twinvol/twinvol.toml")]
+        config: PathBuf,
+    },
+    /// Show the running daemon's status.
+    Status {
+        #[command(flatten)]
+        ctl: CtlArgs,
+        /// Print JSON for machines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring the service up on this node (refused while the peer is Primary).
+    Promote {
+        #[command(flatten)]
+        ctl: CtlArgs,
+        /// Accept a disk that is not UpToDate and a peer that is unreachable but not fenced.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Take the service down on this node and stand down for the peer.
+    Demote {
+        #[command(flatten)]
+        ctl: CtlArgs,
+    },
+    /// Move the service to the other node.
+    Switchover {
+        #[command(flatten)]
+        ctl: CtlArgs,
+    },
+    /// Two nodes on this machine: write through NBD, kill the active node, watch the failover.
+    Demo(twinvol::cluster::demo::DemoArgs),
     /// Load and validate configuration files; prints nothing but errors and warnings.
     CheckConfig {
         /// Files to check.
@@ -62,6 +96,50 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// Configuration file naming the control socket.
+    #[arg(long, default_value = "/etc/twinvol/twinvol.toml")]
+    config: PathBuf,
+    /// The control socket (overrides --config).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+fn run_control(
+    ctl: CtlArgs,
+    req: twinvol::cluster::control::Request,
+    json: bool,
+) -> anyhow::Result<()> {
+    let socket = match ctl.socket {
+        Some(s) => s,
+        None => twinvol::cluster::daemon::control_socket_of(&ctl.config)?,
+    };
+    let a = twinvol::cluster::control::call(&socket, &req, std::time::Duration::from_secs(120))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&a.status)?);
+    } else {
+        if !matches!(req, twinvol::cluster::control::Request::Status) {
+            println!("{}", a.message);
+        }
+        print!("{}", twinvol::cluster::control::render(&a.status));
+    }
+    if !a.ok {
+        anyhow::bail!("{}", a.message);
+    }
+    Ok(())
+}
+
+fn run_daemon(config: PathBuf) -> anyhow::Result<()> {
+    let cfg = twinvol::config::Config::load(&config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(twinvol::cluster::daemon::run(cfg))?;
+    Ok(())
 }
 
 #[derive(Args)]
@@ -206,6 +284,22 @@ fn main() -> ExitCode {
         }
         Command::Cloud { config, command } => run_cloud(config, command),
         Command::Mirror(a) => twinvol::volume::run::run(a).map_err(Into::into),
+        Command::Run { config } => run_daemon(config),
+        Command::Status { ctl, json } => {
+            run_control(ctl, twinvol::cluster::control::Request::Status, json)
+        }
+        Command::Promote { ctl, force } => run_control(
+            ctl,
+            twinvol::cluster::control::Request::Promote { force },
+            false,
+        ),
+        Command::Demote { ctl } => {
+            run_control(ctl, twinvol::cluster::control::Request::Demote, false)
+        }
+        Command::Switchover { ctl } => {
+            run_control(ctl, twinvol::cluster::control::Request::Switchover, false)
+        }
+        Command::Demo(a) => twinvol::cluster::demo::run(a),
         Command::CheckConfig { files } => files.iter().try_for_each(|f| {
             twinvol::config::Config::load(f)?;
             Ok(())

@@ -21,6 +21,7 @@ pub mod cli;
 pub mod dns_wire;
 pub mod eip;
 pub mod fence;
+pub mod lab;
 pub mod resolve;
 pub mod route53;
 pub mod route53_failover;

@@ -16,6 +16,9 @@ pub mod replication;
 
 pub use cloud::CloudConfig;
 pub use replication::{MetadataPlacement, ReplicationConfig, ReplicationMode, SplitBrainPolicy};
+pub mod cluster;
+
+pub use cluster::ClusterConfig;
 
 /// Errors loading a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +90,9 @@ pub struct Config {
     /// Network identity and fencing in the cloud (`[cloud]`); absent: none is moved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud: Option<CloudConfig>,
+    /// The node daemon (`[cluster]`): peer, heartbeats, witness, fencing; absent: no daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Identity of this node.
@@ -190,6 +196,10 @@ impl Config {
         }
         if let Some(c) = &self.cloud {
             c.validate()
+                .map_err(|e| invalid(e.field, e.problem, &e.fix))?;
+        }
+        if let Some(c) = &self.cluster {
+            c.validate(&self.node.id)
                 .map_err(|e| invalid(e.field, e.problem, &e.fix))?;
         }
         let mut names = std::collections::HashSet::new();

@@ -72,6 +72,25 @@ impl PreSharedKey {
         self.0.is_empty()
     }
 
+    /// HMAC-SHA256 under this key of `label` (domain separation) followed by `parts`, each
+    /// preceded by its length; for other protocols sharing the key (cluster heartbeats).
+    pub fn tag(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        let mut m = self.mac();
+        m.update(label);
+        for p in parts {
+            m.update(&(p.len() as u32).to_be_bytes());
+            m.update(p);
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&m.finalize().into_bytes());
+        out
+    }
+
+    /// Whether `tag` is [`PreSharedKey::tag`] of the same input (constant-time).
+    pub fn verify_tag(&self, label: &[u8], parts: &[&[u8]], tag: &[u8; 32]) -> bool {
+        bool::from(self.tag(label, parts).ct_eq(tag))
+    }
+
     fn mac(&self) -> HmacSha256 {
         match HmacSha256::new_from_slice(&self.0) {
             Ok(m) => m,

@@ -1,0 +1,882 @@
+//! `twinvol run`: the node daemon. Thin runtime around the pure parts: UDP sockets feed
+//! [`PeerMonitor`], a witness task feeds [`WitnessView`], and every tick the
+//! [`Controller`] decides; fencing, bring-up and teardown are carried out here, and the
+//! control socket answers `twinvol status/promote/demote/switchover`.
+//!
+//! Files under `state_dir`: `twinvol.pid` (this daemon's pid; the peer's lab provider fences
+//! through it) and `role.json` (the last role and whether the node stands down, persisted on
+//! every change; at start the node is always Secondary and the old role is only reported).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UdpSocket, UnixListener};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::bringup::{self, HookResult, Hooks, Sequence};
+use super::control::{Answer, Request};
+use super::decide::{Action, Controller, FenceState, Inputs, Params, WitnessView};
+use super::heartbeat::{self, DiskState, Heartbeat, Role, FLAG_WANTS_PRIMARY, FLAG_YIELDING};
+use super::liveness::{Event, PeerMonitor, PeerView};
+use super::volume::{LocalVolume, VolumeControl, VolumeStatus};
+use super::witness::{self, Probe};
+use crate::cloud::lab::LabCloud;
+use crate::cloud::{
+    CheckReport, Cloud, Outcome, Report, Resource, ResourceReport, UnreachableAction,
+};
+use crate::config::{ClusterConfig, Config};
+use crate::repl::wire::auth::PreSharedKey;
+
+/// Why the daemon could not start (or stopped).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// No `[cluster]` table.
+    #[error("config has no [cluster] table: add one with peer, priority, heartbeat paths, state_dir and control_socket (see examples/lab-node-a.toml)")]
+    NoCluster,
+    /// The heartbeat key could not be loaded.
+    #[error("cluster.key_file: {0}")]
+    Key(#[from] crate::repl::link::keyfile::KeyFileError),
+    /// A socket or file could not be set up.
+    #[error("{what}: {source} ({fix})")]
+    Setup {
+        /// What was being set up.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+        /// What to do.
+        fix: &'static str,
+    },
+    /// The cloud provider could not be set up.
+    #[error("cloud provider: {0}")]
+    Cloud(String),
+}
+
+/// The cloud provider the daemon uses.
+pub enum ClusterCloud {
+    /// No provider: no network identity is moved; fencing fails (no proof).
+    None,
+    /// The lab provider.
+    Lab(LabCloud),
+    /// AWS.
+    Aws(Box<crate::cloud::aws::AwsCloud>),
+}
+
+impl Cloud for ClusterCloud {
+    async fn activate(&self) -> Report {
+        match self {
+            ClusterCloud::None => Report::default(),
+            ClusterCloud::Lab(l) => l.activate().await,
+            ClusterCloud::Aws(a) => a.activate().await,
+        }
+    }
+    async fn deactivate(&self) -> Report {
+        match self {
+            ClusterCloud::None => Report::default(),
+            ClusterCloud::Lab(l) => l.deactivate().await,
+            ClusterCloud::Aws(a) => a.deactivate().await,
+        }
+    }
+    async fn check(&self) -> CheckReport {
+        match self {
+            ClusterCloud::None => CheckReport {
+                items: vec![],
+                repairs: vec![],
+                on_unreachable: UnreachableAction::Warn,
+            },
+            ClusterCloud::Lab(l) => l.check().await,
+            ClusterCloud::Aws(a) => a.check().await,
+        }
+    }
+    async fn fence_peer(&self) -> Report {
+        match self {
+            ClusterCloud::None => Report {
+                items: vec![ResourceReport::new(
+                    Resource::Instance("peer".into()),
+                    Outcome::Failed("no cloud provider configured to fence with: add [cloud] or [cluster.lab], or set cluster.fence = \"off\"".into()),
+                    Duration::ZERO,
+                )],
+                elapsed: Duration::ZERO,
+            },
+            ClusterCloud::Lab(l) => l.fence_peer().await,
+            ClusterCloud::Aws(a) => a.fence_peer().await,
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn setup_err(what: String, fix: &'static str) -> impl FnOnce(std::io::Error) -> DaemonError {
+    move |source| DaemonError::Setup { what, source, fix }
+}
+
+/// One path's line in status.
+#[derive(Debug, Clone, serde::Serialize)]
+struct PathStatus {
+    name: String,
+    local: SocketAddr,
+    peer: SocketAddr,
+    up: bool,
+    received: u64,
+    refused: u64,
+    last_rx_ms_ago: Option<u64>,
+}
+
+/// Everything `twinvol status --json` prints.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Status {
+    node: String,
+    priority: u16,
+    role: Role,
+    yielding: bool,
+    wants_primary: bool,
+    peer: String,
+    peer_view: PeerView,
+    paths: Vec<PathStatus>,
+    witness: WitnessView,
+    witness_probes: Vec<Probe>,
+    fence: FenceState,
+    reason: String,
+    volumes: Vec<VolumeStatus>,
+    last_sequence: Option<Sequence>,
+    primary_since_unix_ms: Option<u64>,
+    last_failover_ms: Option<u64>,
+    previous_role: Option<Role>,
+    cloud_plan: Vec<String>,
+    uptime_ms: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RoleFile {
+    role: Role,
+    yielding: bool,
+    unix_ms: u64,
+}
+
+/// Local state the heartbeat sender advertises.
+#[derive(Debug, Clone, Copy)]
+struct Advert {
+    role: Role,
+    disk: DiskState,
+    flags: u8,
+}
+
+enum Msg {
+    Heartbeat(usize, Result<Heartbeat, String>),
+    Witness(bool, Vec<Probe>),
+    Fenced(Report),
+    Control(Request, oneshot::Sender<Answer>),
+}
+
+struct Node {
+    cfg: ClusterConfig,
+    node_id: String,
+    volumes: Vec<Box<dyn VolumeControl>>,
+    cloud: Arc<ClusterCloud>,
+    hooks: Hooks,
+    monitor: PeerMonitor,
+    controller: Controller,
+    witness: WitnessView,
+    probes: Vec<Probe>,
+    start: Instant,
+    last_sequence: Option<Sequence>,
+    primary_since: Option<u64>,
+    peer_lost_at: Option<Instant>,
+    last_failover_ms: Option<u64>,
+    previous_role: Option<Role>,
+    advert: watch::Sender<Advert>,
+    next_check: Option<Instant>,
+    tx: mpsc::Sender<Msg>,
+}
+
+impl Node {
+    fn role(&self) -> Role {
+        if self.volumes.iter().any(|v| v.role() == Role::Primary) {
+            Role::Primary
+        } else {
+            Role::Secondary
+        }
+    }
+    fn disk(&self) -> DiskState {
+        self.volumes
+            .iter()
+            .map(|v| v.disk_state())
+            .find(|d| *d != DiskState::UpToDate)
+            .unwrap_or(DiskState::UpToDate)
+    }
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn publish(&self) {
+        let mut flags = 0;
+        if self.controller.yielding() {
+            flags |= FLAG_YIELDING;
+        }
+        if self.controller.wants_primary() {
+            flags |= FLAG_WANTS_PRIMARY;
+        }
+        let a = Advert {
+            role: self.role(),
+            disk: self.disk(),
+            flags,
+        };
+        self.advert.send_replace(a);
+        let rf = RoleFile {
+            role: a.role,
+            yielding: self.controller.yielding(),
+            unix_ms: unix_ms(),
+        };
+        let path = self.cfg.state_dir.join("role.json");
+        let tmp = self.cfg.state_dir.join("role.json.tmp");
+        if let Ok(text) = serde_json::to_string(&rf) {
+            if std::fs::write(&tmp, text)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .is_err()
+            {
+                tracing::warn!(path = %path.display(), "cannot persist the role");
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let now = self.now();
+        let paths = self
+            .cfg
+            .heartbeats
+            .iter()
+            .zip(self.monitor.paths())
+            .map(|(h, p)| PathStatus {
+                name: h.name.clone(),
+                local: h.local,
+                peer: h.peer,
+                up: p.up,
+                received: p.received,
+                refused: p.refused,
+                last_rx_ms_ago: p.last_rx.map(|t| now.saturating_sub(t).as_millis() as u64),
+            })
+            .collect();
+        Status {
+            node: self.node_id.clone(),
+            priority: self.cfg.priority,
+            role: self.role(),
+            yielding: self.controller.yielding(),
+            wants_primary: self.controller.wants_primary(),
+            peer: self.cfg.peer.clone(),
+            peer_view: self.monitor.view(),
+            paths,
+            witness: self.witness,
+            witness_probes: self.probes.clone(),
+            fence: self.controller.fence_state().clone(),
+            reason: self.controller.reason().to_string(),
+            volumes: self.volumes.iter().map(|v| v.status()).collect(),
+            last_sequence: self.last_sequence.clone(),
+            primary_since_unix_ms: self.primary_since,
+            last_failover_ms: self.last_failover_ms,
+            previous_role: self.previous_role,
+            cloud_plan: match &*self.cloud {
+                ClusterCloud::Lab(l) => l.plan(),
+                _ => vec![],
+            },
+            uptime_ms: now.as_millis() as u64,
+        }
+    }
+
+    fn answer(&self, ok: bool, message: impl Into<String>) -> Answer {
+        Answer {
+            ok,
+            message: message.into(),
+            status: serde_json::to_value(self.status()).unwrap_or(serde_json::Value::Null),
+        }
+    }
+
+    async fn promote(&mut self, force: bool, why: &str) -> bool {
+        tracing::info!(reason = why, force, "promoting: bring-up starts");
+        let cloud = self.cloud.clone();
+        let cloud_ref = match &*cloud {
+            ClusterCloud::None => None,
+            c => Some(c),
+        };
+        let seq = bringup::bring_up(&mut self.volumes, &self.hooks, cloud_ref, force).await;
+        let ok = seq.succeeded();
+        if ok {
+            self.primary_since = Some(unix_ms());
+            if let Some(t) = self.peer_lost_at.take() {
+                let ms = t.elapsed().as_millis() as u64;
+                self.last_failover_ms = Some(ms);
+                tracing::info!(
+                    failover_ms = ms,
+                    "failover complete: Primary, exported, hooks started"
+                );
+            }
+            self.next_check =
+                Some(Instant::now() + Duration::from_millis(self.cfg.hooks.check_interval_ms));
+            tracing::info!(
+                elapsed_ms = seq.elapsed_ms,
+                "bring-up complete: this node is Primary"
+            );
+        } else {
+            tracing::error!(failed_at = ?seq.failed_at, "bring-up FAILED; the node was left Secondary and unexported");
+            // Do not try again in a loop: stand down so the peer (if any) may take over,
+            // and the operator sees the failed step in status.
+            self.controller.stand_down();
+        }
+        self.controller.promotion_done();
+        self.last_sequence = Some(seq);
+        self.publish();
+        ok
+    }
+
+    async fn demote(&mut self, why: &str) {
+        tracing::warn!(reason = why, "demoting: teardown starts");
+        let cloud = self.cloud.clone();
+        let cloud_ref = match &*cloud {
+            ClusterCloud::None => None,
+            c => Some(c),
+        };
+        let seq = bringup::tear_down(&mut self.volumes, &self.hooks, cloud_ref).await;
+        self.primary_since = None;
+        self.next_check = None;
+        self.last_sequence = Some(seq);
+        self.publish();
+    }
+
+    async fn control(&mut self, req: Request) -> Answer {
+        let peer = self.monitor.view();
+        match req {
+            Request::Status => self.answer(true, "status"),
+            Request::Promote { force } => {
+                if self.role() == Role::Primary {
+                    return self.answer(true, "already Primary");
+                }
+                if let PeerView::Alive(s) = peer {
+                    if s.role == Role::Primary {
+                        return self.answer(false, "refused: the peer is Primary; run `twinvol switchover` (or demote the peer) first");
+                    }
+                }
+                let proof = matches!(peer, PeerView::Alive(_))
+                    || *self.controller.fence_state() == FenceState::Fenced;
+                if !force && !proof {
+                    return self.answer(false, "refused: the peer is not reachable and was not fenced, so it may still serve; check that it is stopped, then run `twinvol promote --force`");
+                }
+                if !force && self.disk() != DiskState::UpToDate {
+                    return self.answer(
+                        false,
+                        format!(
+                            "refused: disk is {:?}; `twinvol promote --force` accepts it",
+                            self.disk()
+                        ),
+                    );
+                }
+                if force {
+                    tracing::warn!("FORCED PROMOTION requested by the operator: disk-state and proof checks bypassed");
+                }
+                self.controller.clear_operator_flags();
+                let ok = self.promote(force, "operator promote").await;
+                self.answer(
+                    ok,
+                    if ok {
+                        "promoted"
+                    } else {
+                        "bring-up failed (see last_sequence)"
+                    },
+                )
+            }
+            Request::Demote => {
+                self.controller.stand_down();
+                if self.role() == Role::Primary {
+                    self.demote("operator demote").await;
+                    self.answer(true, "demoted; standing down for the peer")
+                } else {
+                    self.publish();
+                    self.answer(true, "Secondary; standing down for the peer")
+                }
+            }
+            Request::Switchover => match (self.role(), peer) {
+                (Role::Primary, PeerView::Alive(s))
+                    if s.role == Role::Secondary && s.disk == DiskState::UpToDate =>
+                {
+                    self.controller.stand_down();
+                    self.demote("operator switchover").await;
+                    self.answer(true, "handed over: the peer takes the service")
+                }
+                (Role::Primary, _) => self.answer(
+                    false,
+                    "refused: the peer is not alive as an UpToDate Secondary",
+                ),
+                (Role::Secondary, PeerView::Alive(s)) if s.role == Role::Primary => {
+                    self.controller.request_handover();
+                    self.publish();
+                    self.answer(true, "asked the peer to hand over")
+                }
+                (Role::Secondary, PeerView::Alive(_)) => {
+                    self.controller.clear_operator_flags();
+                    self.publish();
+                    self.answer(true, "both Secondary: this node will take the service")
+                }
+                (Role::Secondary, _) => self.answer(
+                    false,
+                    "refused: the peer is not reachable; use `twinvol promote`",
+                ),
+            },
+        }
+    }
+
+    async fn check_application(&mut self) {
+        let Some(at) = self.next_check else { return };
+        if Instant::now() < at || self.role() != Role::Primary {
+            return;
+        }
+        self.next_check =
+            Some(Instant::now() + Duration::from_millis(self.cfg.hooks.check_interval_ms));
+        let Some(check) = self.cfg.hooks.check.clone() else {
+            return;
+        };
+        let t = self.hooks.timeout;
+        if let HookResult::Failed(why) =
+            bringup::run_hook("check", &check, &self.hooks.env, t).await
+        {
+            tracing::warn!(%why, "application check failed; trying recover");
+            let recovered = match &self.cfg.hooks.recover {
+                Some(r) => matches!(
+                    bringup::run_hook("recover", r, &self.hooks.env, t).await,
+                    HookResult::Ok(_)
+                ),
+                None => false,
+            };
+            if recovered {
+                tracing::info!("application recovered in place");
+            } else {
+                self.controller.stand_down();
+                self.demote(
+                    "application check failed and could not be recovered: failing over to the peer",
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn tick(&mut self) {
+        let now = self.now();
+        for ev in self.monitor.tick(now) {
+            self.log_event(ev);
+        }
+        self.check_application().await;
+        let inputs = Inputs {
+            now,
+            role: self.role(),
+            disk: self.disk(),
+            peer: self.monitor.view(),
+            witness: self.witness,
+        };
+        let before = self.controller.reason().to_string();
+        let action = self.controller.decide(inputs);
+        if self.controller.reason() != before {
+            tracing::info!(decision = self.controller.reason(), "decision");
+        }
+        match action {
+            Action::None => {}
+            Action::Fence => {
+                tracing::warn!("fencing the peer");
+                let cloud = self.cloud.clone();
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let r = cloud.fence_peer().await;
+                    let _ = tx.send(Msg::Fenced(r)).await;
+                });
+            }
+            Action::Promote => {
+                let why = self.controller.reason().to_string();
+                self.promote(false, &why).await;
+                if self.role() == Role::Primary {
+                    self.controller.clear_operator_flags();
+                    self.publish();
+                }
+            }
+            Action::Demote => {
+                let why = self.controller.reason().to_string();
+                self.demote(&why).await;
+            }
+        }
+    }
+
+    fn log_event(&mut self, ev: Event) {
+        match ev {
+            Event::PathUp(i) => {
+                tracing::info!(path = %self.cfg.heartbeats[i].name, "heartbeat path up")
+            }
+            Event::PathDown(i) => {
+                let up = self.monitor.paths().iter().filter(|p| p.up).count();
+                tracing::warn!(path = %self.cfg.heartbeats[i].name, paths_up = up, "heartbeat path DOWN")
+            }
+            Event::PeerFound => {
+                self.peer_lost_at = None;
+                tracing::info!(peer = %self.cfg.peer, "peer found")
+            }
+            Event::PeerLost => {
+                self.peer_lost_at = Some(Instant::now());
+                tracing::warn!(peer = %self.cfg.peer, "PEER LOST: no heartbeat on any path")
+            }
+        }
+    }
+}
+
+fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, DaemonError> {
+    let s = std::net::UdpSocket::bind(addr).map_err(setup_err(
+        format!("cannot bind heartbeat socket {addr}"),
+        "check cluster.heartbeat[].local is an address of this node and the port is free",
+    ))?;
+    s.set_nonblocking(true)
+        .map_err(setup_err("heartbeat socket".into(), "report a bug"))?;
+    UdpSocket::from_std(s).map_err(setup_err("heartbeat socket".into(), "report a bug"))
+}
+
+fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::Setup {
+                what: format!("control socket {}", path.display()),
+                source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+                fix: "another twinvol daemon uses it; stop it or set cluster.control_socket",
+            });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(setup_err(
+            format!("cannot create {}", dir.display()),
+            "check permissions",
+        ))?;
+    }
+    // Created under a restrictive umask so there is no moment where others may connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let l = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let l = l.map_err(setup_err(
+        format!("cannot bind control socket {}", path.display()),
+        "check the directory exists and is writable",
+    ))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(setup_err(
+        format!("cannot chmod 0600 {}", path.display()),
+        "check permissions",
+    ))?;
+    Ok(l)
+}
+
+async fn build_cloud(cfg: &Config, cl: &ClusterConfig) -> Result<ClusterCloud, DaemonError> {
+    if let Some(lab) = &cl.lab {
+        return Ok(ClusterCloud::Lab(LabCloud::new(
+            &cfg.node.id,
+            &cl.peer,
+            lab.clone(),
+        )));
+    }
+    if let Some(c) = &cfg.cloud {
+        let aws = crate::cloud::aws::AwsCloud::connect(c)
+            .await
+            .map_err(|e| DaemonError::Cloud(e.to_string()))?;
+        return Ok(ClusterCloud::Aws(Box::new(aws)));
+    }
+    Ok(ClusterCloud::None)
+}
+
+/// Builds the volumes of a config: today one [`LocalVolume`] per `[[volume]]`. The mirrored
+/// volume replaces this function's body when it lands.
+pub fn build_volumes(cfg: &Config) -> Vec<Box<dyn VolumeControl>> {
+    cfg.volumes
+        .iter()
+        .map(|v| Box::new(LocalVolume::new(v.clone())) as Box<dyn VolumeControl>)
+        .collect()
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (then tears the service down if Primary).
+pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    let cl = cfg.cluster.clone().ok_or(DaemonError::NoCluster)?;
+    let key: Arc<PreSharedKey> = Arc::new(crate::repl::link::keyfile::load_key_file(&cl.key_file)?);
+    std::fs::create_dir_all(&cl.state_dir).map_err(setup_err(
+        format!("cannot create state_dir {}", cl.state_dir.display()),
+        "check cluster.state_dir and permissions",
+    ))?;
+    let pid_file = cl.state_dir.join("twinvol.pid");
+    std::fs::write(&pid_file, std::process::id().to_string()).map_err(setup_err(
+        format!("cannot write {}", pid_file.display()),
+        "check cluster.state_dir permissions",
+    ))?;
+    let previous: Option<RoleFile> = std::fs::read_to_string(cl.state_dir.join("role.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    if let Some(p) = &previous {
+        tracing::info!(previous_role = ?p.role, yielding = p.yielding, "starting as Secondary (role before the restart shown)");
+    }
+
+    let sockets: Vec<Arc<UdpSocket>> = cl
+        .heartbeats
+        .iter()
+        .map(|h| bind_udp(h.local).map(Arc::new))
+        .collect::<Result<_, _>>()?;
+    let control = bind_control(&cl.control_socket)?;
+    let cloud = Arc::new(build_cloud(&cfg, &cl).await?);
+
+    let (tx, mut rx) = mpsc::channel::<Msg>(1024);
+    let (advert_tx, advert_rx) = watch::channel(Advert {
+        role: Role::Secondary,
+        disk: DiskState::UpToDate,
+        flags: 0,
+    });
+
+    // Heartbeat sender: one round per interval, the same sequence number on every path.
+    {
+        let sockets = sockets.clone();
+        let key = key.clone();
+        let paths: Vec<SocketAddr> = cl.heartbeats.iter().map(|h| h.peer).collect();
+        let node_id = cfg.node.id.clone();
+        let priority = cl.priority;
+        let interval = cl.interval();
+        let mut incarnation = [0u8; 8];
+        let _ = getrandom::fill(&mut incarnation);
+        let incarnation = u64::from_be_bytes(incarnation) ^ unix_ms();
+        tokio::spawn(async move {
+            let mut seq = 0u64;
+            let mut t = tokio::time::interval(interval);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                t.tick().await;
+                seq += 1;
+                let a = *advert_rx.borrow();
+                for (i, (s, peer)) in sockets.iter().zip(&paths).enumerate() {
+                    let hb = Heartbeat {
+                        node_id: node_id.clone(),
+                        path: i as u8,
+                        role: a.role,
+                        disk: a.disk,
+                        flags: a.flags,
+                        priority,
+                        incarnation,
+                        seq,
+                    };
+                    let bytes = heartbeat::encode(&hb, &key);
+                    if let Err(e) = s.send_to(&bytes, peer).await {
+                        tracing::debug!(path = i, error = %e, "heartbeat send failed");
+                    }
+                }
+            }
+        });
+    }
+    // Receivers: only the configured peer address on that path, only the configured peer id.
+    for (i, s) in sockets.iter().enumerate() {
+        let s = s.clone();
+        let key = key.clone();
+        let tx = tx.clone();
+        let want_peer = cl.heartbeats[i].peer;
+        let peer_id = cl.peer.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            loop {
+                let Ok((n, from)) = s.recv_from(&mut buf).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let r = if from.ip() != want_peer.ip() {
+                    Err(format!(
+                        "datagram from {from}, not the configured peer {want_peer}"
+                    ))
+                } else {
+                    match heartbeat::decode(&buf[..n], &key) {
+                        Ok(hb) if hb.node_id == peer_id && hb.path as usize == i => Ok(hb),
+                        Ok(hb) => Err(format!(
+                            "heartbeat from node {:?} on path {}, expected {peer_id:?} on path {i}",
+                            hb.node_id, hb.path
+                        )),
+                        Err(e) => Err(e.to_string()),
+                    }
+                };
+                if tx.send(Msg::Heartbeat(i, r)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    // Witness prober.
+    if !cl.witness.targets.is_empty() {
+        let tx = tx.clone();
+        let targets = cl.witness.targets.clone();
+        let timeout = Duration::from_millis(cl.witness.timeout_ms);
+        let interval = Duration::from_millis(cl.witness.interval_ms);
+        tokio::spawn(async move {
+            loop {
+                let (ok, probes) = witness::probe_all(&targets, timeout).await;
+                if tx.send(Msg::Witness(ok, probes)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+    }
+    // Control socket.
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((conn, _)) = control.accept().await else {
+                    continue;
+                };
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = conn.into_split();
+                    let mut line = String::new();
+                    if BufReader::new(r).read_line(&mut line).await.is_err() {
+                        return;
+                    }
+                    let answer = match serde_json::from_str::<Request>(&line) {
+                        Ok(req) => {
+                            let (otx, orx) = oneshot::channel();
+                            if tx.send(Msg::Control(req, otx)).await.is_err() {
+                                return;
+                            }
+                            match orx.await {
+                                Ok(a) => a,
+                                Err(_) => return,
+                            }
+                        }
+                        Err(e) => Answer {
+                            ok: false,
+                            message: format!("bad request: {e}; send {{\"cmd\":\"status\"}}"),
+                            status: serde_json::Value::Null,
+                        },
+                    };
+                    if let Ok(mut text) = serde_json::to_string(&answer) {
+                        text.push('\n');
+                        let _ = w.write_all(text.as_bytes()).await;
+                    }
+                });
+            }
+        });
+    }
+
+    let hooks = Hooks {
+        start: cl.hooks.start.clone(),
+        stop: cl.hooks.stop.clone(),
+        timeout: Duration::from_millis(cl.hooks.timeout_ms),
+        env: vec![
+            ("TWINVOL_NODE".into(), cfg.node.id.clone()),
+            (
+                "TWINVOL_VOLUMES".into(),
+                cfg.volumes
+                    .iter()
+                    .map(|v| v.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+        ],
+    };
+    let params = Params {
+        priority: cl.priority,
+        peer_priority: cl.peer_priority,
+        fence: cl.fence,
+        fence_delay: Duration::from_millis(cl.fence_delay_ms),
+        fence_retry: Duration::from_secs(5),
+        isolation_grace: Duration::from_millis(cl.witness.isolation_grace_ms),
+        switchback: cl.switchback,
+    };
+    let mut controller = Controller::new(params);
+    if previous.as_ref().is_some_and(|p| p.yielding) {
+        controller.stand_down();
+    }
+    let mut node = Node {
+        node_id: cfg.node.id.clone(),
+        volumes: build_volumes(&cfg),
+        cloud,
+        hooks,
+        monitor: PeerMonitor::new(cl.heartbeats.len(), cl.timeout()),
+        controller,
+        witness: if cl.witness.targets.is_empty() {
+            WitnessView::Disabled
+        } else {
+            WitnessView::Unknown
+        },
+        probes: vec![],
+        start: Instant::now(),
+        last_sequence: None,
+        primary_since: None,
+        peer_lost_at: None,
+        last_failover_ms: None,
+        previous_role: previous.map(|p| p.role),
+        advert: advert_tx,
+        next_check: None,
+        tx,
+        cfg: cl.clone(),
+    };
+    node.publish();
+    tracing::info!(node = %node.node_id, peer = %cl.peer, priority = cl.priority, paths = cl.heartbeats.len(), "twinvol daemon running");
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())
+        .map_err(setup_err("signal handler".into(), "report a bug"))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(setup_err("signal handler".into(), "report a bug"))?;
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = ticker.tick() => node.tick().await,
+            Some(m) = rx.recv() => match m {
+                Msg::Heartbeat(i, Ok(hb)) => {
+                    let now = node.now();
+                    for ev in node.monitor.on_heartbeat(now, i, &hb) {
+                        node.log_event(ev);
+                    }
+                }
+                Msg::Heartbeat(i, Err(why)) => {
+                    node.monitor.refused(i);
+                    tracing::debug!(path = i, %why, "heartbeat refused");
+                }
+                Msg::Witness(ok, probes) => {
+                    node.witness = match (ok, node.witness) {
+                        (true, _) => WitnessView::Reachable,
+                        (false, w @ WitnessView::Unreachable { .. }) => w,
+                        (false, _) => {
+                            tracing::warn!("no witness target reachable");
+                            WitnessView::Unreachable { since: node.now() }
+                        }
+                    };
+                    node.probes = probes;
+                }
+                Msg::Fenced(report) => {
+                    let ok = report.succeeded();
+                    tracing::warn!(report = %report.to_string().replace('\n', "; "), ok, "fencing finished");
+                    let r = if ok { Ok(()) } else { Err(report.failures().map(|f| f.to_string()).collect::<Vec<_>>().join("; ")) };
+                    node.controller.fence_done(node.now(), r);
+                }
+                Msg::Control(req, reply) => {
+                    let a = node.control(req).await;
+                    let _ = reply.send(a);
+                }
+            },
+        }
+    }
+    tracing::info!("stopping");
+    if node.role() == Role::Primary {
+        node.demote("daemon stopping").await;
+    }
+    let _ = std::fs::remove_file(&cl.control_socket);
+    let _ = std::fs::remove_file(&pid_file);
+    Ok(())
+}
+
+/// The control socket of a config file (for the `status`/`promote`/... subcommands).
+pub fn control_socket_of(config: &Path) -> Result<PathBuf, anyhow::Error> {
+    let cfg = Config::load(config)?;
+    cfg.cluster.map(|c| c.control_socket).ok_or_else(|| {
+        anyhow::anyhow!("{} has no [cluster] table; pass --socket", config.display())
+    })
+}

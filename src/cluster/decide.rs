@@ -1,0 +1,750 @@
+//! The node's failover decisions as a pure state machine: inputs are the local role and disk
+//! state, the peer as the heartbeats show it, the witness result and the time; outputs are
+//! one [`Action`] and a sentence saying why.
+//!
+//! Invariants:
+//! - A Secondary promotes only when its disk is UpToDate and either the peer is alive and
+//!   not Primary (and stands down or is less preferred), or the peer is lost, this node is
+//!   not isolated, and it has proof the peer is down (the peer was fenced).
+//! - An isolated node (no witness reachable and no peer heartbeat) never promotes; an
+//!   isolated Primary demotes after the isolation grace.
+//! - Only a non-isolated node fences, and only a Secondary fences. The less-preferred node
+//!   waits `fence_delay` first, unless the peer was last seen Primary (a Primary never
+//!   fences, so no race is possible and the standby fences at once).
+//! - Of two Primaries that see each other, the less-preferred one demotes at once.
+
+use std::time::Duration;
+
+use super::heartbeat::{DiskState, Role};
+use super::liveness::PeerView;
+use crate::config::cluster::{FenceMode, Switchback};
+
+/// What the witness probes last said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "kebab-case")]
+pub enum WitnessView {
+    /// No witness is configured: never isolated.
+    Disabled,
+    /// No probe round finished yet.
+    Unknown,
+    /// At least one target answered 2xx/3xx in the last round.
+    Reachable,
+    /// No target answered since this time (time since start).
+    Unreachable {
+        /// When the first failing round ended.
+        #[serde(skip)]
+        since: Duration,
+    },
+}
+
+/// Fixed parameters of this node.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// This node's priority (lower preferred).
+    pub priority: u16,
+    /// The peer's configured priority.
+    pub peer_priority: u16,
+    /// Fencing mode.
+    pub fence: FenceMode,
+    /// Wait of the less-preferred node before fencing.
+    pub fence_delay: Duration,
+    /// Wait after a failed fencing before trying again.
+    pub fence_retry: Duration,
+    /// An isolated Primary demotes after this long.
+    pub isolation_grace: Duration,
+    /// Switchback policy.
+    pub switchback: Switchback,
+}
+
+/// Progress of fencing the peer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", content = "detail", rename_all = "kebab-case")]
+pub enum FenceState {
+    /// Nothing under way.
+    Idle,
+    /// The less-preferred node waits until this time before fencing.
+    Waiting(#[serde(skip)] Duration),
+    /// The provider is stopping the peer.
+    InProgress,
+    /// The peer is stopped: proof for promotion.
+    Fenced,
+    /// The last attempt failed; retried after `fence_retry`.
+    Failed(String, #[serde(skip)] Duration),
+}
+
+/// What the daemon must do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing.
+    None,
+    /// Ask the cloud provider to fence the peer, then report with [`Controller::fence_done`].
+    Fence,
+    /// Bring the service up here.
+    Promote,
+    /// Take the service down here.
+    Demote,
+}
+
+/// Everything one decision looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs {
+    /// Time since start.
+    pub now: Duration,
+    /// Local role.
+    pub role: Role,
+    /// Local disk state.
+    pub disk: DiskState,
+    /// The peer.
+    pub peer: PeerView,
+    /// The witness.
+    pub witness: WitnessView,
+}
+
+/// The decision state of one node.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    p: Params,
+    fence: FenceState,
+    /// Set by operator demote/switchover: stand down for the peer, do not take the service
+    /// back while the peer is alive.
+    yielding: bool,
+    /// Set by operator switchover on a Secondary: ask the Primary to hand over.
+    wants_primary: bool,
+    reason: String,
+    /// The peer's role in its last heartbeat.
+    last_peer_role: Option<Role>,
+}
+
+impl Controller {
+    /// A controller with nothing under way.
+    pub fn new(p: Params) -> Self {
+        Self {
+            p,
+            fence: FenceState::Idle,
+            yielding: false,
+            wants_primary: false,
+            reason: "starting".into(),
+            last_peer_role: None,
+        }
+    }
+
+    /// Why the last decision was taken (for status).
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+    /// Fencing progress.
+    pub fn fence_state(&self) -> &FenceState {
+        &self.fence
+    }
+    /// Whether this node stands down for the peer (heartbeat flag).
+    pub fn yielding(&self) -> bool {
+        self.yielding
+    }
+    /// Whether this node asks the peer to hand over (heartbeat flag).
+    pub fn wants_primary(&self) -> bool {
+        self.wants_primary
+    }
+
+    /// Operator demote or switchover on the Primary: stand down and let the peer take over.
+    pub fn stand_down(&mut self) {
+        self.yielding = true;
+        self.wants_primary = false;
+    }
+    /// Operator switchover on the Secondary: ask the Primary to hand over.
+    pub fn request_handover(&mut self) {
+        self.yielding = false;
+        self.wants_primary = true;
+    }
+    /// Operator promote (or a completed promotion): no longer standing down.
+    pub fn clear_operator_flags(&mut self) {
+        self.yielding = false;
+        self.wants_primary = false;
+    }
+
+    /// The provider finished fencing: `Ok` = peer stopped (proof), `Err` = why not.
+    pub fn fence_done(&mut self, now: Duration, result: Result<(), String>) {
+        self.fence = match result {
+            Ok(()) => FenceState::Fenced,
+            Err(why) => FenceState::Failed(why, now),
+        };
+    }
+
+    /// A promotion finished (either way): the fencing proof is used up.
+    pub fn promotion_done(&mut self) {
+        self.fence = FenceState::Idle;
+        self.wants_primary = false;
+    }
+
+    fn isolated(&self, i: &Inputs) -> Option<Duration> {
+        match (i.peer, i.witness) {
+            (PeerView::Alive(_), _) => None,
+            (_, WitnessView::Unreachable { since }) => Some(i.now.saturating_sub(since)),
+            (_, WitnessView::Unknown) => Some(Duration::ZERO),
+            _ => None,
+        }
+    }
+
+    fn say(&mut self, a: Action, why: impl Into<String>) -> Action {
+        self.reason = why.into();
+        a
+    }
+
+    /// Decides what to do now.
+    pub fn decide(&mut self, i: Inputs) -> Action {
+        if let PeerView::Alive(st) = i.peer {
+            self.last_peer_role = Some(st.role);
+            if !matches!(self.fence, FenceState::InProgress) {
+                self.fence = FenceState::Idle;
+            }
+        }
+        let preferred = self.p.priority < self.p.peer_priority;
+        match i.role {
+            Role::Primary => self.decide_primary(i, preferred),
+            Role::Secondary => self.decide_secondary(i, preferred),
+        }
+    }
+
+    fn decide_primary(&mut self, i: Inputs, preferred: bool) -> Action {
+        if let Some(for_how_long) = self.isolated(&i) {
+            if for_how_long >= self.p.isolation_grace {
+                return self.say(
+                    Action::Demote,
+                    format!(
+                        "isolated: no heartbeat and no witness reachable for {} ms (grace {} ms): stopping the service here",
+                        for_how_long.as_millis(),
+                        self.p.isolation_grace.as_millis()
+                    ),
+                );
+            }
+            if matches!(i.witness, WitnessView::Unreachable { .. }) {
+                return self.say(
+                    Action::None,
+                    format!(
+                        "Primary; peer lost and witness unreachable for {} ms: will stand down after {} ms",
+                        for_how_long.as_millis(),
+                        self.p.isolation_grace.as_millis()
+                    ),
+                );
+            }
+        }
+        match i.peer {
+            PeerView::Alive(s) if s.role == Role::Primary => {
+                if preferred {
+                    self.say(
+                        Action::None,
+                        "both nodes Primary: the peer is less preferred and must stand down",
+                    )
+                } else {
+                    self.say(
+                        Action::Demote,
+                        "both nodes Primary: this node is less preferred and stands down",
+                    )
+                }
+            }
+            PeerView::Alive(s) if s.wants_primary && s.disk == DiskState::UpToDate => {
+                self.yielding = true;
+                self.say(
+                    Action::Demote,
+                    "switchover requested by the peer: handing over",
+                )
+            }
+            PeerView::Alive(s)
+                if self.p.switchback == Switchback::Automatic
+                    && s.priority < self.p.priority
+                    && s.disk == DiskState::UpToDate
+                    && !s.yielding =>
+            {
+                self.yielding = true;
+                self.say(
+                    Action::Demote,
+                    "automatic switchback: the preferred node is back and UpToDate",
+                )
+            }
+            PeerView::Alive(_) => self.say(Action::None, "Primary; peer alive as Secondary"),
+            PeerView::Unknown => {
+                self.say(Action::None, "Primary; waiting for the peer's heartbeat")
+            }
+            PeerView::Lost => self.say(Action::None, "Primary; peer lost, this node keeps serving"),
+        }
+    }
+
+    fn decide_secondary(&mut self, i: Inputs, preferred: bool) -> Action {
+        if i.disk != DiskState::UpToDate {
+            return self.say(
+                Action::None,
+                format!(
+                    "Secondary; disk is {:?}: promotion only with `twinvol promote --force`",
+                    i.disk
+                ),
+            );
+        }
+        match i.peer {
+            PeerView::Alive(s) => {
+                if s.role == Role::Primary {
+                    if self.wants_primary {
+                        return self.say(
+                            Action::None,
+                            "Secondary; switchover asked, waiting for the peer to hand over",
+                        );
+                    }
+                    return self.say(Action::None, "Secondary; peer is Primary");
+                }
+                if self.yielding {
+                    return self.say(Action::None, "Secondary; standing down by operator request (run `twinvol promote` to take the service)");
+                }
+                if s.yielding {
+                    return self.say(
+                        Action::Promote,
+                        "both Secondary and the peer stands down: taking the service",
+                    );
+                }
+                if s.disk != DiskState::UpToDate {
+                    return self.say(
+                        Action::Promote,
+                        "both Secondary and only this node is UpToDate: taking the service",
+                    );
+                }
+                if preferred {
+                    self.say(Action::Promote, "both Secondary: this node is preferred")
+                } else {
+                    self.say(
+                        Action::None,
+                        "Secondary; both Secondary, the preferred peer takes the service",
+                    )
+                }
+            }
+            PeerView::Unknown => {
+                self.say(Action::None, "Secondary; waiting for the peer's heartbeat")
+            }
+            PeerView::Lost => self.peer_lost(i, preferred),
+        }
+    }
+
+    fn peer_lost(&mut self, i: Inputs, preferred: bool) -> Action {
+        if self.isolated(&i).is_some() {
+            return self.say(
+                Action::None,
+                "Secondary; peer lost but no witness is reachable: this node may be the isolated one and will not promote",
+            );
+        }
+        if self.p.fence == FenceMode::Off {
+            return self.say(
+                Action::None,
+                "Secondary; peer lost but fence = \"off\": no proof the peer is down; check it and run `twinvol promote --force`",
+            );
+        }
+        match self.fence.clone() {
+            FenceState::Idle if preferred || self.last_peer_role == Some(Role::Primary) => {
+                self.fence = FenceState::InProgress;
+                self.say(Action::Fence, "peer lost: fencing it before promotion")
+            }
+            FenceState::Idle => {
+                self.fence = FenceState::Waiting(i.now + self.p.fence_delay);
+                self.say(
+                    Action::None,
+                    format!(
+                        "peer lost: this node is less preferred and waits {} ms before fencing",
+                        self.p.fence_delay.as_millis()
+                    ),
+                )
+            }
+            FenceState::Waiting(until) if i.now >= until => {
+                self.fence = FenceState::InProgress;
+                self.say(Action::Fence, "peer lost: fence delay over, fencing it before promotion")
+            }
+            FenceState::Waiting(_) => self.say(Action::None, "peer lost: waiting the fence delay"),
+            FenceState::InProgress => self.say(Action::None, "peer lost: fencing under way"),
+            FenceState::Fenced => self.say(Action::Promote, "peer fenced: promoting"),
+            FenceState::Failed(why, at) if i.now.saturating_sub(at) >= self.p.fence_retry => {
+                self.fence = FenceState::InProgress;
+                self.say(Action::Fence, format!("retrying fencing (last attempt: {why})"))
+            }
+            FenceState::Failed(why, _) => self.say(
+                Action::None,
+                format!("Secondary; fencing the peer failed ({why}): no proof the peer is down, not promoting"),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::liveness::PeerStatus;
+
+    fn params(priority: u16) -> Params {
+        Params {
+            priority,
+            peer_priority: if priority == 10 { 20 } else { 10 },
+            fence: FenceMode::Cloud,
+            fence_delay: Duration::from_secs(3),
+            fence_retry: Duration::from_secs(5),
+            isolation_grace: Duration::from_secs(10),
+            switchback: Switchback::Intelligent,
+        }
+    }
+
+    fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn alive(role: Role, priority: u16) -> PeerView {
+        PeerView::Alive(PeerStatus {
+            role,
+            disk: DiskState::UpToDate,
+            priority,
+            yielding: false,
+            wants_primary: false,
+        })
+    }
+
+    fn inputs(now: u64, role: Role, peer: PeerView, witness: WitnessView) -> Inputs {
+        Inputs {
+            now: s(now),
+            role,
+            disk: DiskState::UpToDate,
+            peer,
+            witness,
+        }
+    }
+
+    #[test]
+    fn standby_with_a_live_primary_peer_stays_secondary() {
+        let mut c = Controller::new(params(10));
+        let a = c.decide(inputs(
+            1,
+            Role::Secondary,
+            alive(Role::Primary, 20),
+            WitnessView::Reachable,
+        ));
+        assert_eq!(a, Action::None);
+        assert!(c.reason().contains("peer is Primary"));
+    }
+
+    #[test]
+    fn lost_peer_is_fenced_then_the_standby_promotes() {
+        let mut c = Controller::new(params(10));
+        let i = inputs(6, Role::Secondary, PeerView::Lost, WitnessView::Reachable);
+        assert_eq!(c.decide(i), Action::Fence);
+        assert_eq!(
+            c.decide(i),
+            Action::None,
+            "no second fence while one is under way"
+        );
+        c.fence_done(s(7), Ok(()));
+        assert_eq!(
+            c.decide(inputs(
+                7,
+                Role::Secondary,
+                PeerView::Lost,
+                WitnessView::Reachable
+            )),
+            Action::Promote
+        );
+    }
+
+    #[test]
+    fn standby_of_a_lost_primary_fences_at_once_even_when_less_preferred() {
+        let mut c = Controller::new(params(20));
+        let i = inputs(
+            1,
+            Role::Secondary,
+            alive(Role::Primary, 10),
+            WitnessView::Reachable,
+        );
+        assert_eq!(c.decide(i), Action::None);
+        let lost = inputs(5, Role::Secondary, PeerView::Lost, WitnessView::Reachable);
+        assert_eq!(
+            c.decide(lost),
+            Action::Fence,
+            "a Primary never fences, so there is no race to guard"
+        );
+    }
+
+    #[test]
+    fn less_preferred_node_waits_the_fence_delay_before_fencing() {
+        let mut c = Controller::new(params(20));
+        assert_eq!(
+            c.decide(inputs(
+                6,
+                Role::Secondary,
+                PeerView::Lost,
+                WitnessView::Reachable
+            )),
+            Action::None
+        );
+        assert!(c.reason().contains("waits 3000 ms"), "{}", c.reason());
+        assert_eq!(
+            c.decide(inputs(
+                8,
+                Role::Secondary,
+                PeerView::Lost,
+                WitnessView::Reachable
+            )),
+            Action::None
+        );
+        assert_eq!(
+            c.decide(inputs(
+                9,
+                Role::Secondary,
+                PeerView::Lost,
+                WitnessView::Reachable
+            )),
+            Action::Fence
+        );
+    }
+
+    #[test]
+    fn fence_race_only_the_preferred_node_fences_when_both_lose_each_other() {
+        let mut a = Controller::new(params(10));
+        let mut b = Controller::new(params(20));
+        let lost = |c: &mut Controller, t| {
+            c.decide(inputs(
+                t,
+                Role::Secondary,
+                PeerView::Lost,
+                WitnessView::Reachable,
+            ))
+        };
+        assert_eq!(lost(&mut a, 5), Action::Fence);
+        assert_eq!(lost(&mut b, 5), Action::None);
+        // A's fencing stops B within the delay; had B's heartbeat returned, B resets.
+        assert_eq!(
+            b.decide(inputs(
+                6,
+                Role::Secondary,
+                alive(Role::Primary, 10),
+                WitnessView::Reachable
+            )),
+            Action::None
+        );
+        assert_eq!(b.fence_state(), &FenceState::Idle);
+    }
+
+    #[test]
+    fn isolated_standby_never_promotes_and_never_fences() {
+        let mut c = Controller::new(params(10));
+        for t in 5..100 {
+            let a = c.decide(inputs(
+                t,
+                Role::Secondary,
+                PeerView::Lost,
+                WitnessView::Unreachable { since: s(5) },
+            ));
+            assert_eq!(a, Action::None);
+        }
+        assert!(c.reason().contains("isolated"), "{}", c.reason());
+    }
+
+    #[test]
+    fn isolated_primary_demotes_after_the_grace() {
+        let mut c = Controller::new(params(10));
+        let w = WitnessView::Unreachable { since: s(10) };
+        assert_eq!(
+            c.decide(inputs(19, Role::Primary, PeerView::Lost, w)),
+            Action::None
+        );
+        assert_eq!(
+            c.decide(inputs(20, Role::Primary, PeerView::Lost, w)),
+            Action::Demote
+        );
+        assert!(c.reason().contains("isolated"));
+    }
+
+    #[test]
+    fn primary_with_a_live_peer_keeps_serving_when_only_the_witness_is_down() {
+        let mut c = Controller::new(params(10));
+        let w = WitnessView::Unreachable { since: s(0) };
+        assert_eq!(
+            c.decide(inputs(100, Role::Primary, alive(Role::Secondary, 20), w)),
+            Action::None
+        );
+    }
+
+    #[test]
+    fn fence_off_means_no_promotion_without_proof() {
+        let mut p = params(10);
+        p.fence = FenceMode::Off;
+        let mut c = Controller::new(p);
+        assert_eq!(
+            c.decide(inputs(
+                9,
+                Role::Secondary,
+                PeerView::Lost,
+                WitnessView::Reachable
+            )),
+            Action::None
+        );
+        assert!(c.reason().contains("no proof"), "{}", c.reason());
+    }
+
+    #[test]
+    fn failed_fencing_blocks_promotion_and_is_retried() {
+        let mut c = Controller::new(params(10));
+        assert_eq!(
+            c.decide(inputs(
+                6,
+                Role::Secondary,
+                PeerView::Lost,
+                WitnessView::Reachable
+            )),
+            Action::Fence
+        );
+        c.fence_done(s(7), Err("pid file unreadable".into()));
+        assert_eq!(
+            c.decide(inputs(
+                8,
+                Role::Secondary,
+                PeerView::Lost,
+                WitnessView::Reachable
+            )),
+            Action::None
+        );
+        assert!(c.reason().contains("pid file unreadable"));
+        assert_eq!(
+            c.decide(inputs(
+                12,
+                Role::Secondary,
+                PeerView::Lost,
+                WitnessView::Reachable
+            )),
+            Action::Fence
+        );
+    }
+
+    #[test]
+    fn two_primaries_the_less_preferred_stands_down() {
+        let mut a = Controller::new(params(10));
+        let mut b = Controller::new(params(20));
+        assert_eq!(
+            a.decide(inputs(
+                1,
+                Role::Primary,
+                alive(Role::Primary, 20),
+                WitnessView::Reachable
+            )),
+            Action::None
+        );
+        assert_eq!(
+            b.decide(inputs(
+                1,
+                Role::Primary,
+                alive(Role::Primary, 10),
+                WitnessView::Reachable
+            )),
+            Action::Demote
+        );
+    }
+
+    #[test]
+    fn both_secondary_the_preferred_node_promotes() {
+        let mut a = Controller::new(params(10));
+        let mut b = Controller::new(params(20));
+        assert_eq!(
+            a.decide(inputs(
+                1,
+                Role::Secondary,
+                alive(Role::Secondary, 20),
+                WitnessView::Reachable
+            )),
+            Action::Promote
+        );
+        assert_eq!(
+            b.decide(inputs(
+                1,
+                Role::Secondary,
+                alive(Role::Secondary, 10),
+                WitnessView::Reachable
+            )),
+            Action::None
+        );
+    }
+
+    #[test]
+    fn intelligent_switchback_stays_put_automatic_moves_back() {
+        let mut b = Controller::new(params(20));
+        assert_eq!(
+            b.decide(inputs(
+                1,
+                Role::Primary,
+                alive(Role::Secondary, 10),
+                WitnessView::Reachable
+            )),
+            Action::None
+        );
+        let mut p = params(20);
+        p.switchback = Switchback::Automatic;
+        let mut b = Controller::new(p);
+        assert_eq!(
+            b.decide(inputs(
+                1,
+                Role::Primary,
+                alive(Role::Secondary, 10),
+                WitnessView::Reachable
+            )),
+            Action::Demote
+        );
+        assert!(
+            b.yielding(),
+            "the node that moved back does not grab the service again"
+        );
+    }
+
+    #[test]
+    fn operator_demote_makes_the_preferred_node_stand_down_for_the_peer() {
+        let mut a = Controller::new(params(10));
+        a.stand_down();
+        assert_eq!(
+            a.decide(inputs(
+                1,
+                Role::Secondary,
+                alive(Role::Secondary, 20),
+                WitnessView::Reachable
+            )),
+            Action::None
+        );
+        let mut b = Controller::new(params(20));
+        let yielding_a = PeerView::Alive(PeerStatus {
+            role: Role::Secondary,
+            disk: DiskState::UpToDate,
+            priority: 10,
+            yielding: true,
+            wants_primary: false,
+        });
+        assert_eq!(
+            b.decide(inputs(
+                1,
+                Role::Secondary,
+                yielding_a,
+                WitnessView::Reachable
+            )),
+            Action::Promote
+        );
+    }
+
+    #[test]
+    fn switchover_from_the_standby_makes_the_primary_hand_over() {
+        let mut a = Controller::new(params(10));
+        let wants = PeerView::Alive(PeerStatus {
+            role: Role::Secondary,
+            disk: DiskState::UpToDate,
+            priority: 20,
+            yielding: false,
+            wants_primary: true,
+        });
+        assert_eq!(
+            a.decide(inputs(1, Role::Primary, wants, WitnessView::Reachable)),
+            Action::Demote
+        );
+        assert!(a.yielding());
+    }
+
+    #[test]
+    fn inconsistent_disk_never_promotes_on_its_own() {
+        let mut c = Controller::new(params(10));
+        let mut i = inputs(9, Role::Secondary, PeerView::Lost, WitnessView::Reachable);
+        i.disk = DiskState::Inconsistent;
+        assert_eq!(c.decide(i), Action::None);
+        assert!(c.reason().contains("--force"));
+    }
+}

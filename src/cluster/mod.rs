@@ -1,0 +1,26 @@
+//! `cluster`: the node daemon's failover logic.
+//!
+//! Pure parts (no sockets, no clocks of their own; tested with a fake clock):
+//! - [`heartbeat`]: the authenticated UDP heartbeat datagram (codec + HMAC).
+//! - [`liveness`]: per-path liveness and the peer's state (one path down = warning, all
+//!   down = peer lost).
+//! - [`decide`]: the failover decisions (fence, promote, demote), partition resolution and
+//!   the fence race guard.
+//!
+//! Runtime parts:
+//! - [`witness`]: HTTP HEAD probes of the witness targets.
+//! - [`volume`]: the [`volume::VolumeControl`] seam to the volume (local today, mirrored later).
+//! - [`bringup`]: ordered bring-up and teardown with application hooks, timed per step.
+//! - [`control`]: the control socket protocol and status rendering.
+//! - [`daemon`]: `twinvol run`, tying it all together.
+//! - [`demo`]: `twinvol demo`, two nodes on one machine.
+
+pub mod bringup;
+pub mod control;
+pub mod daemon;
+pub mod decide;
+pub mod demo;
+pub mod heartbeat;
+pub mod liveness;
+pub mod volume;
+pub mod witness;

@@ -1,0 +1,410 @@
+//! The seam between the cluster core and a volume: [`VolumeControl`].
+//!
+//! The cluster core only asks a volume for its role and disk state and tells it to promote,
+//! demote, start or stop its export. Two implementations live here:
+//! - [`LocalVolume`]: what exists today, a local unmirrored device (`engine`) whose NBD export
+//!   (`nbd::server`) runs only while Primary. Its disk is always UpToDate.
+//! - [`FakeVolume`]: a test double that records calls and can be told to fail.
+//!
+//! When the mirrored volume lands, it implements this trait (promote = the replication
+//! role change, with a new current generation id when promoted while disconnected; disk
+//! state = the replication disk state) and the daemon constructs it instead of
+//! [`LocalVolume`] in [`super::daemon`]; nothing else in the cluster core changes.
+
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::heartbeat::{DiskState, Role};
+use crate::config::VolumeConfig;
+use crate::engine::{Engine, OpenOptions};
+use crate::nbd::export::{choose_engine, Endpoint, Listener};
+use crate::nbd::server::{serve_connection, ServerConfig, Shared};
+
+/// A volume step that failed; the message names the volume and the cause.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("volume {volume}: {what}")]
+pub struct VolumeError {
+    /// The volume's name.
+    pub volume: String,
+    /// What failed and why.
+    pub what: String,
+}
+
+/// What status shows of one volume.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VolumeStatus {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Disk state.
+    pub disk: DiskState,
+    /// NBD URI while exported.
+    pub export: Option<String>,
+    /// Kind of volume (e.g. "local (unmirrored)").
+    pub kind: String,
+}
+
+/// The cluster core's handle on one volume.
+///
+/// Invariants every implementation keeps: `start_export` only succeeds while Primary;
+/// `demote` refuses while exported (stop the export first); `stop_export` and `demote` are
+/// idempotent; `promote(false)` refuses a disk that is not UpToDate.
+pub trait VolumeControl: Send {
+    /// The volume's name.
+    fn name(&self) -> &str;
+    /// Current role.
+    fn role(&self) -> Role;
+    /// Current disk state.
+    fn disk_state(&self) -> DiskState;
+    /// Makes the volume writable here; `force` accepts a disk that is not UpToDate.
+    fn promote(&mut self, force: bool) -> Result<(), VolumeError>;
+    /// Makes the volume read-only here (Secondary).
+    fn demote(&mut self) -> Result<(), VolumeError>;
+    /// Starts serving NBD; returns the URI.
+    fn start_export(&mut self) -> Result<String, VolumeError>;
+    /// Stops serving NBD (in-flight requests drain, then a flush).
+    fn stop_export(&mut self) -> Result<(), VolumeError>;
+    /// Status for `twinvol status`.
+    fn status(&self) -> VolumeStatus;
+}
+
+struct RunningExport {
+    stop: watch::Sender<bool>,
+    thread: JoinHandle<Result<(), String>>,
+    uri: String,
+}
+
+/// A local, unmirrored volume whose NBD export runs while Primary.
+pub struct LocalVolume {
+    cfg: VolumeConfig,
+    role: Role,
+    export: Option<RunningExport>,
+    grace: Duration,
+}
+
+impl LocalVolume {
+    /// A Secondary, unexported volume of `cfg` (the device is opened on export).
+    pub fn new(cfg: VolumeConfig) -> Self {
+        Self {
+            cfg,
+            role: Role::Secondary,
+            export: None,
+            grace: Duration::from_secs(2),
+        }
+    }
+
+    fn err(&self, what: impl Into<String>) -> VolumeError {
+        VolumeError {
+            volume: self.cfg.name.clone(),
+            what: what.into(),
+        }
+    }
+}
+
+fn endpoint(cfg: &VolumeConfig) -> Endpoint {
+    match (&cfg.export.socket, cfg.export.listen) {
+        (Some(p), _) => Endpoint::Unix(p.clone()),
+        (None, Some(a)) => Endpoint::Tcp(a),
+        // Config validation refuses a volume with neither.
+        (None, None) => Endpoint::Unix(PathBuf::from(format!("/run/twinvol/{}.sock", cfg.name))),
+    }
+}
+
+async fn serve_until(
+    cfg: VolumeConfig,
+    kind: crate::engine::EngineKind,
+    grace: Duration,
+    mut stop: watch::Receiver<bool>,
+    ready: std::sync::mpsc::Sender<Result<String, String>>,
+) -> Result<(), String> {
+    let mut open = OpenOptions::new(&cfg.device);
+    open.read_only = cfg.export.read_only;
+    open.cache = cfg.cache;
+    let engine = match Engine::open(kind, &open) {
+        Ok(e) => Rc::new(e),
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return Err(e.to_string());
+        }
+    };
+    let listener = match Listener::bind(&endpoint(&cfg)).await {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return Err(e.to_string());
+        }
+    };
+    let server_cfg = ServerConfig {
+        shutdown_grace: grace,
+        ..ServerConfig::default()
+    };
+    let shared = Shared::new(
+        engine.clone(),
+        cfg.export.name.clone(),
+        &server_cfg,
+        stop.clone(),
+    );
+    let _ = ready.send(Ok(listener.uri(&cfg.export.name)));
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((r, w, _peer)) => {
+                    let s = shared.clone();
+                    conns.spawn_local(async move {
+                        if let Err(e) = serve_connection(s, r, w).await {
+                            tracing::debug!(error = %e, "NBD connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    listener.cleanup();
+    if tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        conns.shutdown().await;
+    }
+    crate::block::BlockTarget::flush(&*engine)
+        .await
+        .map_err(|e| format!("final flush failed: {e}"))
+}
+
+impl VolumeControl for LocalVolume {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+    fn role(&self) -> Role {
+        self.role
+    }
+    fn disk_state(&self) -> DiskState {
+        DiskState::UpToDate
+    }
+    fn promote(&mut self, _force: bool) -> Result<(), VolumeError> {
+        self.role = Role::Primary;
+        Ok(())
+    }
+    fn demote(&mut self) -> Result<(), VolumeError> {
+        if self.export.is_some() {
+            return Err(self.err("refusing to demote while exported; stop the export first"));
+        }
+        self.role = Role::Secondary;
+        Ok(())
+    }
+    fn start_export(&mut self) -> Result<String, VolumeError> {
+        if self.role != Role::Primary {
+            return Err(self.err("refusing to export a Secondary volume"));
+        }
+        if let Some(e) = &self.export {
+            return Ok(e.uri.clone());
+        }
+        let kind = choose_engine(self.cfg.engine.forced()).map_err(|e| self.err(e.to_string()))?;
+        let (stop, stop_rx) = watch::channel(false);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let cfg = self.cfg.clone();
+        let grace = self.grace;
+        let thread = std::thread::Builder::new()
+            .name(format!("export-{}", self.cfg.name))
+            .spawn(move || {
+                crate::engine::block_on(kind, serve_until(cfg, kind, grace, stop_rx, ready_tx))
+                    .map_err(|e| e.to_string())?
+            })
+            .map_err(|e| self.err(format!("cannot start the export thread: {e}")))?;
+        match ready_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(uri)) => {
+                self.export = Some(RunningExport {
+                    stop,
+                    thread,
+                    uri: uri.clone(),
+                });
+                Ok(uri)
+            }
+            Ok(Err(why)) => {
+                let _ = thread.join();
+                Err(self.err(format!("export failed: {why}")))
+            }
+            Err(_) => {
+                let _ = stop.send(true);
+                Err(self.err("export did not become ready within 30 s"))
+            }
+        }
+    }
+    fn stop_export(&mut self) -> Result<(), VolumeError> {
+        let Some(e) = self.export.take() else {
+            return Ok(());
+        };
+        let _ = e.stop.send(true);
+        match e.thread.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(self.err(format!("export stopped with an error: {why}"))),
+            Err(_) => Err(self.err("export thread panicked")),
+        }
+    }
+    fn status(&self) -> VolumeStatus {
+        VolumeStatus {
+            name: self.cfg.name.clone(),
+            role: self.role,
+            disk: DiskState::UpToDate,
+            export: self.export.as_ref().map(|e| e.uri.clone()),
+            kind: "local (unmirrored)".into(),
+        }
+    }
+}
+
+/// Calls a [`FakeVolume`] received, for assertions.
+#[derive(Debug, Default)]
+pub struct FakeLog {
+    /// Calls in order ("promote", "demote", "start_export", "stop_export").
+    pub calls: Vec<String>,
+}
+
+/// A test double: keeps role and export state, records calls, fails on request.
+pub struct FakeVolume {
+    name: String,
+    role: Role,
+    disk: DiskState,
+    exported: bool,
+    /// Calls made.
+    pub log: Arc<Mutex<FakeLog>>,
+    /// Make `start_export` fail with this message.
+    pub fail_export: Option<String>,
+}
+
+impl FakeVolume {
+    /// A Secondary, UpToDate, unexported fake.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            role: Role::Secondary,
+            disk: DiskState::UpToDate,
+            exported: false,
+            log: Arc::default(),
+            fail_export: None,
+        }
+    }
+    /// Sets the disk state.
+    pub fn with_disk(mut self, d: DiskState) -> Self {
+        self.disk = d;
+        self
+    }
+    fn record(&self, c: &str) {
+        if let Ok(mut l) = self.log.lock() {
+            l.calls.push(c.into());
+        }
+    }
+}
+
+impl VolumeControl for FakeVolume {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn role(&self) -> Role {
+        self.role
+    }
+    fn disk_state(&self) -> DiskState {
+        self.disk
+    }
+    fn promote(&mut self, force: bool) -> Result<(), VolumeError> {
+        self.record("promote");
+        if self.disk != DiskState::UpToDate && !force {
+            return Err(VolumeError {
+                volume: self.name.clone(),
+                what: format!("disk is {:?}; promote with --force", self.disk),
+            });
+        }
+        self.role = Role::Primary;
+        Ok(())
+    }
+    fn demote(&mut self) -> Result<(), VolumeError> {
+        self.record("demote");
+        if self.exported {
+            return Err(VolumeError {
+                volume: self.name.clone(),
+                what: "exported".into(),
+            });
+        }
+        self.role = Role::Secondary;
+        Ok(())
+    }
+    fn start_export(&mut self) -> Result<String, VolumeError> {
+        self.record("start_export");
+        if let Some(why) = &self.fail_export {
+            return Err(VolumeError {
+                volume: self.name.clone(),
+                what: why.clone(),
+            });
+        }
+        if self.role != Role::Primary {
+            return Err(VolumeError {
+                volume: self.name.clone(),
+                what: "not Primary".into(),
+            });
+        }
+        self.exported = true;
+        Ok(format!("fake://{}", self.name))
+    }
+    fn stop_export(&mut self) -> Result<(), VolumeError> {
+        self.record("stop_export");
+        self.exported = false;
+        Ok(())
+    }
+    fn status(&self) -> VolumeStatus {
+        VolumeStatus {
+            name: self.name.clone(),
+            role: self.role,
+            disk: self.disk,
+            export: self.exported.then(|| format!("fake://{}", self.name)),
+            kind: "fake".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(dir: &std::path::Path) -> VolumeConfig {
+        let dev = dir.join("vol.img");
+        std::fs::write(&dev, vec![0u8; 1 << 20]).unwrap();
+        let text = format!(
+            "[node]\nid = \"a\"\n[[volume]]\nname = \"data\"\ndevice = \"{}\"\nengine = \"sync\"\ncache = \"writeback\"\n[volume.export]\nsocket = \"{}\"\n",
+            dev.display(),
+            dir.join("data.sock").display()
+        );
+        crate::config::Config::parse(std::path::Path::new("t.toml"), &text)
+            .unwrap()
+            .volumes
+            .remove(0)
+    }
+
+    #[test]
+    fn local_volume_exports_only_while_primary_and_stops_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = LocalVolume::new(cfg(dir.path()));
+        assert!(v.start_export().is_err(), "a Secondary must not export");
+        v.promote(false).unwrap();
+        let uri = v.start_export().unwrap();
+        assert!(uri.contains("data.sock"), "{uri}");
+        assert!(std::os::unix::net::UnixStream::connect(dir.path().join("data.sock")).is_ok());
+        assert!(v.demote().is_err(), "demote while exported is refused");
+        v.stop_export().unwrap();
+        assert!(!dir.path().join("data.sock").exists());
+        v.demote().unwrap();
+        assert_eq!(v.status().role, Role::Secondary);
+        assert_eq!(v.status().export, None);
+    }
+}

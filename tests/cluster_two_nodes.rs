@@ -1,0 +1,264 @@
+//! Two `twinvol run` daemons on loopback (node-a 127.0.0.1, node-b 127.0.0.2), two heartbeat
+//! paths each through a relay the test can cut, an HTTP witness per node the test can switch
+//! off, and the lab cloud provider. Requires 127.0.0.2 on the loopback interface (Linux has
+//! the whole 127/8); setting up the lab fails loudly otherwise.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use twinvol::cluster::control::Request;
+use twinvol::cluster::demo::{is_primary, Lab, LabOptions, NbdClient};
+
+const BIN: &str = env!("CARGO_BIN_EXE_twinvol");
+const A: usize = 0;
+const B: usize = 1;
+
+fn options() -> LabOptions {
+    let mut o = LabOptions {
+        interval_ms: 500,
+        timeout_ms: 2000,
+        ..Default::default()
+    };
+    for n in &mut o.nodes {
+        n.fence_delay_ms = 2000;
+        n.isolation_grace_ms = 1000;
+    }
+    o
+}
+
+fn lab(dir: &Path, o: &LabOptions) -> Lab {
+    Lab::new(dir, Path::new(BIN), o).expect("lab setup (needs 127.0.0.2 on loopback)")
+}
+
+/// Starts both nodes and waits for node-a Primary and node-b seeing it.
+fn started(dir: &Path, o: &LabOptions) -> Lab {
+    let mut l = lab(dir, o);
+    l.start(A).unwrap();
+    l.start(B).unwrap();
+    let t = Duration::from_secs(20);
+    l.wait_for(A, t, is_primary)
+        .unwrap_or_else(|| panic!("node-a never became Primary:\n{}", l.log(A)));
+    l.wait_for(B, t, |s| {
+        s["peer_view"]["state"] == "alive" && s["peer_view"]["role"] == "primary"
+    })
+    .unwrap_or_else(|| panic!("node-b never saw node-a Primary:\n{}", l.log(B)));
+    l
+}
+
+fn role(l: &Lab, n: usize) -> Option<String> {
+    l.status(n)
+        .map(|s| s["role"].as_str().unwrap_or("").to_string())
+}
+
+/// Watches both nodes for `d`; panics if both ever report Primary at once.
+fn never_two_primaries(l: &Lab, d: Duration) {
+    let t0 = Instant::now();
+    while t0.elapsed() < d {
+        let (a, b) = (role(l, A), role(l, B));
+        assert!(
+            !(a.as_deref() == Some("primary") && b.as_deref() == Some("primary")),
+            "two Primaries serving at once"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn one_cut_heartbeat_path_is_a_warning_and_no_failover() {
+    let d = tempfile::tempdir().unwrap();
+    let l = started(d.path(), &options());
+    l.cut_path(0, true).unwrap();
+    let s = l
+        .wait_for(B, Duration::from_secs(10), |s| s["paths"][0]["up"] == false)
+        .expect("node-b never saw the service path go down");
+    assert_eq!(s["paths"][1]["up"], true, "the other path stays up");
+    never_two_primaries(&l, Duration::from_secs(4));
+    assert_eq!(role(&l, A).as_deref(), Some("primary"));
+    assert_eq!(role(&l, B).as_deref(), Some("secondary"));
+    assert_eq!(l.status(B).unwrap()["peer_view"]["state"], "alive");
+    assert!(l.log(B).contains("heartbeat path DOWN"), "{}", l.log(B));
+    assert!(
+        !l.plan(B).contains("fence"),
+        "no fencing over one lost path"
+    );
+}
+
+#[test]
+fn killed_active_node_is_replaced_within_heartbeat_timeout_plus_2s_and_the_export_serves() {
+    let d = tempfile::tempdir().unwrap();
+    let o = options();
+    let mut l = started(d.path(), &o);
+    let mut c = NbdClient::connect(&l.exports[A]).unwrap();
+    c.write(0, &[0x5a; 4096]).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    let killed = l.kill(A);
+    let s = l
+        .wait_for(B, Duration::from_secs(15), is_primary)
+        .unwrap_or_else(|| panic!("node-b did not take over:\n{}", l.log(B)));
+    let took = s["primary_since_unix_ms"].as_u64().unwrap() - killed;
+    assert!(
+        took <= o.timeout_ms + 2000,
+        "failover took {took} ms (timeout {} ms + 2 s allowed)",
+        o.timeout_ms
+    );
+    assert!(
+        l.plan(B).contains("\"fence\""),
+        "fenced before promotion: {}",
+        l.plan(B)
+    );
+    assert!(l.plan(B).contains("ReplaceRoute"), "cloud plan recorded");
+    let mut c = NbdClient::connect(&l.exports[B]).expect("node-b exports NBD");
+    assert_eq!(c.read(0, 4096).unwrap(), vec![0x5a; 4096]);
+    assert!(std::fs::read_to_string(d.path().join("app.log"))
+        .unwrap()
+        .contains("app started on node-b"));
+}
+
+#[test]
+fn all_paths_cut_while_both_live_the_standby_fences_the_primary_before_promoting() {
+    let d = tempfile::tempdir().unwrap();
+    let mut l = started(d.path(), &options());
+    l.cut_path(0, true).unwrap();
+    l.cut_path(1, true).unwrap();
+    let t0 = Instant::now();
+    let mut promoted = false;
+    while t0.elapsed() < Duration::from_secs(15) && !promoted {
+        let (a, b) = (role(&l, A), role(&l, B));
+        assert!(
+            !(a.as_deref() == Some("primary") && b.as_deref() == Some("primary")),
+            "two Primaries serving at once"
+        );
+        promoted = b.as_deref() == Some("primary");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(promoted, "node-b never promoted:\n{}", l.log(B));
+    assert!(l.exited(A), "node-a was fenced (its process stopped)");
+    assert!(
+        l.plan(B).contains("stopped peer process"),
+        "node-b's plan shows the fence: {}",
+        l.plan(B)
+    );
+}
+
+#[test]
+fn fence_race_when_both_lose_each_other_at_once_exactly_one_fences() {
+    let d = tempfile::tempdir().unwrap();
+    let mut l = lab(d.path(), &options());
+    // Both start with every path cut: each sees the other lost at the same moment.
+    l.cut_path(0, true).unwrap();
+    l.cut_path(1, true).unwrap();
+    l.start(A).unwrap();
+    l.start(B).unwrap();
+    let s = l
+        .wait_for(A, Duration::from_secs(15), is_primary)
+        .unwrap_or_else(|| panic!("node-a never promoted:\n{}", l.log(A)));
+    assert_eq!(s["role"], "primary");
+    std::thread::sleep(Duration::from_secs(3)); // longer than node-b's fence delay
+    assert!(l.exited(B), "node-b was fenced by node-a");
+    let fences_a = l.plan(A).matches("\"fence\"").count();
+    let fences_b = l.plan(B).matches("\"fence\"").count();
+    assert_eq!((fences_a, fences_b), (1, 0), "exactly one node fenced");
+    // node-b either logged its fence delay or was stopped before its first decision; it
+    // never started fencing.
+    assert!(!l.log(B).contains("fencing the peer"), "{}", l.log(B));
+}
+
+#[test]
+fn failing_start_hook_stops_bring_up_and_leaves_the_node_safe_with_a_clear_status() {
+    let d = tempfile::tempdir().unwrap();
+    let mut o = options();
+    o.nodes[A].start_hook = "echo 'database refused to start' >&2; exit 7".into();
+    let mut l = lab(d.path(), &o);
+    l.start(A).unwrap(); // alone: the peer is lost, fenced ("already stopped"), then bring-up
+    let s = l
+        .wait_for(A, Duration::from_secs(15), |s| {
+            s["last_sequence"]["failed_at"].is_string()
+        })
+        .unwrap_or_else(|| panic!("no failed bring-up:\n{}", l.log(A)));
+    assert_eq!(s["last_sequence"]["failed_at"], "hook start");
+    assert_eq!(s["role"], "secondary");
+    assert!(s["volumes"][0]["export"].is_null(), "volume not exported");
+    assert!(!l.exports[A].exists(), "export socket removed");
+    let text = s.to_string();
+    assert!(text.contains("database refused to start"), "{text}");
+    assert!(
+        !l.plan(A).contains("activate"),
+        "no cloud change: {}",
+        l.plan(A)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(role(&l, A).as_deref(), Some("secondary"), "no retry loop");
+}
+
+#[test]
+fn isolated_standby_never_promotes() {
+    let d = tempfile::tempdir().unwrap();
+    let l = started(d.path(), &options());
+    l.witness_up(B, false);
+    l.wait_for(B, Duration::from_secs(10), |s| {
+        s["witness"]["state"] == "unreachable"
+    })
+    .expect("node-b never noticed its witness is gone");
+    l.cut_path(0, true).unwrap();
+    l.cut_path(1, true).unwrap();
+    never_two_primaries(&l, Duration::from_secs(7));
+    let s = l.status(B).unwrap();
+    assert_eq!(s["role"], "secondary");
+    assert!(s["reason"].as_str().unwrap().contains("isolated"), "{s}");
+    assert_eq!(
+        role(&l, A).as_deref(),
+        Some("primary"),
+        "node-a keeps serving"
+    );
+    assert!(
+        !l.plan(B).contains("fence"),
+        "an isolated node never fences"
+    );
+}
+
+#[test]
+fn isolated_primary_stops_its_service_after_the_grace() {
+    let d = tempfile::tempdir().unwrap();
+    let mut o = options();
+    o.nodes[B].fence = "off".into(); // node-b must not kill node-a before we see it demote
+    let l = started(d.path(), &o);
+    l.witness_up(A, false);
+    l.wait_for(A, Duration::from_secs(10), |s| {
+        s["witness"]["state"] == "unreachable"
+    })
+    .expect("node-a never noticed its witness is gone");
+    l.cut_path(0, true).unwrap();
+    l.cut_path(1, true).unwrap();
+    let s = l
+        .wait_for(A, Duration::from_secs(10), |s| s["role"] == "secondary")
+        .unwrap_or_else(|| panic!("isolated node-a kept serving:\n{}", l.log(A)));
+    assert!(s["reason"].as_str().unwrap().contains("isolated"), "{s}");
+    assert!(s["volumes"][0]["export"].is_null());
+    never_two_primaries(&l, Duration::from_secs(2));
+    let b = l.status(B).unwrap();
+    assert!(b["reason"].as_str().unwrap().contains("no proof"), "{b}");
+}
+
+#[test]
+fn switchover_moves_the_service_and_status_works_from_the_command_line() {
+    let d = tempfile::tempdir().unwrap();
+    let l = started(d.path(), &options());
+    let a = l.request(A, &Request::Switchover).unwrap();
+    assert!(a.ok, "{}", a.message);
+    l.wait_for(B, Duration::from_secs(10), is_primary)
+        .unwrap_or_else(|| panic!("node-b did not take over:\n{}", l.log(B)));
+    never_two_primaries(&l, Duration::from_secs(2));
+    assert_eq!(role(&l, A).as_deref(), Some("secondary"));
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(&l.configs[A])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("node node-a (priority 10): SECONDARY"),
+        "{text}"
+    );
+}
