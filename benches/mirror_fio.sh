@@ -6,11 +6,13 @@
 #   DEV_A/DEV_B: files or block devices (overwritten!), ADDR_A/ADDR_B: replication IP:port of
 #   each node. On one machine: /var/tmp/a.img /var/tmp/b.img 127.0.0.1:7789 127.0.0.2:7790.
 #   On two EC2 instances run node b by hand with the printed config and give its address.
-# Env: TWINVOL (binary, default target/release/twinvol), SIZE (file size, default 1G).
+# Env: TWINVOL (binary, default target/release/twinvol), SIZE (file size, default 1G),
+#      LEVEL (zstd level on the wire, default 1; 0 = off).
 set -euo pipefail
 A=$1 B=$2 ADDR_A=$3 ADDR_B=$4 RUNTIME=${5:-10}
 TWINVOL=${TWINVOL:-target/release/twinvol}
 SIZE=${SIZE:-1G}
+LEVEL=${LEVEL:-1}
 W=$(mktemp -d /var/tmp/twinvol-bench-XXXX)
 trap 'kill $(jobs -p) 2>/dev/null; sleep 0.5; rm -rf "$W"' EXIT
 command -v fio >/dev/null || { echo "fio missing: run scripts/test-deps.sh" >&2; exit 1; }
@@ -33,7 +35,7 @@ peer = "$5"
 peer_id = "$2"
 key_file = "$W/key"
 mode = "$6"
-compression_level = 1
+compression_level = $LEVEL
 EOF
 }
 
@@ -55,15 +57,18 @@ echo "| setup | job | bandwidth | IOPS |"
 echo "|---|---|---|---|"
 mkmd
 "$TWINVOL" export "$A" --socket "$W/plain.sock" --engine uring 2>"$W/plain.log" &
-sleep 1; jobs_run "no peer (twinvol export)" "$W/plain.sock"; kill %1; wait %1 2>/dev/null || true
+P=$!
+sleep 1; jobs_run "no peer (twinvol export)" "$W/plain.sock"; kill $P; wait $P 2>/dev/null || true
 
 for mode in sync async; do
   mkmd
   conf a b "$A" "$ADDR_A" "$ADDR_B" "$mode"; conf b a "$B" "$ADDR_B" "$ADDR_A" "$mode"
   "$TWINVOL" mirror --config "$W/b.toml" --secondary --status-file "$W/b.json" 2>"$W/b.log" &
+  PB=$!
   "$TWINVOL" mirror --config "$W/a.toml" --primary --status-file "$W/a.json" 2>"$W/a.log" &
+  PA=$!
   for _ in $(seq 100); do grep -q '"connected"' "$W/a.json" 2>/dev/null && break; sleep 0.1; done
   jobs_run "$mode mirror" "$W/a.sock"
   for _ in $(seq 600); do grep -q '"rpo_bytes": 0' "$W/a.json" && break; sleep 0.1; done
-  kill %2 %3; wait 2>/dev/null || true
+  kill $PA $PB; wait $PA $PB 2>/dev/null || true
 done
