@@ -438,6 +438,18 @@ key_file = "/etc/twinvol/key"
     }
 
     #[test]
+    fn mirror_example_config_loads() {
+        let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/mirror.toml"));
+        let c = Config::load(p).unwrap();
+        let r = c.volumes[0]
+            .replication
+            .as_ref()
+            .expect("[volume.replication] is parsed");
+        assert_eq!(r.peer_id, "node-b");
+        assert_eq!(r.interface.as_deref(), Some("ens6"));
+    }
+
+    #[test]
     fn nvme_kernel_names_are_unstable() {
         assert!(unstable_device_name(Path::new("/dev/nvme1n1")));
         assert!(!unstable_device_name(Path::new(

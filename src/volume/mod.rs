@@ -745,3 +745,120 @@ impl<T: BlockTarget, D: MetaDevice> BlockTarget for MirroredVolume<T, D> {
 
 /// Shared handle used by the session and the runner.
 pub type VolumeRc<T, D> = Rc<MirroredVolume<T, D>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::mem::MemTarget;
+    use crate::meta::al::AlGeometry;
+    use crate::meta::bitmap::Granularity;
+    use crate::meta::device::MemDevice;
+    use crate::meta::store::CreateOptions;
+
+    const MIB: u64 = 1 << 20;
+
+    fn volume() -> MirroredVolume<MemTarget, MemDevice> {
+        let opts = CreateOptions {
+            granularity: Granularity::new(4096).unwrap(),
+            al: AlGeometry::new(MIB, 4).unwrap(),
+            external_data_size: Some(8 * MIB),
+            ..Default::default()
+        };
+        let meta = MetaStore::create(MemDevice::new(4 * MIB), &opts).unwrap();
+        let settings = Settings {
+            volume: "data".into(),
+            node: "a".into(),
+            peer: "b".into(),
+            mode: ReplicationMode::Sync,
+            max_inflight_bytes: MIB,
+            resync_rate_max: 100 * MIB,
+            resync_rate_min: MIB,
+            split_brain_policy: SplitBrainPolicy::Disconnect,
+            ping_timeout: std::time::Duration::from_secs(1),
+        };
+        MirroredVolume::new(MemTarget::new(8 * MIB), meta, settings)
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        crate::engine::block_on(crate::engine::EngineKind::Sync, f).unwrap()
+    }
+
+    #[test]
+    fn a_secondary_refuses_writes_with_erofs_and_keeps_its_data() {
+        run(async {
+            let v = volume();
+            let (r, _) = v
+                .write(0, AlignedBuf::from_slice(&[7; 4096], 512), false)
+                .await;
+            assert_eq!(r.unwrap_err().raw_errno(), libc::EROFS);
+            assert_eq!(v.local().snapshot(0, 4096), vec![0; 4096]);
+        });
+    }
+
+    #[test]
+    fn a_fresh_copy_is_promoted_only_with_force() {
+        let v = volume();
+        let e = v.promote(false).unwrap_err().to_string();
+        assert!(e.contains("--force") && e.contains("never synced"), "{e}");
+        assert_eq!(v.role(), Role::Secondary);
+        v.promote(true).unwrap();
+        assert_eq!(v.role(), Role::Primary);
+        assert_eq!(v.status().disk, "up-to-date");
+    }
+
+    #[test]
+    fn an_inconsistent_copy_refuses_promotion_unless_forced() {
+        let v = volume();
+        v.meta
+            .borrow_mut()
+            .update_state(|g, f| {
+                g.current = 0x77;
+                f.set(DiskFlags::CONSISTENT, false);
+            })
+            .unwrap();
+        let e = v.promote(false).unwrap_err().to_string();
+        assert!(e.contains("inconsistent"), "{e}");
+        v.promote(true).unwrap();
+        assert_ne!(v.meta.borrow().superblock().gen.current, 0x77);
+    }
+
+    #[test]
+    fn a_disconnected_primary_writes_locally_and_tracks_what_the_peer_lacks() {
+        run(async {
+            let v = volume();
+            v.promote(true).unwrap();
+            let (r, _) = v
+                .write(5 * 4096, AlignedBuf::from_slice(&[9; 8192], 512), true)
+                .await;
+            r.unwrap();
+            assert_eq!(v.local().snapshot(5 * 4096, 8192), vec![9; 8192]);
+            let s = v.status();
+            assert_eq!(s.rpo_bytes, 8192);
+            assert!(s.rpo_seconds >= 0.0);
+            assert!(v.meta.borrow().bitmap().is_dirty(5 * 4096, 8192).unwrap());
+            assert!(!v.meta.borrow().bitmap().is_dirty(0, 4096).unwrap());
+        });
+    }
+
+    #[test]
+    fn write_zeroes_is_a_tracked_write_and_fast_zero_is_refused() {
+        run(async {
+            let v = volume();
+            v.promote(true).unwrap();
+            let (r, _) = v
+                .write(0, AlignedBuf::from_slice(&[1; 4096], 512), false)
+                .await;
+            r.unwrap();
+            v.write_zeroes(0, 4096, ZeroFlags::default()).await.unwrap();
+            assert_eq!(v.local().snapshot(0, 4096), vec![0; 4096]);
+            let fast = ZeroFlags {
+                fast: true,
+                ..Default::default()
+            };
+            assert_eq!(
+                v.write_zeroes(0, 4096, fast).await.unwrap_err().raw_errno(),
+                libc::ENOTSUP
+            );
+        });
+    }
+}

@@ -40,6 +40,9 @@ pub enum Refusal {
     },
     /// Both sides are Primary.
     BothPrimary,
+    /// The two views of the generation ids disagree (each side's current generation is in the
+    /// other's history): no side can be trusted as the source.
+    Ambiguous,
 }
 
 /// The outcome of the connect decision for this node.
@@ -70,12 +73,42 @@ fn direction_plan(direction: Direction, full: bool) -> Plan {
     }
 }
 
+/// The decision's kind and direction (seen from the other side when `swap`), without evidence.
+fn shape(d: &Decision, swap: bool) -> (u8, Option<Direction>) {
+    let dir = |x: Direction| {
+        Some(match (x, swap) {
+            (x, false) => x,
+            (Direction::LocalToPeer, true) => Direction::PeerToLocal,
+            (Direction::PeerToLocal, true) => Direction::LocalToPeer,
+        })
+    };
+    match *d {
+        Decision::NoResync => (0, None),
+        Decision::BitmapResync { direction } => (1, dir(direction)),
+        Decision::FullSync { direction } => (2, dir(direction)),
+        Decision::InitialSyncPending => (3, None),
+        Decision::SplitBrain {
+            evidence: SplitBrainEvidence::BitmapIdsEqual { .. },
+        } => (4, None),
+        Decision::SplitBrain {
+            evidence: SplitBrainEvidence::HistoryMatch { .. },
+        } => (7, None),
+        Decision::UnrelatedData => (5, None),
+        Decision::SourceInconsistent { direction } => (6, dir(direction)),
+    }
+}
+
 /// Decides for `local` meeting `peer` under `policy`.
 pub fn plan(local: &Side, peer: &Side, policy: &SplitBrainPolicy) -> Plan {
     if local.primary && peer.primary {
         return Plan::Refuse(Refusal::BothPrimary);
     }
-    let p = match gen::decide(&local.gen, &peer.gen) {
+    let d = gen::decide(&local.gen, &peer.gen);
+    // The peer runs the same decision with the roles swapped; act only when both views agree.
+    if shape(&d, false) != shape(&gen::decide(&peer.gen, &local.gen), true) {
+        return Plan::Refuse(Refusal::Ambiguous);
+    }
+    let p = match d {
         Decision::NoResync => Plan::InSync,
         Decision::InitialSyncPending => Plan::AwaitInitialSync,
         Decision::BitmapResync { direction } => direction_plan(direction, false),
@@ -297,6 +330,67 @@ mod tests {
             &SplitBrainPolicy::DiscardNode("a".into()),
         );
         assert_eq!(pa, Plan::Refuse(Refusal::UnrelatedData));
+    }
+
+    fn arb_ids() -> impl proptest::strategy::Strategy<Value = GenIds> {
+        use proptest::prelude::*;
+        // A small id space so that matches between the two sides are frequent.
+        let id = prop_oneof![Just(0u64), Just(crate::meta::gen::JUST_CREATED), 10u64..14];
+        (id.clone(), id.clone(), id.clone(), id).prop_map(|(c, b, h0, h1)| GenIds {
+            current: if c == 0 { 10 } else { c },
+            bitmap: b,
+            history: [h0, h1],
+        })
+    }
+
+    proptest::proptest! {
+        /// Both nodes compute the plan from their own point of view; they must always agree:
+        /// one source and one target (same full/bitmap choice), or the same non-copying outcome.
+        #[test]
+        fn both_nodes_always_reach_the_same_plan(
+            ia in arb_ids(), ib in arb_ids(),
+            fa in 0u32..64, fb in 0u32..64,
+            da in 0u64..3, db in 0u64..3,
+            pa in proptest::bool::ANY, pb in proptest::bool::ANY,
+            pol in 0u8..4,
+        ) {
+            let policy = match pol {
+                0 => SplitBrainPolicy::Disconnect,
+                1 => SplitBrainPolicy::DiscardZeroChanges,
+                2 => SplitBrainPolicy::DiscardNode("a".into()),
+                _ => SplitBrainPolicy::DiscardNode("b".into()),
+            };
+            let mut a = side("a", 0, ia, da, pa);
+            a.gen.flags = DiskFlags(fa);
+            let mut b = side("b", 1, ib, db, pb);
+            b.gen.flags = DiskFlags(fb);
+            let (plan_a, plan_b) = agree(&a, &b, &policy);
+            // A Primary is never overwritten.
+            let a_target = matches!(plan_a, Plan::Target { .. });
+            proptest::prop_assert!(!(pa && a_target), "Primary a made a target");
+            let b_target = matches!(plan_b, Plan::Target { .. });
+            proptest::prop_assert!(!(pb && b_target), "Primary b made a target");
+        }
+    }
+
+    #[test]
+    fn currents_in_each_others_history_are_refused_as_ambiguous() {
+        let a = GenIds {
+            current: 11,
+            bitmap: 0,
+            history: [0, 12],
+        };
+        let b = GenIds {
+            current: 12,
+            bitmap: 0,
+            history: [0, 11],
+        };
+        let (pa, _) = agree(
+            &side("a", 0, a, 0, false),
+            &side("b", 1, b, 0, false),
+            &SplitBrainPolicy::Disconnect,
+        );
+        assert_eq!(pa, Plan::Refuse(Refusal::Ambiguous));
     }
 
     #[test]

@@ -77,6 +77,70 @@ fn from_generations(g: &Generations) -> GenIds {
     }
 }
 
+/// Received writes being applied: writes to disjoint ranges run concurrently (at most
+/// [`APPLY_WINDOW`]); a write overlapping one in progress waits for it, so the device ends
+/// exactly as if every frame were applied one by one in sequence order. Flush and ResyncDone
+/// wait for all of them.
+#[derive(Default, Clone)]
+struct Applying {
+    ranges: Rc<std::cell::RefCell<std::collections::HashMap<u64, Range<u64>>>>,
+    next: Rc<std::cell::Cell<u64>>,
+    done: Rc<Notify>,
+}
+
+/// Received writes applied concurrently.
+const APPLY_WINDOW: usize = 64;
+
+/// A write's place among those being applied; released on drop.
+struct ApplySlot {
+    owner: Applying,
+    id: u64,
+}
+
+impl Drop for ApplySlot {
+    fn drop(&mut self) {
+        self.owner.ranges.borrow_mut().remove(&self.id);
+        self.owner.done.notify_waiters();
+    }
+}
+
+impl Applying {
+    async fn wait(&self, ready: impl Fn(&std::collections::HashMap<u64, Range<u64>>) -> bool) {
+        loop {
+            let n = self.done.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if ready(&self.ranges.borrow()) {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Waits until `range` overlaps no write in progress and the window has room, then takes
+    /// a slot.
+    async fn admit(&self, range: Range<u64>) -> ApplySlot {
+        self.wait(|m| {
+            m.len() < APPLY_WINDOW
+                && m.values()
+                    .all(|r| !(r.start < range.end && range.start < r.end))
+        })
+        .await;
+        let id = self.next.get();
+        self.next.set(id + 1);
+        self.ranges.borrow_mut().insert(id, range);
+        ApplySlot {
+            owner: self.clone(),
+            id,
+        }
+    }
+
+    /// Waits until every write in progress completed.
+    async fn drain(&self) {
+        self.wait(|m| m.is_empty()).await;
+    }
+}
+
 /// Aborts a helper task when the session that owns it ends, even by cancellation.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -339,6 +403,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         let interval = (self.settings.ping_timeout / 4).max(Duration::from_millis(100));
         let mut last_rx = Instant::now();
         let mut nonce = 0u64;
+        let applying = Applying::default();
         loop {
             let msg = match tokio::time::timeout(interval, reader.recv()).await {
                 Err(_) => {
@@ -375,39 +440,65 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     if self.role() == Role::Primary {
                         return SessionEnd::Lost("peer sent Data to a Primary".into());
                     }
-                    let len = d.data.len() as u64;
-                    let status = self
-                        .apply(d.offset, &d.data, d.flags.fua(), d.flags.flush())
-                        .await;
-                    self.st.borrow_mut().counters.data_bytes_applied += len;
-                    let _ = tx.send(Message::Ack { seq: d.seq, status });
+                    if d.flags.flush() {
+                        applying.drain().await;
+                        if let Err(e) = self.local.flush().await {
+                            let status = e.raw_errno() as u32;
+                            let _ = tx.send(Message::Ack { seq: d.seq, status });
+                            continue;
+                        }
+                    }
+                    let range = d.offset..d.offset + d.data.len() as u64;
+                    let slot = applying.admit(range).await;
+                    let (vol, tx) = (self.clone(), tx.clone());
+                    tokio::task::spawn_local(async move {
+                        let len = d.data.len() as u64;
+                        let status = vol.apply(d.offset, &d.data, d.flags.fua(), false).await;
+                        vol.st.borrow_mut().counters.data_bytes_applied += len;
+                        let _ = tx.send(Message::Ack { seq: d.seq, status });
+                        drop(slot);
+                    });
                 }
                 Message::ResyncData(r) => {
                     if self.role() == Role::Primary {
                         return SessionEnd::Lost("peer sent resync data to a Primary".into());
                     }
-                    let status = match &r.payload {
-                        ResyncPayload::Bytes(b) => {
-                            self.mark_target().await;
-                            let s = self.apply(r.offset, b, false, false).await;
-                            if s == 0 {
-                                // This copy now holds the region: a later connection must not
-                                // ask for it again.
-                                let _ =
-                                    self.meta.borrow_mut().clear_dirty(r.offset, b.len() as u64);
-                            }
-                            let mut st = self.st.borrow_mut();
+                    let b = match r.payload {
+                        ResyncPayload::Bytes(b) => b,
+                        ResyncPayload::InSync => {
+                            let _ = tx.send(Message::Ack {
+                                seq: r.seq,
+                                status: 0,
+                            });
+                            continue;
+                        }
+                    };
+                    self.mark_target().await;
+                    let slot = applying.admit(r.offset..r.offset + b.len() as u64).await;
+                    let (vol, tx) = (self.clone(), tx.clone());
+                    tokio::task::spawn_local(async move {
+                        let s = vol.apply(r.offset, &b, false, false).await;
+                        if s == 0 {
+                            // This copy now holds the region: a later connection must not ask
+                            // for it again.
+                            let _ = vol.meta.borrow_mut().clear_dirty(r.offset, b.len() as u64);
+                        }
+                        {
+                            let mut st = vol.st.borrow_mut();
                             st.counters.resync_bytes_applied += b.len() as u64;
                             if let Some(run) = st.resync.as_mut() {
                                 run.progress.advance(b.len() as u64);
                             }
-                            s
                         }
-                        ResyncPayload::InSync => 0,
-                    };
-                    let _ = tx.send(Message::Ack { seq: r.seq, status });
+                        let _ = tx.send(Message::Ack {
+                            seq: r.seq,
+                            status: s,
+                        });
+                        drop(slot);
+                    });
                 }
                 Message::Flush { seq } => {
+                    applying.drain().await;
                     let status = match self.local.flush().await {
                         Ok(()) => 0,
                         Err(e) => e.raw_errno() as u32,
@@ -415,6 +506,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     let _ = tx.send(Message::Ack { seq, status });
                 }
                 Message::ResyncDone { seq } => {
+                    applying.drain().await;
                     let status = self.finish_as_target(peer_hello).await;
                     let _ = tx.send(Message::Ack { seq, status });
                 }
