@@ -262,3 +262,42 @@ fn switchover_moves_the_service_and_status_works_from_the_command_line() {
         "{text}"
     );
 }
+
+#[test]
+fn failed_application_check_is_recovered_in_place_first_and_fails_over_when_recover_fails() {
+    let d = tempfile::tempdir().unwrap();
+    let mut o = options();
+    o.nodes[A].check_hook = Some("test ! -f $TWINVOL_LAB/broken".into());
+    // Recovers once (removes the fault), fails every later time.
+    o.nodes[A].recover_hook = Some(
+        "test ! -f $TWINVOL_LAB/recovered-once && touch $TWINVOL_LAB/recovered-once && rm -f $TWINVOL_LAB/broken".into(),
+    );
+    let l = started(d.path(), &o);
+    let broken = d.path().join("broken");
+    std::fs::write(&broken, b"").unwrap();
+    let t0 = Instant::now();
+    while broken.exists() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!broken.exists(), "recover hook never ran:\n{}", l.log(A));
+    never_two_primaries(&l, Duration::from_secs(2));
+    assert_eq!(
+        role(&l, A).as_deref(),
+        Some("primary"),
+        "recovered in place, no failover"
+    );
+    std::fs::write(&broken, b"").unwrap();
+    l.wait_for(B, Duration::from_secs(10), is_primary)
+        .unwrap_or_else(|| {
+            panic!(
+                "node-b did not take over after recover failed:\n{}",
+                l.log(A)
+            )
+        });
+    assert_eq!(role(&l, A).as_deref(), Some("secondary"));
+    assert!(
+        l.log(A).contains("application check failed"),
+        "{}",
+        l.log(A)
+    );
+}

@@ -55,6 +55,10 @@ pub struct NodeOptions {
     pub fence_delay_ms: u64,
     /// Isolation grace, milliseconds.
     pub isolation_grace_ms: u64,
+    /// Check hook (quickCheck), run every 500 ms while Primary.
+    pub check_hook: Option<String>,
+    /// Recover hook, run after a failed check.
+    pub recover_hook: Option<String>,
 }
 
 /// Lab options.
@@ -80,6 +84,8 @@ impl Default for LabOptions {
             fence: "cloud".into(),
             fence_delay_ms: 3000,
             isolation_grace_ms: 2000,
+            check_hook: None,
+            recover_hook: None,
         };
         Self {
             interval_ms: 1000,
@@ -385,7 +391,8 @@ isolation_grace_ms = {grace}
 start = '{start}'
 stop = 'echo "app stopped on $TWINVOL_NODE" >> "{dir}/app.log"'
 timeout_ms = 5000
-
+check_interval_ms = 500
+{check}{recover}
 [cluster.lab]
 peer_pid_file = "{peer_pid}"
 plan_file = "{plan}"
@@ -424,6 +431,16 @@ record = "db.lab.internal."
                     .replace("$TWINVOL_LAB", &dir.display().to_string())
                     .replace('\'', "\""),
                 dir = dir.display(),
+                check = no.check_hook.as_ref().map_or(String::new(), |h| format!(
+                    "check = '{}'\n",
+                    h.replace("$TWINVOL_LAB", &dir.display().to_string())
+                        .replace('\'', "\"")
+                )),
+                recover = no.recover_hook.as_ref().map_or(String::new(), |h| format!(
+                    "recover = '{}'\n",
+                    h.replace("$TWINVOL_LAB", &dir.display().to_string())
+                        .replace('\'', "\"")
+                )),
                 peer_pid = dir.join(NAMES[1 - n]).join("twinvol.pid").display(),
                 plan = dir.join(format!("{}-plan.jsonl", NAMES[n])).display(),
             );
@@ -749,8 +766,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "\n== node-a is Primary (export {})",
         s["volumes"][0]["export"]
     );
-    lab.wait_for(1, deadline, |s| s["peer_view"]["state"] == "alive")
-        .context("node-b does not see node-a")?;
+    lab.wait_for(1, deadline, |s| {
+        s["peer_view"]["state"] == "alive" && s["peer_view"]["role"] == "primary"
+    })
+    .context("node-b does not see node-a")?;
     println!("== node-b is Secondary and sees node-a on both paths");
 
     let mut active = 0usize;
@@ -834,7 +853,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         lab.start(active)
             .with_context(|| format!("restarting {}", NAMES[active]))?;
         lab.wait_for(active, deadline, |s| {
-            s["peer_view"]["state"] == "alive" && s["role"] == "secondary"
+            s["peer_view"]["state"] == "alive"
+                && s["peer_view"]["role"] == "primary"
+                && s["role"] == "secondary"
         })
         .with_context(|| format!("{} did not come back as Secondary", NAMES[active]))?;
         println!(
