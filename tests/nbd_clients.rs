@@ -147,7 +147,7 @@ fn fio_nbd_engine_random_writes_verify_crc32c() {
         let e = Export::start(&img, dir.path(), &["--engine", engine]);
         let out = sh_out(&format!(
             "fio --name=verify --ioengine=nbd --uri='{}' --rw=randwrite --bs=4k --iodepth=32 --size=32M \
-             --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse --terse-version=3",
+             --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --output-format=terse --terse-version=3",
             e.uri()
         ));
         // terse v3: field 5 is the error code of the job.
