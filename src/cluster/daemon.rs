@@ -195,6 +195,8 @@ struct Node {
     advert: watch::Sender<Advert>,
     next_check: Option<Instant>,
     tx: mpsc::Sender<Msg>,
+    /// What the Route 53 health endpoint answers (failover-routing mode).
+    health: crate::ops::health::HealthState,
 }
 
 impl Node {
@@ -230,6 +232,11 @@ impl Node {
             flags,
         };
         self.advert.send_replace(a);
+        self.health.set(if a.role == Role::Primary {
+            crate::ops::health::Health::PrimaryHealthy
+        } else {
+            crate::ops::health::Health::NotPrimary
+        });
         let rf = RoleFile {
             role: a.role,
             yielding: self.controller.yielding(),
@@ -599,6 +606,39 @@ pub fn build_volumes(cfg: &Config) -> Vec<Box<dyn VolumeControl>> {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (then tears the service down if Primary).
+/// Starts the HTTP health endpoint of every Route 53 record in failover-routing mode (one per
+/// distinct port); Route 53 health checks probe it and get 200 only while this node is Primary.
+async fn start_health_endpoints(
+    cfg: &Config,
+) -> Result<crate::ops::health::HealthState, DaemonError> {
+    use crate::ops::health::{HealthServer, HealthState};
+    let state = HealthState::default();
+    let mut ports = Vec::new();
+    for r in cfg.cloud.iter().flat_map(|c| c.records.iter()) {
+        let Some(fo) = &r.failover else { continue };
+        if ports.contains(&fo.health_port) {
+            continue;
+        }
+        ports.push(fo.health_port);
+        let addr = SocketAddr::from(([0, 0, 0, 0], fo.health_port));
+        let server = HealthServer::bind(addr, &fo.health_path, state.clone())
+            .await
+            .map_err(|e| {
+                let source = match e {
+                    crate::ops::health::HealthError::Bind { source, .. } => source,
+                };
+                DaemonError::Setup {
+                    what: format!("cannot listen for Route 53 health checks on {addr}"),
+                    source,
+                    fix: "free the port or change failover.health_port of the cloud.route53 record",
+                }
+            })?;
+        tracing::info!(%addr, path = %fo.health_path, "Route 53 health endpoint listening");
+        tokio::spawn(server.run());
+    }
+    Ok(state)
+}
+
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let cl = cfg.cluster.clone().ok_or(DaemonError::NoCluster)?;
     let key: Arc<PreSharedKey> = Arc::new(crate::repl::link::keyfile::load_key_file(&cl.key_file)?);
@@ -814,6 +854,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         next_check: None,
         tx,
         cfg: cl.clone(),
+        health: start_health_endpoints(&cfg).await?,
     };
     node.publish();
     tracing::info!(node = %node.node_id, peer = %cl.peer, priority = cl.priority, paths = cl.heartbeats.len(), "twinvol daemon running");
