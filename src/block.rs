@@ -110,8 +110,14 @@ pub trait BlockTarget {
     /// Capabilities and geometry; constant for the life of the target.
     fn info(&self) -> &TargetInfo;
 
-    /// A buffer of `len` bytes aligned for this target's direct I/O.
+    /// A zeroed buffer of `len` bytes aligned for this target's direct I/O.
     fn alloc_buf(&self, len: usize) -> AlignedBuf;
+
+    /// A buffer like [`BlockTarget::alloc_buf`] whose contents are unspecified, for data that is
+    /// overwritten entirely (read targets, request payloads); may reuse freed buffers.
+    fn alloc_buf_for_overwrite(&self, len: usize) -> AlignedBuf {
+        self.alloc_buf(len)
+    }
 
     /// Reads `buf.len()` bytes at `offset` into `buf` (which is returned either way).
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (BlockResult<()>, AlignedBuf);

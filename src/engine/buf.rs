@@ -83,14 +83,88 @@ impl AlignedBuf {
     }
 }
 
+impl AlignedBuf {
+    /// A buffer of `len` bytes whose contents are unspecified (but initialised): for data that
+    /// will be overwritten entirely, such as a read target or a request payload. Reuses a buffer
+    /// of the same capacity freed earlier on this thread, avoiding a fresh zeroed allocation
+    /// (for 1 MiB requests: an mmap, 256 page faults and a munmap each time).
+    pub fn for_overwrite(len: usize, align: usize) -> Self {
+        let align = align.max(512).next_power_of_two();
+        let cap = len.max(1).div_ceil(align) * align;
+        let reused = POOL
+            .try_with(|p| p.borrow_mut().take(cap, align))
+            .ok()
+            .flatten();
+        match reused {
+            Some(ptr) => Self {
+                ptr,
+                len,
+                cap,
+                align,
+            },
+            None => Self::new(len, align),
+        }
+    }
+}
+
+/// Buffers up to this capacity are kept for reuse when dropped.
+const POOL_MAX_BUF: usize = 4 * 1024 * 1024;
+/// Bytes a thread keeps for reuse at most (bounds the memory the pool holds).
+const POOL_MAX_BYTES: usize = 16 * 1024 * 1024;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Pool> = std::cell::RefCell::new(Pool::default());
+}
+
+/// Freed buffers of this thread, by (capacity, alignment).
+///
+/// Invariant: every pointer was allocated by `AlignedBuf::new` with layout (cap, align), is
+/// owned by the pool alone, and all its `cap` bytes are initialised; `bytes` is their total size.
+#[derive(Default)]
+struct Pool {
+    free: std::collections::HashMap<(usize, usize), Vec<NonNull<u8>>>,
+    bytes: usize,
+}
+
+impl Pool {
+    fn take(&mut self, cap: usize, align: usize) -> Option<NonNull<u8>> {
+        let ptr = self.free.get_mut(&(cap, align))?.pop()?;
+        self.bytes -= cap;
+        Some(ptr)
+    }
+
+    /// Keeps the buffer if there is room; false means the caller must free it.
+    fn put(&mut self, ptr: NonNull<u8>, cap: usize, align: usize) -> bool {
+        if cap > POOL_MAX_BUF || self.bytes + cap > POOL_MAX_BYTES {
+            return false;
+        }
+        self.free.entry((cap, align)).or_default().push(ptr);
+        self.bytes += cap;
+        true
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for ((cap, align), ptrs) in self.free.drain() {
+            for p in ptrs {
+                // SAFETY: pool invariant: allocated with exactly this layout, owned by the pool.
+                unsafe { dealloc(p.as_ptr(), Layout::from_size_align_unchecked(cap, align)) }
+            }
+        }
+    }
+}
+
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: ptr was allocated in `new` with exactly this layout and is freed only here.
-        unsafe {
-            dealloc(
-                self.ptr.as_ptr(),
-                Layout::from_size_align_unchecked(self.cap, self.align),
-            )
+        let (ptr, cap, align) = (self.ptr, self.cap, self.align);
+        let kept = POOL
+            .try_with(|p| p.borrow_mut().put(ptr, cap, align))
+            .unwrap_or(false);
+        if !kept {
+            // SAFETY: ptr was allocated in `new` with exactly this layout, is owned by this
+            // buffer alone, and the pool did not take it.
+            unsafe { dealloc(ptr.as_ptr(), Layout::from_size_align_unchecked(cap, align)) }
         }
     }
 }
@@ -166,6 +240,23 @@ mod tests {
             assert_eq!(b.capacity() % align, 0);
             assert!(b.iter().all(|&x| x == 0));
         }
+    }
+
+    #[test]
+    fn buffers_for_overwrite_are_reused_with_their_capacity_and_alignment() {
+        let a = AlignedBuf::for_overwrite(1 << 20, 4096);
+        let p = a.as_ptr();
+        drop(a);
+        let b = AlignedBuf::for_overwrite(1 << 20, 4096);
+        assert_eq!(b.as_ptr(), p, "the freed buffer is reused");
+        assert_eq!((b.len(), b.capacity(), b.align()), (1 << 20, 1 << 20, 4096));
+        let c = AlignedBuf::for_overwrite(1 << 20, 512);
+        assert_ne!(c.as_ptr(), b.as_ptr());
+        // Zeroed buffers stay zeroed even when dirty ones are in the pool.
+        let mut d = AlignedBuf::for_overwrite(8192, 4096);
+        d.fill(0xaa);
+        drop(d);
+        assert!(AlignedBuf::new(8192, 4096).iter().all(|&x| x == 0));
     }
 
     #[test]

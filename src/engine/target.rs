@@ -84,7 +84,7 @@ impl Engine {
         let len = buf.len() as u64;
         let start = offset / a * a;
         let end = (offset + len).div_ceil(a) * a;
-        let bounce = self.alloc_buf((end - start) as usize);
+        let bounce = self.alloc_buf_for_overwrite((end - start) as usize);
         let (r, bounce) = self.read_aligned(start, bounce).await;
         if let Err(e) = r {
             return (Err(BlockError::new(self.ctx("read", offset, len), e)), buf);
@@ -107,7 +107,7 @@ impl Engine {
         let len = buf.len() as u64;
         let start = offset / a * a;
         let end = (offset + len).div_ceil(a) * a;
-        let bounce = self.alloc_buf((end - start) as usize);
+        let bounce = self.alloc_buf_for_overwrite((end - start) as usize);
         let (r, mut bounce) = self.read_aligned(start, bounce).await;
         if let Err(e) = r {
             return (
@@ -162,6 +162,10 @@ impl BlockTarget for Engine {
 
     fn alloc_buf(&self, len: usize) -> AlignedBuf {
         AlignedBuf::new(len, self.geometry.alignment as usize)
+    }
+
+    fn alloc_buf_for_overwrite(&self, len: usize) -> AlignedBuf {
+        AlignedBuf::for_overwrite(len, self.geometry.alignment as usize)
     }
 
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (BlockResult<()>, AlignedBuf) {

@@ -249,7 +249,7 @@ where
             _ => None,
         };
         let payload = if let Command::Write { len, .. } = cmd {
-            let mut buf = shared.target.alloc_buf(len as usize);
+            let mut buf = shared.target.alloc_buf_for_overwrite(len as usize);
             if let Err(e) = reader.read_exact(&mut buf).await {
                 break Err(e.into());
             }
@@ -315,7 +315,7 @@ async fn execute<T: BlockTarget>(
     let mut head = Vec::with_capacity(32);
     let result = match cmd {
         Command::Read { offset, len } => {
-            let buf = t.alloc_buf(len as usize);
+            let buf = t.alloc_buf_for_overwrite(len as usize);
             let (r, buf) = t.read(offset, buf).await;
             match r {
                 Ok(()) => {
