@@ -189,6 +189,32 @@ pub async fn wait_insync(
     }
 }
 
+/// How far a change accepted just now has propagated: INSYNC at once, or after a bounded wait.
+/// A failed GetChange is reported as not yet propagated (the change itself is in).
+pub async fn propagation(
+    api: &Api,
+    r: &RecordConfig,
+    change_id: &str,
+    insync: bool,
+    dl: Deadline,
+) -> Propagation {
+    let upserted = Instant::now();
+    if insync {
+        return Propagation::InSync {
+            after: upserted.elapsed(),
+        };
+    }
+    match wait_insync(api, change_id, r.poll_interval(), r.insync_timeout(), dl).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(record = %r.name, error = %e, "GetChange failed; propagation unknown");
+            Propagation::Pending {
+                waited: upserted.elapsed(),
+            }
+        }
+    }
+}
+
 /// UPSERTs the record to `ip` unless it already holds it, then waits (bounded) for INSYNC.
 pub async fn activate(api: &Api, r: &RecordConfig, ip: Ipv4Addr, dl: Deadline) -> ResourceReport {
     if let Some(fo) = failover_of(r) {
@@ -201,22 +227,17 @@ pub async fn activate(api: &Api, r: &RecordConfig, ip: Ipv4Addr, dl: Deadline) -
         if before.as_ref().is_some_and(|b| b.is(ip, r.ttl)) {
             return Ok(());
         }
-        let (id, insync) = change(api, r, ChangeAction::Upsert, record_set(r, Some(r.ttl), &[ip.to_string()])?, dl).await?;
+        let (id, insync) = change(
+            api,
+            r,
+            ChangeAction::Upsert,
+            record_set(r, Some(r.ttl), &[ip.to_string()])?,
+            dl,
+        )
+        .await?;
         let was = before.map_or("absent".to_string(), |b| b.values.join(","));
         report.outcome = Outcome::Applied(format!("UPSERT {was} -> {ip} TTL {} ({id})", r.ttl));
-        let upserted = Instant::now();
-        report.propagation = Some(if insync {
-            Propagation::InSync { after: upserted.elapsed() }
-        } else {
-            match wait_insync(api, &id, r.poll_interval(), r.insync_timeout(), dl).await {
-                Ok(p) => p,
-                // The change itself is in; only the wait failed. Report it as not yet propagated.
-                Err(e) => {
-                    tracing::warn!(record = %r.name, error = %e, "GetChange failed; propagation unknown");
-                    Propagation::Pending { waited: upserted.elapsed() }
-                }
-            }
-        });
+        report.propagation = Some(propagation(api, r, &id, insync, dl).await);
         Ok::<(), AwsError>(())
     }
     .await;

@@ -18,8 +18,7 @@ use aws_sdk_route53::types::{
 use tokio::time::Instant;
 
 use crate::cloud::aws::{Api, AwsError, Deadline};
-use crate::cloud::route53::wait_insync;
-use crate::cloud::{DryRun, Health, Outcome, PlannedChange, Propagation, Resource, ResourceReport};
+use crate::cloud::{DryRun, Health, Outcome, PlannedChange, Resource, ResourceReport};
 use crate::config::cloud::{FailoverConfig, FailoverRole, RecordConfig};
 
 fn role_name(role: FailoverRole) -> &'static str {
@@ -317,18 +316,8 @@ pub async fn activate(
             fo.health_port,
             fo.health_path
         ));
-        let upserted = Instant::now();
-        report.propagation = Some(if *info.status() == ChangeStatus::Insync {
-            Propagation::InSync {
-                after: upserted.elapsed(),
-            }
-        } else {
-            wait_insync(api, info.id(), r.poll_interval(), r.insync_timeout(), dl)
-                .await
-                .unwrap_or(Propagation::Pending {
-                    waited: upserted.elapsed(),
-                })
-        });
+        let insync = *info.status() == ChangeStatus::Insync;
+        report.propagation = Some(super::route53::propagation(api, r, info.id(), insync, dl).await);
         Ok::<(), AwsError>(())
     }
     .await;
