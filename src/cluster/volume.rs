@@ -36,7 +36,7 @@ pub struct VolumeError {
 }
 
 /// What status shows of one volume.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct VolumeStatus {
     /// Name.
     pub name: String,
@@ -48,6 +48,10 @@ pub struct VolumeStatus {
     pub export: Option<String>,
     /// Kind of volume (e.g. "local (unmirrored)").
     pub kind: String,
+    /// Replication state of a mirrored volume (None for a local volume): connection, RPO,
+    /// resync progress, counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<crate::volume::VolumeStatus>,
 }
 
 /// The cluster core's handle on one volume.
@@ -261,6 +265,7 @@ impl VolumeControl for LocalVolume {
             disk: DiskState::UpToDate,
             export: self.export.as_ref().map(|e| e.uri.clone()),
             kind: "local (unmirrored)".into(),
+            replication: None,
         }
     }
 }
@@ -369,6 +374,7 @@ impl VolumeControl for FakeVolume {
             disk: self.disk,
             export: self.exported.then(|| format!("fake://{}", self.name)),
             kind: "fake".into(),
+            replication: None,
         }
     }
 }
