@@ -21,6 +21,7 @@ use super::control::{Answer, Request};
 use super::decide::{Action, Controller, FenceState, Inputs, Params, WitnessView};
 use super::heartbeat::{self, DiskState, Heartbeat, Role, FLAG_WANTS_PRIMARY, FLAG_YIELDING};
 use super::liveness::{Event, PeerMonitor, PeerView};
+use super::mirrored::MirroredControl;
 use super::volume::{LocalVolume, VolumeControl, VolumeStatus};
 use super::witness::{self, Probe};
 use crate::cloud::lab::LabCloud;
@@ -53,6 +54,9 @@ pub enum DaemonError {
     /// The cloud provider could not be set up.
     #[error("cloud provider: {0}")]
     Cloud(String),
+    /// A volume could not be opened (device, metadata, replication key or engine).
+    #[error("{0}; fix the volume's configuration or metadata (`twinvol show-md`), then restart")]
+    Volume(super::volume::VolumeError),
 }
 
 /// The cloud provider the daemon uses.
@@ -596,13 +600,20 @@ async fn build_cloud(cfg: &Config, cl: &ClusterConfig) -> Result<ClusterCloud, D
     Ok(ClusterCloud::None)
 }
 
-/// Builds the volumes of a config: today one [`LocalVolume`] per `[[volume]]`. The mirrored
-/// volume replaces this function's body when it lands.
-pub fn build_volumes(cfg: &Config) -> Vec<Box<dyn VolumeControl>> {
-    cfg.volumes
-        .iter()
-        .map(|v| Box::new(LocalVolume::new(v.clone())) as Box<dyn VolumeControl>)
-        .collect()
+/// Builds the volumes of a config: a [`MirroredControl`] for each `[[volume]]` with a
+/// `[volume.replication]` table (opened now: device, metadata and key are checked at start),
+/// a [`LocalVolume`] for the others. All start Secondary.
+pub fn build_volumes(cfg: &Config) -> Result<Vec<Box<dyn VolumeControl>>, DaemonError> {
+    let mut out: Vec<Box<dyn VolumeControl>> = Vec::new();
+    for v in &cfg.volumes {
+        if v.replication.is_some() {
+            let m = MirroredControl::open(&cfg.node.id, v.clone()).map_err(DaemonError::Volume)?;
+            out.push(Box::new(m));
+        } else {
+            out.push(Box::new(LocalVolume::new(v.clone())));
+        }
+    }
+    Ok(out)
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (then tears the service down if Primary).
@@ -833,7 +844,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     let mut node = Node {
         node_id: cfg.node.id.clone(),
-        volumes: build_volumes(&cfg),
+        volumes: build_volumes(&cfg)?,
         cloud,
         hooks,
         monitor: PeerMonitor::new(cl.heartbeats.len(), cl.timeout()),

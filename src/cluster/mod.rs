@@ -9,7 +9,8 @@
 //!
 //! Runtime parts:
 //! - [`witness`]: HTTP HEAD probes of the witness targets.
-//! - [`volume`]: the [`volume::VolumeControl`] seam to the volume (local today, mirrored later).
+//! - [`volume`]: the [`volume::VolumeControl`] seam to a volume, and the local (unmirrored) volume.
+//! - [`mirrored`]: [`mirrored::MirroredControl`], the seam over the mirrored volume.
 //! - [`bringup`]: ordered bring-up and teardown with application hooks, timed per step.
 //! - [`control`]: the control socket protocol and status rendering.
 //! - [`daemon`]: `twinvol run`, tying it all together.
@@ -22,5 +23,6 @@ pub mod decide;
 pub mod demo;
 pub mod heartbeat;
 pub mod liveness;
+pub mod mirrored;
 pub mod volume;
 pub mod witness;

@@ -1,15 +1,13 @@
 //! The seam between the cluster core and a volume: [`VolumeControl`].
 //!
 //! The cluster core only asks a volume for its role and disk state and tells it to promote,
-//! demote, start or stop its export. Two implementations live here:
-//! - [`LocalVolume`]: what exists today, a local unmirrored device (`engine`) whose NBD export
-//!   (`nbd::server`) runs only while Primary. Its disk is always UpToDate.
+//! demote, start or stop its export. Implementations:
+//! - [`super::mirrored::MirroredControl`]: a volume with a `[volume.replication]` table
+//!   (promote = the replication role change with a new generation id; disk state = the
+//!   replication disk state).
+//! - [`LocalVolume`]: a local unmirrored device (`engine`) whose NBD export (`nbd::server`)
+//!   runs only while Primary. Its disk is always UpToDate.
 //! - [`FakeVolume`]: a test double that records calls and can be told to fail.
-//!
-//! When the mirrored volume lands, it implements this trait (promote = the replication
-//! role change, with a new current generation id when promoted while disconnected; disk
-//! state = the replication disk state) and the daemon constructs it instead of
-//! [`LocalVolume`] in [`super::daemon`]; nothing else in the cluster core changes.
 
 use std::path::PathBuf;
 use std::rc::Rc;
