@@ -25,13 +25,19 @@ fn demo_runs_a_failover_and_its_verification_passes() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("SAME backing file"),
-        "the shared file is said clearly: {text}"
+        text.contains("each node has its own volume"),
+        "two copies, said clearly: {text}"
     );
     assert_eq!(
-        text.matches("verified all 256 acknowledged writes").count(),
+        text.matches("verified all 256 acknowledged writes on")
+            .count(),
         2,
         "{text}"
+    );
+    assert_eq!(
+        text.matches("both copies identical").count(),
+        2,
+        "the returning node is resynced each round: {text}"
     );
     assert!(
         text.contains("ReplaceRoute"),

@@ -3,12 +3,12 @@
 //! [`Lab`] runs two daemons (`twinvol run`) on this machine: node-a on 127.0.0.1 (priority
 //! 10), node-b on 127.0.0.2 (priority 20), two heartbeat paths each passing through a
 //! relay in this process that a test can cut, an HTTP witness per node that a test can
-//! switch off, file-backed volumes and the `lab` cloud provider.
-//!
-//! The volume is local and unmirrored until the mirrored volume lands, so the demo gives both
-//! nodes the SAME backing file and says so: the data check then shows that the standby
-//! serves every write acknowledged (and flushed) on the old Primary, which is what the mirror
-//! will guarantee across two disks.
+//! switch off, and the `lab` cloud provider. Each node has its OWN file-backed volume with
+//! internal metadata, mirrored synchronously to the peer over the replication path (TCP,
+//! straight between the nodes' addresses); both start as zero-filled copies of one generation
+//! (`new-current-uuid --clear-bitmap`), so no initial sync is needed. The demo checks that
+//! the standby serves every write acknowledged on the old Primary from its own copy, and that
+//! the returning node is resynced to an identical copy.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -143,6 +143,37 @@ fn witness() -> std::io::Result<Witness> {
         }
     });
     Ok(Witness { addr, up })
+}
+
+/// Runs `bin args...` (a metadata subcommand) and fails with its output if it fails.
+fn run_bin(bin: &Path, args: &[&str]) -> std::io::Result<()> {
+    let out = Command::new(bin).args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "{} {} failed: {}{}",
+            bin.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )))
+    }
+}
+
+/// CRC32 of the first `len` bytes of `path` (a volume's data area).
+pub fn data_crc(path: &Path, len: u64) -> std::io::Result<u32> {
+    let mut f = std::fs::File::open(path)?.take(len);
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize())
 }
 
 fn free_udp_port(ip: &str) -> std::io::Result<u16> {
@@ -280,6 +311,8 @@ pub struct Lab {
     pub sockets: [PathBuf; 2],
     /// NBD export sockets.
     pub exports: [PathBuf; 2],
+    /// Each node's own volume file (data, then the metadata at its tail).
+    pub volumes: [PathBuf; 2],
     children: [Option<Child>; 2],
     relays: Vec<(usize, Relay)>,
     witnesses: [Witness; 2],
@@ -297,8 +330,11 @@ impl Lab {
         let key = dir.join("cluster.key");
         std::fs::write(&key, b"twinvol-demo-key-0123456789abcdef")?;
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
-        let volume = dir.join("volume.img");
-        std::fs::File::create(&volume)?.set_len(o.volume_size)?;
+        // One generation id for both fresh copies (nonzero, not the "just created" id).
+        let generation = format!(
+            "{:x}",
+            (unix_ms() << 16 ^ u64::from(std::process::id())) & 0x00ff_ffff_ffff_ffff | 1
+        );
         let witnesses = [witness()?, witness()?];
         let netns = if o.netns { Some(Netns::new()?) } else { None };
         let mut relays = Vec::new();
@@ -338,11 +374,44 @@ impl Lab {
         let mut configs = [PathBuf::new(), PathBuf::new()];
         let mut sockets = [PathBuf::new(), PathBuf::new()];
         let mut exports = [PathBuf::new(), PathBuf::new()];
+        let mut volumes = [PathBuf::new(), PathBuf::new()];
+        // Replication addresses: the second ("replication") path's addresses.
+        let mut repl = [String::new(), String::new()];
+        for n in 0..2 {
+            repl[n] = match &netns {
+                Some(ns) => format!("{}:7800", ns.addrs[1][n]),
+                None => {
+                    let port = std::net::TcpListener::bind((IPS[n], 0))?
+                        .local_addr()?
+                        .port();
+                    format!("{}:{port}", IPS[n])
+                }
+            };
+        }
         for n in 0..2 {
             let nd = dir.join(NAMES[n]);
             std::fs::create_dir_all(&nd)?;
             sockets[n] = nd.join("control.sock");
             exports[n] = nd.join("data.sock");
+            volumes[n] = nd.join("volume.img");
+            std::fs::File::create(&volumes[n])?.set_len(o.volume_size)?;
+            let dev = volumes[n].display().to_string();
+            run_bin(
+                bin,
+                &["create-md", "--device", &dev, "--granularity", "64K"],
+            )?;
+            run_bin(
+                bin,
+                &[
+                    "new-current-uuid",
+                    "--clear-bitmap",
+                    "--uuid",
+                    &generation,
+                    "--device",
+                    &dev,
+                ],
+            )?;
+            let volume = &volumes[n];
             let no = &o.nodes[n];
             let text = format!(
                 r#"# twinvol lab node {name} (written by `twinvol demo`)
@@ -351,11 +420,18 @@ id = "{name}"
 
 [[volume]]
 name = "data"
-device = "{volume}"   # SHARED with the peer in the lab: the volume is not mirrored yet
+device = "{volume}"   # this node's own copy; metadata at its tail
 engine = "sync"
 cache = "writeback"
 [volume.export]
 socket = "{export}"
+[volume.replication]
+address = "{raddr}"
+peer = "{rpeer}"
+peer_id = "{peer}"
+key_file = "{key}"
+mode = "sync"
+ping_timeout_secs = 2
 
 [cluster]
 peer = "{peer}"
@@ -403,6 +479,8 @@ record = "db.lab.internal."
                 peer = NAMES[1 - n],
                 volume = volume.display(),
                 export = exports[n].display(),
+                raddr = repl[n],
+                rpeer = repl[1 - n],
                 prio = if n == 0 { 10 } else { 20 },
                 peer_prio = if n == 0 { 20 } else { 10 },
                 key = key.display(),
@@ -453,6 +531,7 @@ record = "db.lab.internal."
             configs,
             sockets,
             exports,
+            volumes,
             children: [None, None],
             relays,
             witnesses,
@@ -752,11 +831,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         "   heartbeats every {} ms on two paths, peer lost after {} ms; lab cloud provider",
         args.interval_ms, args.timeout_ms
     );
-    println!(
-        "   NOTE: the volume is not mirrored in this build: both nodes use the SAME backing file"
-    );
-    println!("         ({}); the data check shows what failover guarantees, the mirror will carry it across two disks.", dir.join("volume.img").display());
     let mut lab = Lab::new(&dir, &bin, &o).context("setting up the lab")?;
+    println!(
+        "   each node has its own volume ({}, {}), mirrored synchronously over the replication path;",
+        lab.volumes[0].display(),
+        lab.volumes[1].display()
+    );
+    println!("   both start as zero-filled copies of one generation, so no initial sync is needed");
     lab.start(0).context("starting node-a")?;
     lab.start(1).context("starting node-b")?;
     let s = lab
@@ -846,7 +927,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             );
         }
         println!(
-            "== verified all {} acknowledged writes on {}",
+            "== verified all {} acknowledged writes on {}'s own copy",
             acked.len(),
             NAMES[standby]
         );
@@ -862,8 +943,40 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             "== {} is back as Secondary (switchback = intelligent: the service stays on {})",
             NAMES[active], NAMES[standby]
         );
+        // The returning node's copy missed the writes made since it died (and its activity
+        // log marks its own last writes dirty): it resyncs from the new Primary.
+        let s = lab
+            .wait_for(active, deadline, |s| {
+                let r = &s["volumes"][0]["replication"];
+                s["volumes"][0]["disk"] == "up-to-date"
+                    && r["connection"]["state"] == "connected"
+                    && r["resync"].is_null()
+            })
+            .with_context(|| format!("{} did not finish its resync", NAMES[active]))?;
+        let resynced = s["volumes"][0]["replication"]["counters"]["resync_bytes_applied"]
+            .as_u64()
+            .unwrap_or(0);
+        let size = NbdClient::connect(&lab.exports[standby])
+            .context("connecting to the Primary's export")?
+            .size;
+        let crcs = [
+            data_crc(&lab.volumes[0], size).context("reading node-a's copy")?,
+            data_crc(&lab.volumes[1], size).context("reading node-b's copy")?,
+        ];
+        if crcs[0] != crcs[1] {
+            anyhow::bail!(
+                "the copies differ after the resync: node-a crc32 {:08x}, node-b crc32 {:08x}",
+                crcs[0],
+                crcs[1]
+            );
+        }
         println!(
-            "   resync of the returning node: not in this build (comes with the mirrored volume)"
+            "== {} resynced {} KiB from {} (the regions dirty on either side, not the whole {} MiB); both copies identical (crc32 {:08x})",
+            NAMES[active],
+            resynced / 1024,
+            NAMES[standby],
+            size >> 20,
+            crcs[0]
         );
         active = standby;
     }

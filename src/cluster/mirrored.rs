@@ -452,8 +452,8 @@ mod tests {
     }
 
     fn meta(args: &[&str]) {
-        let m = Meta::try_parse_from(std::iter::once("twinvol").chain(args.iter().copied()))
-            .unwrap();
+        let m =
+            Meta::try_parse_from(std::iter::once("twinvol").chain(args.iter().copied())).unwrap();
         crate::meta::cli::run(m.cmd, &mut Vec::new()).unwrap();
     }
 
@@ -530,9 +530,17 @@ mod tests {
         wait("a and b connect", || connected(&a) && connected(&b));
 
         a.promote(false).unwrap();
-        assert_eq!(a.role(), Role::Primary, "the snapshot shows the promotion at once");
+        assert_eq!(
+            a.role(),
+            Role::Primary,
+            "the snapshot shows the promotion at once"
+        );
         let gen_a = a.status().replication.unwrap().current_generation;
-        assert_ne!(gen_a, format!("{:016x}", 0x1234abcdu64), "promotion starts a generation");
+        assert_ne!(
+            gen_a,
+            format!("{:016x}", 0x1234abcdu64),
+            "promotion starts a generation"
+        );
         let uri = a.start_export().unwrap();
         assert!(uri.contains("a.sock"), "{uri}");
         wait("a and b reconnect after the promotion", || {
@@ -548,7 +556,11 @@ mod tests {
         let b_file = std::fs::read(dir.path().join("b.img")).unwrap();
         for i in 0..64u64 {
             let at = (i * 4096) as usize;
-            assert_eq!(&b_file[at..at + 4096], &block(i)[..], "block {i} missing on b");
+            assert_eq!(
+                &b_file[at..at + 4096],
+                &block(i)[..],
+                "block {i} missing on b"
+            );
         }
         assert!(
             b.promote(false).is_err(),
@@ -562,7 +574,10 @@ mod tests {
         assert_eq!(a.role(), Role::Secondary);
         let t = Instant::now();
         while let Err(e) = b.promote(false) {
-            assert!(t.elapsed() < Duration::from_secs(20), "b never promoted: {e}");
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "b never promoted: {e}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         let gen_b = b.status().replication.unwrap().current_generation;

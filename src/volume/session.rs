@@ -199,8 +199,11 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         self.st.borrow_mut().connection = c;
     }
 
-    /// Runs one connection until it ends. Never panics on peer input.
-    pub async fn run_session(self: &Rc<Self>, link: Link) -> SessionEnd {
+    /// Runs one connection until it ends. Never panics on peer input. `sent` is the Hello the
+    /// link handshake sent: if this node's role or generation changed since (a promotion while
+    /// the connection was being made), the peer decided on stale facts, so the session ends at
+    /// once and the next connection carries the current Hello.
+    pub async fn run_session(self: &Rc<Self>, link: Link, sent: &Hello) -> SessionEnd {
         let (info, mut reader, mut writer) = link.into_split();
         let peer_hello = info.hello;
         let ours = self.hello();
@@ -241,6 +244,13 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     return SessionEnd::Lost(e);
                 }
             };
+        // No await from here to the session's registration below: a role change after this
+        // check finds the session registered and drops it.
+        let now = self.hello();
+        if now.generations != sent.generations || now.disk_state != sent.disk_state {
+            tracing::info!(volume = %vol, "role or generation changed while connecting; reconnecting so the peer decides on the current state");
+            return SessionEnd::Dropped;
+        }
         let local = self.side_local();
         let peer = Side {
             name: peer_hello.node_id.clone(),
@@ -800,10 +810,11 @@ pub async fn keep_connected<T: BlockTarget + 'static, D: MetaDevice + 'static>(
         cfg.hello = vol.hello();
         let mut l = LinkListener::bind(cfg)?;
         loop {
-            l.set_hello(vol.hello());
+            let sent = vol.hello();
+            l.set_hello(sent.clone());
             match l.accept().await {
                 Ok(link) => {
-                    let end = vol.run_session(link).await;
+                    let end = vol.run_session(link, &sent).await;
                     tokio::time::sleep(after(&end)).await;
                 }
                 Err(e) => {
@@ -819,7 +830,8 @@ pub async fn keep_connected<T: BlockTarget + 'static, D: MetaDevice + 'static>(
             match link::connect(&cfg).await {
                 Ok(l) => {
                     backoff = link::Backoff::new(link::BackoffPolicy::default());
-                    let end = vol.run_session(l).await;
+                    let sent = cfg.hello.clone();
+                    let end = vol.run_session(l, &sent).await;
                     tokio::time::sleep(after(&end)).await;
                 }
                 Err(e) => {
