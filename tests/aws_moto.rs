@@ -13,7 +13,7 @@ use support::moto::Moto;
 use support::world::{World, RECORD, VIP};
 use twinvol::cloud::aws::AwsCloud;
 use twinvol::cloud::{
-    az, Cloud, DryRun, Health, Outcome, Propagation, Resource, UnreachableAction,
+    az, Cloud, DryRun, Health, Outcome, PeerInstance, Propagation, Resource, UnreachableAction,
 };
 
 struct Lab {
@@ -572,6 +572,49 @@ async fn fencing_stops_the_peer_and_waits_for_stopped() {
         lab.proxy.stats().of("StopInstances"),
         1,
         "no second StopInstances"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_instance_state_is_reported_without_changing_anything() {
+    let lab = lab().await;
+    let w = &lab.w;
+    let a = lab.node_a(|_| {}).await;
+    let r = a.peer_instance().await;
+    assert!(
+        matches!(&r, PeerInstance::Running(s) if s.contains(&w.b.instance) && s.contains("running")),
+        "{r:?}"
+    );
+    assert_eq!(
+        lab.proxy.stats().of("StopInstances"),
+        0,
+        "a query changes nothing"
+    );
+    w.ec2
+        .stop_instances()
+        .instance_ids(&w.b.instance)
+        .send()
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        match a.peer_instance().await {
+            PeerInstance::Stopped(s) => {
+                assert!(s.contains("stopped"), "{s}");
+                break;
+            }
+            other => assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "never reported stopped: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let no_fence = lab.node_a(|c| c.fence = None).await;
+    let r = no_fence.peer_instance().await;
+    assert!(
+        matches!(&r, PeerInstance::Unknown(s) if s.contains("peer_instance_id")),
+        "{r:?}"
     );
 }
 

@@ -301,3 +301,51 @@ fn failed_application_check_is_recovered_in_place_first_and_fails_over_when_reco
         l.log(A)
     );
 }
+
+#[test]
+fn fence_off_the_standby_takes_over_only_when_the_cloud_reports_the_peer_stopped() {
+    let d = tempfile::tempdir().unwrap();
+    let mut o = options();
+    for n in &mut o.nodes {
+        n.fence = "off".into();
+    }
+    let mut l = started(d.path(), &o);
+    // Every path cut while both live: the peer's instance runs, so no proof, no promotion.
+    l.cut_path(0, true).unwrap();
+    l.cut_path(1, true).unwrap();
+    l.wait_for(B, Duration::from_secs(10), |s| {
+        s["reason"].as_str().unwrap_or("").contains("no proof")
+    })
+    .unwrap_or_else(|| panic!("node-b never said it lacks proof:\n{}", l.log(B)));
+    never_two_primaries(&l, Duration::from_secs(3));
+    assert_eq!(role(&l, B).as_deref(), Some("secondary"));
+    assert!(!l.exited(A), "fence = off: nobody stops node-a");
+    assert!(
+        !l.plan(B).contains("\"fence\""),
+        "fence = off never fences: {}",
+        l.plan(B)
+    );
+    assert!(
+        l.plan(B).contains("is running"),
+        "the query is recorded: {}",
+        l.plan(B)
+    );
+    // Now node-a really stops: the next query reports it stopped, which is proof.
+    l.cut_path(0, false).unwrap();
+    l.cut_path(1, false).unwrap();
+    l.wait_for(B, Duration::from_secs(10), |s| {
+        s["peer_view"]["state"] == "alive"
+    })
+    .expect("node-b sees node-a again");
+    l.kill(A);
+    let s = l
+        .wait_for(B, Duration::from_secs(20), is_primary)
+        .unwrap_or_else(|| panic!("node-b never took over:\n{}", l.log(B)));
+    let steps = s["last_sequence"].to_string();
+    assert!(steps.contains("export"), "{steps}");
+    assert!(
+        l.log(B).contains("reported stopped"),
+        "the proof is named in the log:\n{}",
+        l.log(B)
+    );
+}

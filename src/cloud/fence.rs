@@ -48,6 +48,26 @@ fn state_of<'a>(all: &'a [(String, String)], id: &str) -> Option<&'a str> {
     all.iter().find(|(i, _)| i == id).map(|(_, s)| s.as_str())
 }
 
+/// The peer's state from one `DescribeInstances` (no change is made): `stopped` and
+/// `terminated` are proof it serves nothing; `stopping` is not (it may still flush and serve).
+pub async fn peer_instance(api: &Api, f: &FenceConfig) -> crate::cloud::PeerInstance {
+    use crate::cloud::PeerInstance;
+    let peer = f.peer_instance_id.as_str();
+    let dl = Deadline::after(Duration::from_secs(f.timeout_s.clamp(1, 10)));
+    match states(api, &[peer], dl).await {
+        Ok(all) => match state_of(&all, peer) {
+            Some(s @ ("stopped" | "terminated")) => {
+                PeerInstance::Stopped(format!("instance {peer} is {s} (DescribeInstances)"))
+            }
+            Some(s) => PeerInstance::Running(format!("instance {peer} is {s} (DescribeInstances)")),
+            None => PeerInstance::Unknown(format!(
+                "DescribeInstances does not list {peer}; check cloud.fence.peer_instance_id"
+            )),
+        },
+        Err(e) => PeerInstance::Unknown(e.to_string()),
+    }
+}
+
 /// Stops the peer and waits until EC2 reports it `stopped` (or `terminated`).
 pub async fn fence(api: &Api, f: &FenceConfig, me: &str) -> ResourceReport {
     let start = Instant::now();

@@ -242,6 +242,37 @@ impl super::Cloud for LabCloud {
     async fn fence_peer(&self) -> Report {
         tokio::task::block_in_place(|| self.fence_sync(Duration::from_secs(10)))
     }
+    async fn peer_instance(&self) -> super::PeerInstance {
+        let r = self.peer_instance_sync();
+        let _ = self.record("peer-instance", &[format!("lab:{}: {r:?}", self.peer)]);
+        r
+    }
+}
+
+impl LabCloud {
+    /// The peer "instance" state from its pid file: stopped when no twinvol process holds it.
+    pub fn peer_instance_sync(&self) -> super::PeerInstance {
+        use super::PeerInstance;
+        let f = &self.cfg.peer_pid_file;
+        let text = match std::fs::read_to_string(f) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return PeerInstance::Stopped(format!("no pid file {}", f.display()))
+            }
+            Err(e) => return PeerInstance::Unknown(format!("cannot read {}: {e}", f.display())),
+        };
+        match text.trim().parse::<i32>() {
+            Ok(pid) if pid > 1 && alive(pid) && is_twinvol(pid) => {
+                PeerInstance::Running(format!("peer process {pid} is running"))
+            }
+            Ok(pid) if pid > 1 => PeerInstance::Stopped(format!("peer process {pid} is gone")),
+            _ => PeerInstance::Unknown(format!(
+                "peer pid file {} does not hold a pid ({:?})",
+                f.display(),
+                text.trim()
+            )),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -348,6 +348,25 @@ pub trait Cloud: Send + Sync {
     fn check(&self) -> impl Future<Output = CheckReport> + Send;
     /// Stops the peer instance and waits until it is stopped.
     fn fence_peer(&self) -> impl Future<Output = Report> + Send;
+    /// Asks (without changing anything) whether the peer instance is stopped: the proof a
+    /// standby needs to take over with `fence = "off"`. A provider that cannot tell answers
+    /// [`PeerInstance::Unknown`], which is never proof.
+    fn peer_instance(&self) -> impl Future<Output = PeerInstance> + Send {
+        async { PeerInstance::Unknown("this cloud provider cannot query the peer instance".into()) }
+    }
+}
+
+/// What the provider reports of the peer instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "detail", rename_all = "kebab-case")]
+pub enum PeerInstance {
+    /// Stopped or terminated (the text says which and how it was learned): proof the peer
+    /// serves nothing.
+    Stopped(String),
+    /// Running, pending or stopping: the peer may still serve.
+    Running(String),
+    /// The provider could not tell; the text names why and the fix.
+    Unknown(String),
 }
 
 /// Runs `cloud.check()` every `interval` (the first at once; late ticks are delayed, never

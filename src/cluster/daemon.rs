@@ -109,6 +109,15 @@ impl Cloud for ClusterCloud {
             ClusterCloud::Aws(a) => a.fence_peer().await,
         }
     }
+    async fn peer_instance(&self) -> crate::cloud::PeerInstance {
+        match self {
+            ClusterCloud::None => crate::cloud::PeerInstance::Unknown(
+                "no cloud provider configured to ask: add [cloud] (with [cloud.fence] peer_instance_id) or [cluster.lab]".into(),
+            ),
+            ClusterCloud::Lab(l) => l.peer_instance().await,
+            ClusterCloud::Aws(a) => a.peer_instance().await,
+        }
+    }
 }
 
 fn unix_ms() -> u64 {
@@ -177,6 +186,7 @@ enum Msg {
     Heartbeat(usize, Result<Heartbeat, String>),
     Witness(bool, Vec<Probe>),
     Fenced(Report),
+    PeerInstance(crate::cloud::PeerInstance),
     Control(Request, oneshot::Sender<Answer>),
 }
 
@@ -374,7 +384,10 @@ impl Node {
                     }
                 }
                 let proof = matches!(peer, PeerView::Alive(_))
-                    || *self.controller.fence_state() == FenceState::Fenced;
+                    || matches!(
+                        self.controller.fence_state(),
+                        FenceState::Fenced | FenceState::PeerStopped(_)
+                    );
                 if !force && !proof {
                     return self.answer(false, "refused: the peer is not reachable and was not fenced, so it may still serve; check that it is stopped, then run `twinvol promote --force`");
                 }
@@ -502,6 +515,15 @@ impl Node {
                 tokio::spawn(async move {
                     let r = cloud.fence_peer().await;
                     let _ = tx.send(Msg::Fenced(r)).await;
+                });
+            }
+            Action::QueryPeer => {
+                tracing::warn!("peer lost with fence = \"off\": asking the cloud whether the peer instance is stopped");
+                let cloud = self.cloud.clone();
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let r = cloud.peer_instance().await;
+                    let _ = tx.send(Msg::PeerInstance(r)).await;
                 });
             }
             Action::Promote => {
@@ -908,6 +930,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                     tracing::warn!(report = %report.to_string().replace('\n', "; "), ok, "fencing finished");
                     let r = if ok { Ok(()) } else { Err(report.failures().map(|f| f.to_string()).collect::<Vec<_>>().join("; ")) };
                     node.controller.fence_done(node.now(), r);
+                }
+                Msg::PeerInstance(answer) => {
+                    tracing::warn!(?answer, "peer instance state");
+                    node.controller.peer_instance_done(node.now(), answer);
                 }
                 Msg::Control(req, reply) => {
                     let a = node.control(req).await;

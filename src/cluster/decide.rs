@@ -5,7 +5,8 @@
 //! Invariants:
 //! - A Secondary promotes only when its disk is UpToDate and either the peer is alive and
 //!   not Primary (and stands down or is less preferred), or the peer is lost, this node is
-//!   not isolated, and it has proof the peer is down (the peer was fenced).
+//!   not isolated, and it has proof the peer is down (the peer was fenced, or with
+//!   `fence = "off"` the cloud reports the peer instance stopped).
 //! - An isolated node (no witness reachable and no peer heartbeat) never promotes; an
 //!   isolated Primary demotes after the isolation grace.
 //! - Only a non-isolated node fences, and only a Secondary fences. The less-preferred node
@@ -68,6 +69,10 @@ pub enum FenceState {
     InProgress,
     /// The peer is stopped: proof for promotion.
     Fenced,
+    /// `fence = "off"`: the provider is asked whether the peer instance is stopped.
+    Querying,
+    /// `fence = "off"`: the provider reported the peer instance stopped (how): proof.
+    PeerStopped(String),
     /// The last attempt failed; retried after `fence_retry`.
     Failed(String, #[serde(skip)] Duration),
 }
@@ -79,6 +84,9 @@ pub enum Action {
     None,
     /// Ask the cloud provider to fence the peer, then report with [`Controller::fence_done`].
     Fence,
+    /// Ask the cloud provider whether the peer instance is stopped (no change made), then
+    /// report with [`Controller::peer_instance_done`].
+    QueryPeer,
     /// Bring the service up here.
     Promote,
     /// Take the service down here.
@@ -169,6 +177,20 @@ impl Controller {
         };
     }
 
+    /// The provider answered whether the peer instance is stopped. Ignored unless a query is
+    /// under way (the peer came back meanwhile: a late answer is no proof).
+    pub fn peer_instance_done(&mut self, now: Duration, answer: crate::cloud::PeerInstance) {
+        use crate::cloud::PeerInstance;
+        if self.fence != FenceState::Querying {
+            return;
+        }
+        self.fence = match answer {
+            PeerInstance::Stopped(how) => FenceState::PeerStopped(how),
+            PeerInstance::Running(what) => FenceState::Failed(what, now),
+            PeerInstance::Unknown(why) => FenceState::Failed(format!("unknown: {why}"), now),
+        };
+    }
+
     /// A promotion finished (either way): the fencing proof is used up.
     pub fn promotion_done(&mut self) {
         self.fence = FenceState::Idle;
@@ -193,6 +215,8 @@ impl Controller {
     pub fn decide(&mut self, i: Inputs) -> Action {
         if let PeerView::Alive(st) = i.peer {
             self.last_peer_role = Some(st.role);
+            // A fence under way finishes (its answer is kept); any other proof or query
+            // is void once the peer is heard again.
             if !matches!(self.fence, FenceState::InProgress) {
                 self.fence = FenceState::Idle;
             }
@@ -328,10 +352,7 @@ impl Controller {
             );
         }
         if self.p.fence == FenceMode::Off {
-            return self.say(
-                Action::None,
-                "Secondary; peer lost but fence = \"off\": no proof the peer is down; check it and run `twinvol promote --force`",
-            );
+            return self.peer_lost_without_fencing(i);
         }
         match self.fence.clone() {
             FenceState::Idle if preferred || self.last_peer_role == Some(Role::Primary) => {
@@ -363,6 +384,39 @@ impl Controller {
                 Action::None,
                 format!("Secondary; fencing the peer failed ({why}): no proof the peer is down, not promoting"),
             ),
+            FenceState::Querying | FenceState::PeerStopped(_) => {
+                // Left over from a `fence = "off"` query: fence as usual.
+                self.fence = FenceState::Idle;
+                self.say(Action::None, "peer lost: fencing starts at the next decision")
+            }
+        }
+    }
+
+    /// `fence = "off"`: the only proof is the provider reporting the peer instance stopped.
+    fn peer_lost_without_fencing(&mut self, i: Inputs) -> Action {
+        match self.fence.clone() {
+            FenceState::PeerStopped(how) => self.say(
+                Action::Promote,
+                format!("peer instance reported stopped ({how}): promoting"),
+            ),
+            FenceState::Fenced => self.say(Action::Promote, "peer stopped: promoting"),
+            FenceState::Querying => self.say(
+                Action::None,
+                "peer lost, fence = \"off\": asking the cloud whether the peer instance is stopped",
+            ),
+            FenceState::Failed(what, at) if i.now.saturating_sub(at) < self.p.fence_retry => {
+                self.say(
+                    Action::None,
+                    format!("Secondary; peer lost but fence = \"off\" and no proof it is down ({what}); asking again shortly, or check it and run `twinvol promote --force`"),
+                )
+            }
+            _ => {
+                self.fence = FenceState::Querying;
+                self.say(
+                    Action::QueryPeer,
+                    "peer lost, fence = \"off\": asking the cloud whether the peer instance is stopped",
+                )
+            }
         }
     }
 }
@@ -563,6 +617,43 @@ mod tests {
 
     #[test]
     fn fence_off_means_no_promotion_without_proof() {
+        use crate::cloud::PeerInstance;
+        let mut p = params(10);
+        p.fence = FenceMode::Off;
+        let mut c = Controller::new(p);
+        let lost = |c: &mut Controller, t| {
+            c.decide(inputs(
+                t,
+                Role::Secondary,
+                PeerView::Lost,
+                WitnessView::Reachable,
+            ))
+        };
+        assert_eq!(lost(&mut c, 9), Action::QueryPeer, "{}", c.reason());
+        assert_eq!(lost(&mut c, 9), Action::None, "one query at a time");
+        c.peer_instance_done(
+            s(9),
+            PeerInstance::Running("instance i-b is running".into()),
+        );
+        assert_eq!(lost(&mut c, 10), Action::None);
+        assert!(c.reason().contains("no proof"), "{}", c.reason());
+        assert!(c.reason().contains("i-b is running"), "{}", c.reason());
+        // Asked again after the retry interval; an unknown answer is no proof either.
+        assert_eq!(lost(&mut c, 15), Action::QueryPeer);
+        c.peer_instance_done(s(15), PeerInstance::Unknown("timeout".into()));
+        assert_eq!(lost(&mut c, 16), Action::None);
+        assert_eq!(lost(&mut c, 21), Action::QueryPeer);
+        c.peer_instance_done(
+            s(21),
+            PeerInstance::Stopped("instance i-b is stopped".into()),
+        );
+        assert_eq!(lost(&mut c, 21), Action::Promote, "stopped is proof");
+        assert!(c.reason().contains("reported stopped"), "{}", c.reason());
+    }
+
+    #[test]
+    fn a_late_peer_stopped_answer_after_the_peer_returned_is_no_proof() {
+        use crate::cloud::PeerInstance;
         let mut p = params(10);
         p.fence = FenceMode::Off;
         let mut c = Controller::new(p);
@@ -573,9 +664,27 @@ mod tests {
                 PeerView::Lost,
                 WitnessView::Reachable
             )),
-            Action::None
+            Action::QueryPeer
         );
-        assert!(c.reason().contains("no proof"), "{}", c.reason());
+        // The peer is heard again before the answer arrives.
+        c.decide(inputs(
+            10,
+            Role::Secondary,
+            alive(Role::Primary, 20),
+            WitnessView::Reachable,
+        ));
+        c.peer_instance_done(s(10), PeerInstance::Stopped("stale".into()));
+        assert_eq!(c.fence_state(), &FenceState::Idle);
+        assert_eq!(
+            c.decide(inputs(
+                14,
+                Role::Secondary,
+                PeerView::Lost,
+                WitnessView::Reachable
+            )),
+            Action::QueryPeer,
+            "a fresh query, not the stale answer"
+        );
     }
 
     #[test]

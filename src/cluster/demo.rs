@@ -145,20 +145,11 @@ fn witness() -> std::io::Result<Witness> {
     Ok(Witness { addr, up })
 }
 
-/// Runs `bin args...` (a metadata subcommand) and fails with its output if it fails.
-fn run_bin(bin: &Path, args: &[&str]) -> std::io::Result<()> {
-    let out = Command::new(bin).args(args).output()?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "{} {} failed: {}{}",
-            bin.display(),
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )))
-    }
+/// Runs a metadata subcommand in this process; fails naming the command and why.
+fn run_meta(args: &[&str]) -> std::io::Result<()> {
+    crate::meta::cli::run_words(args)
+        .map(|_| ())
+        .map_err(|why| std::io::Error::other(format!("twinvol {}: {why}", args.join(" "))))
 }
 
 /// CRC32 of the first `len` bytes of `path` (a volume's data area).
@@ -396,21 +387,15 @@ impl Lab {
             volumes[n] = nd.join("volume.img");
             std::fs::File::create(&volumes[n])?.set_len(o.volume_size)?;
             let dev = volumes[n].display().to_string();
-            run_bin(
-                bin,
-                &["create-md", "--device", &dev, "--granularity", "64K"],
-            )?;
-            run_bin(
-                bin,
-                &[
-                    "new-current-uuid",
-                    "--clear-bitmap",
-                    "--uuid",
-                    &generation,
-                    "--device",
-                    &dev,
-                ],
-            )?;
+            run_meta(&["create-md", "--device", &dev, "--granularity", "64K"])?;
+            run_meta(&[
+                "new-current-uuid",
+                "--clear-bitmap",
+                "--uuid",
+                &generation,
+                "--device",
+                &dev,
+            ])?;
             let volume = &volumes[n];
             let no = &o.nodes[n];
             let text = format!(

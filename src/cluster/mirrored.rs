@@ -439,22 +439,11 @@ mod tests {
     use std::path::Path;
     use std::time::Instant;
 
-    use clap::Parser;
-
     use super::*;
     use crate::cluster::demo::NbdClient;
-    use crate::meta::cli::MetaCommand;
-
-    #[derive(Parser)]
-    struct Meta {
-        #[command(subcommand)]
-        cmd: MetaCommand,
-    }
 
     fn meta(args: &[&str]) {
-        let m =
-            Meta::try_parse_from(std::iter::once("twinvol").chain(args.iter().copied())).unwrap();
-        crate::meta::cli::run(m.cmd, &mut Vec::new()).unwrap();
+        crate::meta::cli::run_words(args).unwrap();
     }
 
     fn free_port(ip: &str) -> u16 {

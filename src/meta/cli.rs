@@ -215,6 +215,24 @@ fn store_err(path: &Path) -> impl FnOnce(StoreError) -> MetaCliError + '_ {
     }
 }
 
+/// Runs one metadata subcommand given as command-line words (e.g. `["create-md", "--device",
+/// "/dev/xvdf"]`), as `twinvol <words>` would, and returns what it printed. For harnesses
+/// (the demo lab, tests) that prepare volumes without a separate process.
+pub fn run_words(words: &[&str]) -> Result<String, String> {
+    #[derive(clap::Parser)]
+    struct Words {
+        #[command(subcommand)]
+        cmd: MetaCommand,
+    }
+    let w = <Words as clap::Parser>::try_parse_from(
+        std::iter::once("twinvol").chain(words.iter().copied()),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    run(w.cmd, &mut out).map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
 /// Runs one metadata subcommand, printing to `out`.
 pub fn run(cmd: MetaCommand, out: &mut dyn Write) -> Result<(), MetaCliError> {
     match cmd {

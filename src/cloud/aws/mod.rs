@@ -533,6 +533,16 @@ impl Cloud for AwsCloud {
             elapsed: start.elapsed(),
         }
     }
+
+    async fn peer_instance(&self) -> crate::cloud::PeerInstance {
+        match &self.cfg.fence {
+            Some(f) => fence::peer_instance(&self.api, f).await,
+            None => crate::cloud::PeerInstance::Unknown(
+                "no [cloud.fence] table: set peer_instance_id so the peer's state can be queried"
+                    .into(),
+            ),
+        }
+    }
 }
 
 fn log_report(op: &str, items: &[ResourceReport]) {
