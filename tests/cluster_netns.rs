@@ -1,8 +1,8 @@
 //! The two-node scenarios in two network namespaces, one veth pair per heartbeat path
 //! ("service" and "replication"), paths cut with nftables drops. Needs root, iproute2 and
 //! nftables: the lab set-up fails loudly (naming the command) when they are missing.
-//! No witness is configured here (the namespaces have no route to one); the isolation
-//! scenarios run on loopback in tests/cluster_two_nodes.rs.
+//! Each node reaches its witness over its own uplink veth to the host namespace; isolating a
+//! node drops everything it receives on all its interfaces.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ fn options() -> LabOptions {
     };
     for n in &mut o.nodes {
         n.fence_delay_ms = 2000;
+        n.isolation_grace_ms = 1000;
     }
     o
 }
@@ -107,4 +108,95 @@ fn netns_all_paths_dropped_while_both_live_never_two_primaries() {
     assert!(promoted, "node-b never promoted:\n{}", l.log(B));
     assert!(l.exited(A), "node-a was fenced");
     assert!(l.plan(B).contains("stopped peer process"), "{}", l.plan(B));
+}
+
+#[test]
+fn netns_isolated_standby_never_promotes_or_fences_and_the_primary_keeps_serving() {
+    let d = tempfile::tempdir().unwrap();
+    let l = started(d.path());
+    l.isolate(B, true).unwrap();
+    l.wait_for(B, Duration::from_secs(15), |s| {
+        s["peer_view"]["state"] == "lost" && s["witness"]["state"] == "unreachable"
+    })
+    .unwrap_or_else(|| panic!("node-b never saw itself cut off:\n{}", l.log(B)));
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        assert_eq!(
+            role(&l, B).as_deref(),
+            Some("secondary"),
+            "isolated node-b promoted"
+        );
+        assert_eq!(
+            role(&l, A).as_deref(),
+            Some("primary"),
+            "node-a stopped serving"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = l.status(B).unwrap();
+    assert!(s["reason"].as_str().unwrap().contains("isolated"), "{s}");
+    assert!(
+        !l.plan(B).contains("fence"),
+        "an isolated node never fences: {}",
+        l.plan(B)
+    );
+    NbdClient::connect(&l.exports[A])
+        .expect("node-a still serves")
+        .read(0, 4096)
+        .unwrap();
+}
+
+#[test]
+fn netns_isolated_primary_stops_its_service_and_the_standby_takes_over_after_fencing() {
+    let d = tempfile::tempdir().unwrap();
+    let mut l = started(d.path());
+    l.isolate(A, true).unwrap();
+    // node-b still reaches its witness: it fences node-a (the lab stops its process) and promotes.
+    let s = l
+        .wait_for(B, Duration::from_secs(20), is_primary)
+        .unwrap_or_else(|| panic!("node-b never took over:\n{}", l.log(B)));
+    assert!(s["volumes"][0]["export"].is_string(), "{s}");
+    assert!(
+        l.plan(B).contains("\"fence\""),
+        "node-b fenced first: {}",
+        l.plan(B)
+    );
+    assert!(l.exited(A), "the fenced node-a is stopped");
+    // Before it was stopped, node-a saw itself isolated and never fenced node-b.
+    assert!(!l.plan(A).contains("\"fence\""), "{}", l.plan(A));
+    assert!(l.log(A).contains("no witness"), "{}", l.log(A));
+}
+
+#[test]
+fn netns_one_way_partition_the_deaf_primary_stands_down_and_the_standby_takes_over() {
+    // node-a (preferred, Primary) receives nothing but is still heard by node-b: node-b sees
+    // it alive, so no fencing; node-a, cut off, stops its service and advertises that it
+    // stands down, and node-b takes the service.
+    let d = tempfile::tempdir().unwrap();
+    let l = started(d.path());
+    l.deafen(A, true).unwrap();
+    let s = l
+        .wait_for(B, Duration::from_secs(20), is_primary)
+        .unwrap_or_else(|| {
+            panic!(
+                "node-b never took over:\n{}\nnode-a:\n{}",
+                l.log(B),
+                l.log(A)
+            )
+        });
+    assert!(s["volumes"][0]["export"].is_string(), "{s}");
+    assert_eq!(
+        role(&l, A).as_deref(),
+        Some("secondary"),
+        "node-a stood down"
+    );
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        assert_eq!(role(&l, A).as_deref(), Some("secondary"), "two Primaries");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !l.plan(B).contains("\"fence\""),
+        "node-a was heard: no fencing needed"
+    );
 }

@@ -232,19 +232,33 @@ impl Node {
         self.start.elapsed()
     }
 
-    fn publish(&self) {
+    /// This node hears no peer and reaches no witness: it may be the one cut off.
+    fn cut_off(&self) -> bool {
+        self.monitor.view() == PeerView::Lost
+            && matches!(self.witness, WitnessView::Unreachable { .. })
+    }
+
+    /// What the heartbeats advertise. A node that is cut off also advertises that it stands
+    /// down: when the partition is one-way (this node cannot hear the peer, the peer still
+    /// hears it), the peer then takes the service instead of waiting for this preferred but
+    /// isolated node, which never promotes.
+    fn advert(&self) -> Advert {
         let mut flags = 0;
-        if self.controller.yielding() {
+        if self.controller.yielding() || self.cut_off() {
             flags |= FLAG_YIELDING;
         }
         if self.controller.wants_primary() {
             flags |= FLAG_WANTS_PRIMARY;
         }
-        let a = Advert {
+        Advert {
             role: self.role(),
             disk: self.disk(),
             flags,
-        };
+        }
+    }
+
+    fn publish(&self) {
+        let a = self.advert();
         self.advert.send_replace(a);
         self.health.set(if a.role == Role::Primary {
             crate::ops::health::Health::PrimaryHealthy
@@ -489,6 +503,12 @@ impl Node {
     }
 
     async fn tick(&mut self) {
+        let a = self.advert();
+        self.advert.send_if_modified(|cur| {
+            let changed = cur.flags != a.flags || cur.role != a.role || cur.disk != a.disk;
+            *cur = a;
+            changed
+        });
         let now = self.now();
         for ev in self.monitor.tick(now) {
             self.log_event(ev);

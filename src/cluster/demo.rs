@@ -73,7 +73,8 @@ pub struct LabOptions {
     /// Volume size in bytes.
     pub volume_size: u64,
     /// Run each node in its own network namespace joined by two veth pairs (one per path),
-    /// cut paths with nftables drops, and use no witness (needs root, iproute2, nftables).
+    /// cut paths with nftables drops; each node's witness answers on the host end of its own
+    /// uplink veth (needs root, iproute2, nftables).
     pub netns: bool,
 }
 
@@ -124,8 +125,8 @@ struct Witness {
     up: Arc<AtomicBool>,
 }
 
-fn witness() -> std::io::Result<Witness> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+fn witness(ip: &str) -> std::io::Result<Witness> {
+    let l = std::net::TcpListener::bind((ip, 0))?;
     let addr = l.local_addr()?;
     let up = Arc::new(AtomicBool::new(true));
     let u = up.clone();
@@ -199,6 +200,10 @@ struct Netns {
     veths: [[String; 2]; 2],
     /// addrs[p][n]: node n's address on path p.
     addrs: [[String; 2]; 2],
+    /// wveths[n]: node n's end of its uplink to the host, where its witness listens.
+    wveths: [String; 2],
+    /// witness_ips[n]: the host's address on node n's uplink (node n's witness).
+    witness_ips: [String; 2],
 }
 
 impl Netns {
@@ -219,6 +224,8 @@ impl Netns {
             names,
             veths,
             addrs,
+            wveths: [format!("tv{id}w0n"), format!("tv{id}w1n")],
+            witness_ips: [format!("10.102.{id}.1"), format!("10.103.{id}.1")],
         };
         for n in &ns.names {
             let _ = sh(&["ip", "netns", "del", n]);
@@ -235,6 +242,36 @@ impl Netns {
                 sh(&["ip", "-n", &ns.names[n], "addr", "add", &a, "dev", v])?;
                 sh(&["ip", "-n", &ns.names[n], "link", "set", v, "up"])?;
             }
+        }
+        // Each node's uplink to the host namespace, where its witness answers.
+        for n in 0..2 {
+            let (inner, host) = (&ns.wveths[n], format!("tv{id}w{n}h"));
+            let _ = sh(&["ip", "link", "del", &host]);
+            sh(&[
+                "ip", "link", "add", inner, "type", "veth", "peer", "name", &host,
+            ])?;
+            sh(&["ip", "link", "set", inner, "netns", &ns.names[n]])?;
+            let base = ns.witness_ips[n].trim_end_matches(".1").to_string();
+            sh(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", ns.witness_ips[n]),
+                "dev",
+                &host,
+            ])?;
+            sh(&["ip", "link", "set", &host, "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns.names[n],
+                "addr",
+                "add",
+                &format!("{base}.2/24"),
+                "dev",
+                inner,
+            ])?;
+            sh(&["ip", "-n", &ns.names[n], "link", "set", inner, "up"])?;
         }
         Ok(ns)
     }
@@ -272,6 +309,51 @@ impl Netns {
             }
         }
         Ok(())
+    }
+}
+
+impl Netns {
+    /// Drops (nftables, in node `n`'s namespace) everything node `n` receives on any of its
+    /// interfaces (both heartbeat paths, replication, its witness uplink), and with `outbound`
+    /// everything it sends too. `on = false` lifts it.
+    fn isolate(&self, n: usize, on: bool, outbound: bool) -> std::io::Result<()> {
+        if on {
+            let set = format!(
+                "{{ \"{}\", \"{}\", \"{}\" }}",
+                self.veths[0][n], self.veths[1][n], self.wveths[n]
+            );
+            let out = if outbound {
+                format!("  chain output {{\n    type filter hook output priority 0; policy accept;\n    oifname {set} drop\n  }}\n")
+            } else {
+                String::new()
+            };
+            let rules = format!(
+                "table inet tviso {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    iifname {set} drop\n  }}\n{out}}}\n"
+            );
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", &self.names[n], "nft", "-f", "-"])
+                .stdin(Stdio::piped())
+                .spawn()?;
+            if let Some(mut i) = child.stdin.take() {
+                i.write_all(rules.as_bytes())?;
+            }
+            if !child.wait()?.success() {
+                return Err(std::io::Error::other("nft refused the isolation rule"));
+            }
+            Ok(())
+        } else {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &self.names[n],
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "tviso",
+            ])
+        }
     }
 }
 
@@ -326,8 +408,13 @@ impl Lab {
             "{:x}",
             (unix_ms() << 16 ^ u64::from(std::process::id())) & 0x00ff_ffff_ffff_ffff | 1
         );
-        let witnesses = [witness()?, witness()?];
         let netns = if o.netns { Some(Netns::new()?) } else { None };
+        // Loopback: witnesses on 127.0.0.1. Namespaces: node n's witness listens on the host end
+        // of node n's uplink, so isolating the node's interfaces also cuts its witness.
+        let witnesses = match &netns {
+            Some(ns) => [witness(&ns.witness_ips[0])?, witness(&ns.witness_ips[1])?],
+            None => [witness("127.0.0.1")?, witness("127.0.0.1")?],
+        };
         let mut relays = Vec::new();
         // Per path: node i listens on IPS[i]:local; node i sends to a relay on IPS[1-i].
         let mut locals = [[0u16; 2]; 2];
@@ -483,11 +570,7 @@ record = "db.lab.internal."
                 l1 = locals[n][1],
                 r0 = relay_ports[n][0],
                 r1 = relay_ports[n][1],
-                witness = if netns.is_some() {
-                    "[]".to_string()
-                } else {
-                    format!("[\"http://{}/\"]", witnesses[n].addr)
-                },
+                witness = format!("[\"http://{}/\"]", witnesses[n].addr),
                 grace = no.isolation_grace_ms,
                 start = no
                     .start_hook
@@ -579,6 +662,28 @@ record = "db.lab.internal."
             }
         }
         Ok(())
+    }
+
+    /// Isolates node `n` from everything (both heartbeat paths, replication, its witness) or
+    /// lifts it: nftables drops in its namespace, or on loopback the relays and its witness.
+    pub fn isolate(&self, n: usize, on: bool) -> std::io::Result<()> {
+        if let Some(ns) = &self.netns {
+            return ns.isolate(n, on, true);
+        }
+        self.witness_up(n, !on);
+        self.cut_path(0, on)?;
+        self.cut_path(1, on)
+    }
+
+    /// One-way partition (network namespaces only): node `n` receives nothing on any interface
+    /// but its packets still go out, so the peer keeps hearing it.
+    pub fn deafen(&self, n: usize, on: bool) -> std::io::Result<()> {
+        match &self.netns {
+            Some(ns) => ns.isolate(n, on, false),
+            None => Err(std::io::Error::other(
+                "a one-way partition needs the network-namespace lab",
+            )),
+        }
     }
 
     /// Switches node `n`'s witness off (no answer) or on.
@@ -807,7 +912,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("== twinvol demo in {}", dir.display());
     if args.netns {
         println!(
-            "   two nodes in two network namespaces, one veth pair per heartbeat path; no witness"
+            "   two nodes in two network namespaces, one veth pair per heartbeat path, an uplink to each witness"
         );
     } else {
         println!("   two nodes on this machine: node-a 127.0.0.1 (priority 10), node-b 127.0.0.2 (priority 20)");
