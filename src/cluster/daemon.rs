@@ -218,6 +218,26 @@ impl Node {
         self.start.elapsed()
     }
 
+    /// The one-line state `systemctl status` shows (sd_notify `STATUS=`): role and peer.
+    fn sd_status(&self) -> String {
+        let peer = match self.monitor.view() {
+            PeerView::Alive(p) => format!("alive as {:?}", p.role),
+            PeerView::Unknown => "not seen yet".into(),
+            PeerView::Lost => "LOST".into(),
+        };
+        format!(
+            "{:?}{}, peer {} {peer}, {} volume(s)",
+            self.role(),
+            if self.controller.yielding() {
+                " (standing down)"
+            } else {
+                ""
+            },
+            self.cfg.peer,
+            self.volumes.len()
+        )
+    }
+
     fn publish(&self) {
         let mut flags = 0;
         if self.controller.yielding() {
@@ -858,6 +878,16 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     };
     node.publish();
     tracing::info!(node = %node.node_id, peer = %cl.peer, priority = cl.priority, paths = cl.heartbeats.len(), "twinvol daemon running");
+    // Sockets bound, volumes built, role decided (Secondary until the controller says otherwise).
+    let mut sm = crate::ops::notify::ServiceManager::from_env();
+    sm.ready(&node.sd_status());
+    let watchdog_on = sm.ping_interval().is_some();
+    let mut watchdog =
+        tokio::time::interval(sm.ping_interval().unwrap_or(Duration::from_secs(3600)));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A bring-up or teardown waits on hooks (each bounded by hooks.timeout_ms) and cloud calls;
+    // the watchdog is fed meanwhile, but not past this bound.
+    let operation_limit = Duration::from_millis(cl.hooks.timeout_ms) * 4 + Duration::from_secs(120);
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())
@@ -869,7 +899,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = ticker.tick() => node.tick().await,
+            _ = watchdog.tick(), if watchdog_on => sm.watchdog(),
+            _ = ticker.tick() => sm.fed_while(operation_limit, node.tick()).await,
             Some(m) = rx.recv() => match m {
                 Msg::Heartbeat(i, Ok(hb)) => {
                     let now = node.now();
@@ -899,15 +930,18 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                     node.controller.fence_done(node.now(), r);
                 }
                 Msg::Control(req, reply) => {
-                    let a = node.control(req).await;
+                    let a = sm.fed_while(operation_limit, node.control(req)).await;
                     let _ = reply.send(a);
                 }
             },
         }
+        sm.status(&node.sd_status());
     }
     tracing::info!("stopping");
+    sm.stopping(&format!("stopping: {}", node.sd_status()));
     if node.role() == Role::Primary {
-        node.demote("daemon stopping").await;
+        sm.fed_while(operation_limit, node.demote("daemon stopping"))
+            .await;
     }
     let _ = std::fs::remove_file(&cl.control_socket);
     let _ = std::fs::remove_file(&pid_file);
