@@ -2,14 +2,39 @@
 //! started the way systemd starts a `Type=notify` unit with `WatchdogSec=` (a `NOTIFY_SOCKET`
 //! the test binds, `WATCHDOG_USEC`), and scraped on its OpenMetrics endpoint.
 
-use std::net::UdpSocket;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "support/openmetrics.rs"]
+mod openmetrics;
+
 const BIN: &str = env!("CARGO_BIN_EXE_twinvol");
+
+fn free_tcp() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP GET; (status line, headers, body), or None if nothing listens yet.
+fn http_get(port: u16, path: &str) -> Option<(String, String, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    Some((status.to_string(), headers.to_string(), body.to_string()))
+}
 
 fn free_udp() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
@@ -256,5 +281,107 @@ fn a_watchdog_meant_for_another_process_gets_no_pings_but_ready_still_comes() {
             assert_ne!(m, "WATCHDOG=1", "pinged a watchdog meant for pid 1");
         }
     }
+    assert!(node.stop().success(), "{}", node.log());
+}
+
+#[test]
+fn the_daemon_metrics_endpoint_is_parsed_by_a_real_openmetrics_parser_and_shows_the_node_state() {
+    let port = free_tcp();
+    let mut node = Node::new(&format!("metrics_listen = \"127.0.0.1:{port}\""));
+    node.start(&[]);
+    // Wait until the endpoint answers and the peer (never there) is declared lost.
+    let t0 = Instant::now();
+    let (status, headers, body) = loop {
+        if let Some(r) = http_get(port, "/metrics") {
+            if r.2
+                .contains("twinvol_peer_state{twinvol_peer_state=\"lost\"} 1")
+            {
+                break r;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no metrics with the peer lost within 30 s:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{headers}"
+    );
+    let m = openmetrics::parse(&body);
+    use openmetrics::{family, value};
+    assert_eq!(
+        value(
+            &m,
+            "twinvol_node_info",
+            &[("node", "node-a"), ("peer", "node-b")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "twinvol_node_role",
+            &[("twinvol_node_role", "secondary")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "twinvol_node_role", &[("twinvol_node_role", "primary")]),
+        0.0
+    );
+    assert_eq!(value(&m, "twinvol_heartbeat_paths_up", &[]), 0.0);
+    assert_eq!(
+        value(&m, "twinvol_heartbeat_path_up", &[("path", "service")]),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "twinvol_heartbeats_received_total",
+            &[("path", "replication")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "twinvol_fence_state",
+            &[("twinvol_fence_state", "idle")]
+        ),
+        1.0
+    );
+    assert_eq!(value(&m, "twinvol_failovers_total", &[]), 0.0);
+    assert_eq!(
+        value(
+            &m,
+            "twinvol_volume_role",
+            &[("volume", "data"), ("twinvol_volume_role", "secondary")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "twinvol_volume_exported", &[("volume", "data")]),
+        0.0
+    );
+    assert!(value(&m, "twinvol_uptime_seconds", &[]) > 0.0);
+    assert_eq!(
+        family(&m, "twinvol_uptime_seconds"),
+        ("gauge".into(), "seconds".into())
+    );
+    assert_eq!(
+        family(&m, "twinvol_failovers"),
+        ("counter".into(), String::new())
+    );
+    assert_eq!(family(&m, "twinvol_peer_state").0, "stateset");
+    assert_eq!(family(&m, "twinvol_node").0, "info");
+
+    let (status, _, _) = http_get(port, "/").expect("answers /");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
     assert!(node.stop().success(), "{}", node.log());
 }

@@ -149,6 +149,7 @@ struct Status {
     last_sequence: Option<Sequence>,
     primary_since_unix_ms: Option<u64>,
     last_failover_ms: Option<u64>,
+    failovers: u64,
     previous_role: Option<Role>,
     cloud_plan: Vec<String>,
     uptime_ms: u64,
@@ -191,6 +192,8 @@ struct Node {
     primary_since: Option<u64>,
     peer_lost_at: Option<Instant>,
     last_failover_ms: Option<u64>,
+    /// Completed failovers (peer lost, then Primary here) since start.
+    failovers: u64,
     previous_role: Option<Role>,
     advert: watch::Sender<Advert>,
     next_check: Option<Instant>,
@@ -308,6 +311,7 @@ impl Node {
             last_sequence: self.last_sequence.clone(),
             primary_since_unix_ms: self.primary_since,
             last_failover_ms: self.last_failover_ms,
+            failovers: self.failovers,
             previous_role: self.previous_role,
             cloud_plan: match &*self.cloud {
                 ClusterCloud::Lab(l) => l.plan(),
@@ -339,6 +343,7 @@ impl Node {
             if let Some(t) = self.peer_lost_at.take() {
                 let ms = t.elapsed().as_millis() as u64;
                 self.last_failover_ms = Some(ms);
+                self.failovers += 1;
                 tracing::info!(
                     failover_ms = ms,
                     "failover complete: Primary, exported, hooks started"
@@ -659,6 +664,36 @@ async fn start_health_endpoints(
     Ok(state)
 }
 
+/// Starts the OpenMetrics endpoint: every scrape asks the control loop for a fresh status.
+async fn start_metrics(addr: SocketAddr, tx: mpsc::Sender<Msg>) -> Result<(), DaemonError> {
+    use crate::ops::metrics::{MetricsError, MetricsServer, Scrape};
+    let source = move || -> Scrape {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let (otx, orx) = oneshot::channel();
+            tx.send(Msg::Control(Request::Status, otx))
+                .await
+                .map_err(|_| "the daemon is stopping".to_string())?;
+            let a = orx
+                .await
+                .map_err(|_| "the daemon is stopping".to_string())?;
+            Ok(crate::ops::metrics::render_node(&a.status))
+        })
+    };
+    let server = MetricsServer::bind(addr, Arc::new(source))
+        .await
+        .map_err(|e| match e {
+            MetricsError::Bind { source, .. } => DaemonError::Setup {
+                what: format!("cannot listen for metrics scrapes on {addr}"),
+                source,
+                fix: "free the port or change cluster.metrics_listen",
+            },
+        })?;
+    tracing::info!(%addr, "OpenMetrics endpoint listening on /metrics");
+    tokio::spawn(server.run());
+    Ok(())
+}
+
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let cl = cfg.cluster.clone().ok_or(DaemonError::NoCluster)?;
     let key: Arc<PreSharedKey> = Arc::new(crate::repl::link::keyfile::load_key_file(&cl.key_file)?);
@@ -851,6 +886,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     if previous.as_ref().is_some_and(|p| p.yielding) {
         controller.stand_down();
     }
+    if let Some(addr) = cl.metrics_listen {
+        start_metrics(addr, tx.clone()).await?;
+    }
     let mut node = Node {
         node_id: cfg.node.id.clone(),
         volumes: build_volumes(&cfg),
@@ -869,6 +907,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         primary_since: None,
         peer_lost_at: None,
         last_failover_ms: None,
+        failovers: 0,
         previous_role: previous.map(|p| p.role),
         advert: advert_tx,
         next_check: None,
