@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian 12 machine with Rust (idempotent).
-# System packages from Debian; Python tools (moto) into a virtualenv outside the checkout.
+# System packages from Debian; Python tools (moto, prometheus_client) into a virtualenv outside the checkout.
 set -euo pipefail
 
 # systemd: systemd-analyze verify; udev: udevadm test; shellcheck; debootstrap + dpkg-dev: the .deb
@@ -24,9 +24,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "test-deps: creating virtualenv $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import moto, flask' >/dev/null 2>&1; then
-  echo "test-deps: installing moto[server] into $VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6'
+# prometheus_client: its OpenMetrics parser checks the /metrics text (tests/ops_daemon.rs, tests/ops_status.rs).
+if ! "$VENV/bin/python" -c 'import moto, flask, prometheus_client.openmetrics.parser' >/dev/null 2>&1; then
+  echo "test-deps: installing moto[server] and prometheus_client into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6' 'prometheus_client>=0.20,<1'
 fi
 # cargo-deb builds the .deb in tests/packaging.rs (into ~/.cargo/bin; pinned: tests pack the dev profile).
 if ! command -v cargo-deb >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-deb" ]; then

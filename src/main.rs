@@ -49,13 +49,20 @@ enum Command {
         #[arg(long, default_value = "/etc/twinvol/twinvol.toml")]
         config: PathBuf,
     },
-    /// Show the running daemon's status.
+    /// Show the running daemon's status (or a `twinvol mirror` status file).
     Status {
         #[command(flatten)]
         ctl: CtlArgs,
         /// Print JSON for machines.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Redraw every SECS seconds (default 2) until interrupted.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
+        /// Read the status a `twinvol mirror --status-file PATH` process writes instead of asking
+        /// the daemon.
+        #[arg(long, value_name = "PATH", conflicts_with = "socket")]
+        status_file: Option<PathBuf>,
     },
     /// Bring the service up on this node (refused while the peer is Primary).
     Promote {
@@ -130,6 +137,72 @@ fn run_control(
         anyhow::bail!("{}", a.message);
     }
     Ok(())
+}
+
+/// One look at the status: (JSON value, text for people).
+fn fetch_status(
+    ctl: &CtlArgs,
+    status_file: Option<&std::path::Path>,
+) -> anyhow::Result<(serde_json::Value, String)> {
+    if let Some(p) = status_file {
+        let text = std::fs::read_to_string(p).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read status file {}: {e} (is `twinvol mirror --status-file {}` running?)",
+                p.display(),
+                p.display()
+            )
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("status file {} is not JSON: {e}", p.display()))?;
+        let t = twinvol::ops::status_text::render_mirror(&v);
+        return Ok((v, t));
+    }
+    let socket = match &ctl.socket {
+        Some(s) => s.clone(),
+        None => twinvol::cluster::daemon::control_socket_of(&ctl.config)?,
+    };
+    let a = twinvol::cluster::control::call(
+        &socket,
+        &twinvol::cluster::control::Request::Status,
+        std::time::Duration::from_secs(30),
+    )?;
+    let t = twinvol::cluster::control::render(&a.status);
+    Ok((a.status, t))
+}
+
+fn run_status(
+    ctl: CtlArgs,
+    json: bool,
+    watch: Option<u64>,
+    status_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let Some(secs) = watch else {
+        let (v, t) = fetch_status(&ctl, status_file.as_deref())?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print!("{t}");
+        }
+        return Ok(());
+    };
+    let every = std::time::Duration::from_secs(secs.max(1));
+    loop {
+        let body = match fetch_status(&ctl, status_file.as_deref()) {
+            Ok((_, t)) => t,
+            Err(e) => format!("error: {e:#}\n"),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        // Home, clear screen, then the frame: a terminal redraws in place.
+        print!(
+            "\x1b[H\x1b[2Jevery {}s (Ctrl-C to stop), unix time {now}\n\n{body}",
+            every.as_secs()
+        );
+        std::io::Write::flush(&mut std::io::stdout())?;
+        std::thread::sleep(every);
+    }
 }
 
 fn run_daemon(config: PathBuf) -> anyhow::Result<()> {
@@ -285,9 +358,12 @@ fn main() -> ExitCode {
         Command::Cloud { config, command } => run_cloud(config, command),
         Command::Mirror(a) => twinvol::volume::run::run(a).map_err(Into::into),
         Command::Run { config } => run_daemon(config),
-        Command::Status { ctl, json } => {
-            run_control(ctl, twinvol::cluster::control::Request::Status, json)
-        }
+        Command::Status {
+            ctl,
+            json,
+            watch,
+            status_file,
+        } => run_status(ctl, json, watch, status_file),
         Command::Promote { ctl, force } => run_control(
             ctl,
             twinvol::cluster::control::Request::Promote { force },

@@ -157,6 +157,19 @@ pub fn render(status: &serde_json::Value) -> String {
                 s(&v["kind"]),
                 s(&v["export"])
             );
+            if v["replication"].is_object() {
+                let peer_known = (peer["state"] == "alive").then(|| {
+                    (
+                        peer["role"].as_str().unwrap_or("?"),
+                        peer["disk"].as_str().unwrap_or("?"),
+                    )
+                });
+                o.push_str(&crate::ops::status_text::render_replication(
+                    &v["replication"],
+                    peer_known,
+                    "  ",
+                ));
+            }
         }
     }
     if let Some(seq) = status["last_sequence"].as_object() {
@@ -184,7 +197,11 @@ pub fn render(status: &serde_json::Value) -> String {
         }
     }
     if let Some(ms) = status["last_failover_ms"].as_u64() {
-        let _ = writeln!(o, "last failover: peer lost -> Primary in {ms} ms");
+        let _ = writeln!(
+            o,
+            "last failover: peer lost -> Primary in {ms} ms ({} since start)",
+            status["failovers"].as_u64().unwrap_or(1)
+        );
     }
     o
 }

@@ -162,6 +162,7 @@ struct Status {
     last_sequence: Option<Sequence>,
     primary_since_unix_ms: Option<u64>,
     last_failover_ms: Option<u64>,
+    failovers: u64,
     previous_role: Option<Role>,
     cloud_plan: Vec<String>,
     uptime_ms: u64,
@@ -205,6 +206,8 @@ struct Node {
     primary_since: Option<u64>,
     peer_lost_at: Option<Instant>,
     last_failover_ms: Option<u64>,
+    /// Completed failovers (peer lost, then Primary here) since start.
+    failovers: u64,
     previous_role: Option<Role>,
     advert: watch::Sender<Advert>,
     next_check: Option<Instant>,
@@ -230,6 +233,26 @@ impl Node {
     }
     fn now(&self) -> Duration {
         self.start.elapsed()
+    }
+
+    /// The one-line state `systemctl status` shows (sd_notify `STATUS=`): role and peer.
+    fn sd_status(&self) -> String {
+        let peer = match self.monitor.view() {
+            PeerView::Alive(p) => format!("alive as {:?}", p.role),
+            PeerView::Unknown => "not seen yet".into(),
+            PeerView::Lost => "LOST".into(),
+        };
+        format!(
+            "{:?}{}, peer {} {peer}, {} volume(s)",
+            self.role(),
+            if self.controller.yielding() {
+                " (standing down)"
+            } else {
+                ""
+            },
+            self.cfg.peer,
+            self.volumes.len()
+        )
     }
 
     /// This node hears no peer and reaches no witness: it may be the one cut off.
@@ -316,6 +339,7 @@ impl Node {
             last_sequence: self.last_sequence.clone(),
             primary_since_unix_ms: self.primary_since,
             last_failover_ms: self.last_failover_ms,
+            failovers: self.failovers,
             previous_role: self.previous_role,
             cloud_plan: match &*self.cloud {
                 ClusterCloud::Lab(l) => l.plan(),
@@ -347,6 +371,7 @@ impl Node {
             if let Some(t) = self.peer_lost_at.take() {
                 let ms = t.elapsed().as_millis() as u64;
                 self.last_failover_ms = Some(ms);
+                self.failovers += 1;
                 tracing::info!(
                     failover_ms = ms,
                     "failover complete: Primary, exported, hooks started"
@@ -692,6 +717,36 @@ async fn start_health_endpoints(
     Ok(state)
 }
 
+/// Starts the OpenMetrics endpoint: every scrape asks the control loop for a fresh status.
+async fn start_metrics(addr: SocketAddr, tx: mpsc::Sender<Msg>) -> Result<(), DaemonError> {
+    use crate::ops::metrics::{MetricsError, MetricsServer, Scrape};
+    let source = move || -> Scrape {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let (otx, orx) = oneshot::channel();
+            tx.send(Msg::Control(Request::Status, otx))
+                .await
+                .map_err(|_| "the daemon is stopping".to_string())?;
+            let a = orx
+                .await
+                .map_err(|_| "the daemon is stopping".to_string())?;
+            Ok(crate::ops::metrics::render_node(&a.status))
+        })
+    };
+    let server = MetricsServer::bind(addr, Arc::new(source))
+        .await
+        .map_err(|e| match e {
+            MetricsError::Bind { source, .. } => DaemonError::Setup {
+                what: format!("cannot listen for metrics scrapes on {addr}"),
+                source,
+                fix: "free the port or change cluster.metrics_listen",
+            },
+        })?;
+    tracing::info!(%addr, "OpenMetrics endpoint listening on /metrics");
+    tokio::spawn(server.run());
+    Ok(())
+}
+
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let cl = cfg.cluster.clone().ok_or(DaemonError::NoCluster)?;
     let key: Arc<PreSharedKey> = Arc::new(crate::repl::link::keyfile::load_key_file(&cl.key_file)?);
@@ -884,6 +939,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     if previous.as_ref().is_some_and(|p| p.yielding) {
         controller.stand_down();
     }
+    if let Some(addr) = cl.metrics_listen {
+        start_metrics(addr, tx.clone()).await?;
+    }
     let mut node = Node {
         node_id: cfg.node.id.clone(),
         volumes: build_volumes(&cfg)?,
@@ -902,6 +960,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         primary_since: None,
         peer_lost_at: None,
         last_failover_ms: None,
+        failovers: 0,
         previous_role: previous.map(|p| p.role),
         advert: advert_tx,
         next_check: None,
@@ -911,6 +970,16 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     };
     node.publish();
     tracing::info!(node = %node.node_id, peer = %cl.peer, priority = cl.priority, paths = cl.heartbeats.len(), "twinvol daemon running");
+    // Sockets bound, volumes built, role decided (Secondary until the controller says otherwise).
+    let mut sm = crate::ops::notify::ServiceManager::from_env();
+    sm.ready(&node.sd_status());
+    let watchdog_on = sm.ping_interval().is_some();
+    let mut watchdog =
+        tokio::time::interval(sm.ping_interval().unwrap_or(Duration::from_secs(3600)));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A bring-up or teardown waits on hooks (each bounded by hooks.timeout_ms) and cloud calls;
+    // the watchdog is fed meanwhile, but not past this bound.
+    let operation_limit = Duration::from_millis(cl.hooks.timeout_ms) * 4 + Duration::from_secs(120);
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())
@@ -922,7 +991,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = ticker.tick() => node.tick().await,
+            _ = watchdog.tick(), if watchdog_on => sm.watchdog(),
+            _ = ticker.tick() => sm.fed_while(operation_limit, node.tick()).await,
             Some(m) = rx.recv() => match m {
                 Msg::Heartbeat(i, Ok(hb)) => {
                     let now = node.now();
@@ -956,15 +1026,18 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                     node.controller.peer_instance_done(node.now(), answer);
                 }
                 Msg::Control(req, reply) => {
-                    let a = node.control(req).await;
+                    let a = sm.fed_while(operation_limit, node.control(req)).await;
                     let _ = reply.send(a);
                 }
             },
         }
+        sm.status(&node.sd_status());
     }
     tracing::info!("stopping");
+    sm.stopping(&format!("stopping: {}", node.sd_status()));
     if node.role() == Role::Primary {
-        node.demote("daemon stopping").await;
+        sm.fed_while(operation_limit, node.demote("daemon stopping"))
+            .await;
     }
     let _ = std::fs::remove_file(&cl.control_socket);
     let _ = std::fs::remove_file(&pid_file);

@@ -59,6 +59,10 @@ pub struct ClusterConfig {
     pub control_socket: PathBuf,
     /// The `lab` cloud provider (one machine, no AWS): used instead of `[cloud]` when present.
     pub lab: Option<LabConfig>,
+    /// Serve OpenMetrics on `http://ADDR/metrics` (e.g. `"127.0.0.1:9464"`); absent: no endpoint.
+    /// Loopback keeps it on the node; the status it shows is not secret but not for the world.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// One heartbeat path: a local UDP address and the peer's.
@@ -396,6 +400,15 @@ impl ClusterConfig {
                 "use e.g. state_dir = \"/var/lib/twinvol\"",
             ));
         }
+        if let Some(addr) = self.metrics_listen {
+            if addr.port() == 0 {
+                return Err(bad(
+                    "cluster.metrics_listen",
+                    format!("{addr} has port 0, which no scraper can find"),
+                    "use a fixed port, e.g. metrics_listen = \"127.0.0.1:9464\"",
+                ));
+            }
+        }
         if !self.control_socket.is_absolute() {
             return Err(bad(
                 "cluster.control_socket",
@@ -426,6 +439,32 @@ mod tests {
         Config::parse(Path::new("t.toml"), text)
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn metrics_listen_is_optional_and_a_bad_value_names_the_field() {
+        let base = example("lab-node-a.toml");
+        let c = Config::parse(Path::new("t.toml"), &base).unwrap();
+        assert_eq!(c.cluster.unwrap().metrics_listen, None);
+        let with = |v: &str| {
+            base.replacen(
+                "control_socket =",
+                &format!("metrics_listen = {v}\ncontrol_socket ="),
+                1,
+            )
+        };
+        let c = Config::parse(Path::new("t.toml"), &with("\"127.0.0.1:9464\"")).unwrap();
+        assert_eq!(
+            c.cluster.unwrap().metrics_listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        let e = err_of(&with("\"localhost\""));
+        assert!(e.contains("metrics_listen"), "{e}");
+        let e = err_of(&with("\"127.0.0.1:0\""));
+        assert!(
+            e.contains("cluster.metrics_listen") && e.contains("fixed port"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -250,6 +250,126 @@ impl Watchdog {
     }
 }
 
+/// The daemon's side of the service manager: the notifier and the watchdog of this process,
+/// both optional, with send failures logged instead of returned (a service manager that went
+/// away must never stop the data path).
+///
+/// Invariants: nothing is sent when `NOTIFY_SOCKET` is unset; a `STATUS=` line is sent only when
+/// it differs from the last one sent; `WATCHDOG=1` is only sent when `WATCHDOG_USEC` names this
+/// process.
+#[derive(Debug, Default)]
+pub struct ServiceManager {
+    notifier: Option<Notifier>,
+    watchdog: Option<Watchdog>,
+    last_status: String,
+    failed_sends: u64,
+}
+
+impl ServiceManager {
+    /// The service manager of this process, from the environment; problems with the
+    /// variables are logged and leave the part concerned disabled.
+    pub fn from_env() -> Self {
+        let notifier = Notifier::from_env().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "sd_notify disabled");
+            None
+        });
+        let watchdog = Watchdog::from_env().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "systemd watchdog disabled");
+            None
+        });
+        Self::new(notifier, watchdog)
+    }
+
+    /// A service manager with an explicit notifier and watchdog (tests, embedding).
+    pub fn new(notifier: Option<Notifier>, watchdog: Option<Watchdog>) -> Self {
+        Self {
+            notifier,
+            watchdog,
+            last_status: String::new(),
+            failed_sends: 0,
+        }
+    }
+
+    /// How often [`watchdog`](Self::watchdog) must be called; `None` without a watchdog (or
+    /// without a socket to send the pings to).
+    pub fn ping_interval(&self) -> Option<Duration> {
+        match (&self.notifier, &self.watchdog) {
+            (Some(_), Some(w)) => Some(w.ping_interval()),
+            _ => None,
+        }
+    }
+
+    fn send(&mut self, states: &[State<'_>]) {
+        let Some(n) = &self.notifier else { return };
+        if let Err(e) = n.send(states) {
+            self.failed_sends += 1;
+            // The first failure and then one in a thousand: a vanished manager must not flood the log.
+            if self.failed_sends % 1000 == 1 {
+                tracing::warn!(error = %e, failed = self.failed_sends, "cannot notify systemd");
+            }
+        }
+    }
+
+    /// `READY=1` with `status`.
+    pub fn ready(&mut self, status: &str) {
+        self.last_status = status.to_string();
+        self.send(&[State::Ready, State::Status(status)]);
+    }
+
+    /// `STATUS=status` if it differs from the last status sent.
+    pub fn status(&mut self, status: &str) {
+        if self.last_status != status {
+            self.last_status = status.to_string();
+            self.send(&[State::Status(status)]);
+        }
+    }
+
+    /// `WATCHDOG=1` (only when there is a watchdog for this process).
+    pub fn watchdog(&mut self) {
+        if self.watchdog.is_some() {
+            self.send(&[State::Watchdog]);
+        }
+    }
+
+    /// `STOPPING=1` with `status`.
+    pub fn stopping(&mut self, status: &str) {
+        self.last_status = status.to_string();
+        self.send(&[State::Stopping, State::Status(status)]);
+    }
+
+    /// Awaits `fut` while feeding the watchdog every [`ping_interval`](Self::ping_interval),
+    /// for at most `limit`: a bring-up that waits on hooks and cloud calls (each with its own
+    /// timeout) is not a hung daemon, but one stuck past `limit` is, and systemd then restarts it.
+    /// Without a watchdog this is just `fut.await`.
+    pub async fn fed_while<F: std::future::Future>(
+        &mut self,
+        limit: Duration,
+        fut: F,
+    ) -> F::Output {
+        let Some(every) = self.ping_interval() else {
+            return fut.await;
+        };
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut pings = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = false;
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return out,
+                _ = pings.tick() => {
+                    if tokio::time::Instant::now() < deadline {
+                        self.watchdog();
+                    } else if !warned {
+                        warned = true;
+                        tracing::error!(limit_ms = limit.as_millis() as u64, "an operation of the control loop is stuck past its limit: no more watchdog pings, systemd will restart the daemon");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,6 +502,104 @@ mod tests {
         let e = Watchdog::from_lookup(env(&[("WATCHDOG_USEC", "1000"), ("WATCHDOG_PID", "x1")]), 1)
             .unwrap_err();
         assert!(e.to_string().contains("WATCHDOG_PID"), "{e}");
+    }
+
+    fn manager_with(path: &std::path::Path, timeout: Duration) -> ServiceManager {
+        ServiceManager::new(
+            Some(Notifier::connect(&NotifyTarget::Path(path.to_path_buf())).unwrap()),
+            Some(Watchdog { timeout }),
+        )
+    }
+
+    fn drain(sock: &UnixDatagram) -> Vec<String> {
+        sock.set_nonblocking(true).unwrap();
+        let mut out = vec![];
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = sock.recv(&mut buf) {
+            out.push(String::from_utf8(buf[..n].to_vec()).unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn service_manager_sends_a_status_only_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let manager = UnixDatagram::bind(&path).unwrap();
+        let mut sm = manager_with(&path, Duration::from_secs(10));
+        sm.ready("Secondary; peer unknown");
+        sm.status("Secondary; peer unknown");
+        sm.status("Primary; peer lost");
+        sm.status("Primary; peer lost");
+        sm.stopping("stopping");
+        assert_eq!(
+            drain(&manager),
+            vec![
+                "READY=1\nSTATUS=Secondary; peer unknown",
+                "STATUS=Primary; peer lost",
+                "STOPPING=1\nSTATUS=stopping"
+            ]
+        );
+    }
+
+    #[test]
+    fn without_notify_socket_the_service_manager_is_silent_and_has_no_ping_interval() {
+        let mut sm = ServiceManager::new(
+            None,
+            Some(Watchdog {
+                timeout: Duration::from_secs(2),
+            }),
+        );
+        assert_eq!(sm.ping_interval(), None);
+        sm.ready("x");
+        sm.watchdog();
+        let sm = ServiceManager::new(None, None);
+        assert_eq!(sm.ping_interval(), None);
+    }
+
+    #[test]
+    fn a_vanished_manager_does_not_fail_the_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gone");
+        let manager = UnixDatagram::bind(&path).unwrap();
+        let mut sm = manager_with(&path, Duration::from_secs(1));
+        drop(manager);
+        std::fs::remove_file(&path).unwrap();
+        for _ in 0..3 {
+            sm.watchdog();
+        }
+        assert_eq!(sm.failed_sends, 3);
+    }
+
+    #[tokio::test]
+    async fn a_long_operation_is_fed_at_half_the_timeout_until_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let manager = UnixDatagram::bind(&path).unwrap();
+        let mut sm = manager_with(&path, Duration::from_millis(400));
+        // 900 ms of work, pings every 200 ms: 4 pings (200, 400, 600, 800 ms), fewer only if
+        // this machine is so loaded that ticks are late, never more.
+        let out = sm
+            .fed_while(Duration::from_secs(60), async {
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                7
+            })
+            .await;
+        assert_eq!(out, 7);
+        let pings = drain(&manager);
+        assert!((2..=4).contains(&pings.len()), "{pings:?}");
+        assert!(pings.iter().all(|p| p == "WATCHDOG=1"), "{pings:?}");
+        // Stuck past its limit of 500 ms: pings at 200 and 400 ms only, then silence for
+        // 1.5 s, long past the 400 ms timeout: systemd would kill it.
+        let out = sm
+            .fed_while(Duration::from_millis(500), async {
+                tokio::time::sleep(Duration::from_millis(2000)).await;
+                8
+            })
+            .await;
+        assert_eq!(out, 8);
+        let pings = drain(&manager);
+        assert!((1..=2).contains(&pings.len()), "{pings:?}");
     }
 
     proptest::proptest! {

@@ -42,6 +42,9 @@ pub struct MirrorArgs {
     /// Write the status snapshot (JSON) here, replaced atomically every 100 ms.
     #[arg(long)]
     pub status_file: Option<PathBuf>,
+    /// Serve OpenMetrics on http://ADDR/metrics (e.g. 127.0.0.1:9465), refreshed every 100 ms.
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Errors of `twinvol mirror`.
@@ -90,6 +93,9 @@ pub enum MirrorError {
     /// Signals.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The metrics endpoint.
+    #[error(transparent)]
+    Metrics(#[from] crate::ops::metrics::MetricsError),
 }
 
 fn pick_volume<'a>(
@@ -215,12 +221,29 @@ async fn serve(
             }
         })
     };
-    let status_task = args.status_file.clone().map(|p| {
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let published = crate::ops::metrics::Published::default();
+            let server = crate::ops::metrics::MetricsServer::bind(addr, published.source()).await?;
+            tracing::info!(%addr, "OpenMetrics endpoint listening on /metrics");
+            tokio::task::spawn_local(server.run());
+            Some(published)
+        }
+        None => None,
+    };
+    let status_task = (args.status_file.is_some() || metrics.is_some()).then(|| {
         let vol = vol.clone();
+        let file = args.status_file.clone();
         tokio::task::spawn_local(async move {
             let mut persist_tick = 0u32;
             loop {
-                write_status(&p, &vol.status());
+                let status = vol.status();
+                if let Some(p) = &file {
+                    write_status(p, &status);
+                }
+                if let Some(m) = &metrics {
+                    m.publish_volume(&status);
+                }
                 persist_tick += 1;
                 if persist_tick % 10 == 0 {
                     let _ = vol.persist_bitmap();
