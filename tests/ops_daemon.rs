@@ -348,13 +348,26 @@ fn the_daemon_metrics_endpoint_is_parsed_by_a_real_openmetrics_parser_and_shows_
         ),
         0.0
     );
+    // fence = "off" and no cloud provider: the node asked whether the peer instance is stopped
+    // and got no answer that counts as proof.
+    let asking = value(
+        &m,
+        "twinvol_fence_state",
+        &[("twinvol_fence_state", "querying")],
+    );
+    let no_proof = value(
+        &m,
+        "twinvol_fence_state",
+        &[("twinvol_fence_state", "failed")],
+    );
+    assert_eq!(asking + no_proof, 1.0, "fence state querying or failed");
     assert_eq!(
         value(
             &m,
             "twinvol_fence_state",
-            &[("twinvol_fence_state", "idle")]
+            &[("twinvol_fence_state", "peer-stopped")]
         ),
-        1.0
+        0.0
     );
     assert_eq!(value(&m, "twinvol_failovers_total", &[]), 0.0);
     assert_eq!(

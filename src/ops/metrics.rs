@@ -543,9 +543,17 @@ pub fn render_node(status: &Value) -> String {
     );
     w.stateset(
         "twinvol_fence_state",
-        "Progress of fencing the peer.",
+        "Progress of fencing the peer (querying / peer-stopped: fence = \"off\", asking the cloud whether the peer instance is stopped).",
         &[],
-        &["idle", "waiting", "in-progress", "fenced", "failed"],
+        &[
+            "idle",
+            "waiting",
+            "in-progress",
+            "fenced",
+            "querying",
+            "peer-stopped",
+            "failed",
+        ],
         text(&status["fence"]["state"], "unknown"),
     );
     w.counter(
