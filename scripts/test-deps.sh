@@ -5,7 +5,7 @@ set -euo pipefail
 
 # systemd: systemd-analyze verify; udev: udevadm test; shellcheck; debootstrap + dpkg-dev: the .deb
 # test (cargo-deb runs dpkg-shlibdeps) and its install into a chroot.
-APT_PACKAGES=(nbdkit libnbd-bin fio nftables qemu-utils iproute2 e2fsprogs fuse3 python3-venv curl
+APT_PACKAGES=(nbdkit libnbd-bin fio nftables qemu-utils iproute2 e2fsprogs fuse3 python3-venv curl openssl ca-certificates
   systemd udev shellcheck debootstrap dpkg-dev)
 VENV="${TWINVOL_VENV:-$HOME/.cache/twinvol-venv}"
 

@@ -54,6 +54,9 @@ pub enum DaemonError {
     /// The cloud provider could not be set up.
     #[error("cloud provider: {0}")]
     Cloud(String),
+    /// The witness prober could not be set up (TLS trust anchors).
+    #[error("witness: {0}")]
+    Witness(String),
     /// A volume could not be opened (device, metadata, replication key or engine).
     #[error("{0}; fix the volume's configuration or metadata (`twinvol show-md`), then restart")]
     Volume(super::volume::VolumeError),
@@ -855,13 +858,20 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     // Witness prober.
     if !cl.witness.targets.is_empty() {
+        let tls = if cl.witness.targets.iter().any(|t| t.starts_with("https://"))
+            || cl.witness.ca_file.is_some()
+        {
+            Some(witness::Tls::load(cl.witness.ca_file.as_deref()).map_err(DaemonError::Witness)?)
+        } else {
+            None
+        };
         let tx = tx.clone();
         let targets = cl.witness.targets.clone();
         let timeout = Duration::from_millis(cl.witness.timeout_ms);
         let interval = Duration::from_millis(cl.witness.interval_ms);
         tokio::spawn(async move {
             loop {
-                let (ok, probes) = witness::probe_all(&targets, timeout).await;
+                let (ok, probes) = witness::probe_all(&targets, timeout, tls.as_ref()).await;
                 if tx.send(Msg::Witness(ok, probes)).await.is_err() {
                     return;
                 }

@@ -98,6 +98,10 @@ pub struct WitnessConfig {
     /// milliseconds (default 10000).
     #[serde(default = "default_isolation_grace_ms")]
     pub isolation_grace_ms: u64,
+    /// Extra trust anchors (PEM) for `https://` targets, e.g. a private CA; the system's
+    /// roots are always trusted.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for WitnessConfig {
@@ -107,6 +111,7 @@ impl Default for WitnessConfig {
             timeout_ms: default_witness_timeout_ms(),
             interval_ms: default_witness_interval_ms(),
             isolation_grace_ms: default_isolation_grace_ms(),
+            ca_file: None,
         }
     }
 }
