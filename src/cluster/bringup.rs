@@ -1,9 +1,9 @@
 //! Ordered bring-up on promotion and teardown in reverse, each step timed and logged.
 //!
-//! Bring-up: volumes Primary -> NBD exports -> application start hook -> cloud activation.
-//! (A filesystem mount step is not built yet: mount from the start hook.)
-//! Teardown: cloud deactivation -> application stop hook -> exports stopped -> volumes
-//! Secondary.
+//! Bring-up: volumes Primary -> NBD exports -> kernel attach and filesystem mount (where
+//! configured, [`super::mount`]) -> application start hook -> cloud activation.
+//! Teardown: cloud deactivation -> application stop hook -> unmount and detach -> exports
+//! stopped -> volumes Secondary.
 //!
 //! Invariant: a failed bring-up step stops the sequence, names the step, and undoes every
 //! step already done, so the node is left safe: no volume exported or Primary, and no cloud
@@ -163,6 +163,7 @@ enum Done {
     Nothing,
     Promoted(usize),
     Exported(usize),
+    Mounted(usize),
     Started,
 }
 
@@ -175,6 +176,8 @@ pub async fn bring_up<C: Cloud>(
 ) -> Sequence {
     let mut rec = Recorder::new("bring-up");
     let mut done = Done::Nothing;
+    // Volumes whose mount was tried (the last may be half done: attached, not mounted).
+    let mut mounts_tried = 0;
     'up: {
         for (i, v) in volumes.iter_mut().enumerate() {
             let t0 = Instant::now();
@@ -199,6 +202,21 @@ pub async fn bring_up<C: Cloud>(
                 break 'up;
             }
             done = Done::Exported(i + 1);
+        }
+        for (i, v) in volumes.iter_mut().enumerate() {
+            let t0 = Instant::now();
+            mounts_tried = i + 1;
+            match tokio::task::block_in_place(|| v.mount()) {
+                Ok(None) => {}
+                Ok(Some(detail)) => {
+                    rec.push(format!("mount {}", v.name()), t0, Ok(detail));
+                }
+                Err(e) => {
+                    rec.push(format!("mount {}", v.name()), t0, Err(e.to_string()));
+                    break 'up;
+                }
+            }
+            done = Done::Mounted(i + 1);
         }
         if let Some(cmd) = &hooks.start {
             let t0 = Instant::now();
@@ -237,9 +255,19 @@ pub async fn bring_up<C: Cloud>(
             rec.push("undo: hook stop".into(), t0, r);
         }
     }
+    for v in volumes.iter_mut().take(mounts_tried).rev() {
+        let t0 = Instant::now();
+        if let Some(r) = tokio::task::block_in_place(|| v.unmount()).transpose() {
+            rec.push(
+                format!("undo: unmount {}", v.name()),
+                t0,
+                r.map_err(|e| e.to_string()),
+            );
+        }
+    }
     let exported = match done {
         Done::Exported(n) => n,
-        Done::Started => volumes.len(),
+        Done::Mounted(_) | Done::Started => volumes.len(),
         _ => 0,
     };
     for v in volumes.iter_mut().take(exported).rev() {
@@ -294,6 +322,16 @@ pub async fn tear_down<C: Cloud>(
             HookResult::Failed(e) => Err(e),
         };
         rec.push("hook stop".into(), t0, r);
+    }
+    for v in volumes.iter_mut().rev() {
+        let t0 = Instant::now();
+        if let Some(r) = tokio::task::block_in_place(|| v.unmount()).transpose() {
+            rec.push(
+                format!("unmount {}", v.name()),
+                t0,
+                r.map_err(|e| e.to_string()),
+            );
+        }
     }
     for v in volumes.iter_mut().rev() {
         let t0 = Instant::now();
@@ -380,6 +418,68 @@ mod tests {
         assert_eq!(cloud.activations.load(Ordering::SeqCst), 1);
         assert_eq!(log.lock().unwrap().calls, ["promote", "start_export"]);
         assert_eq!(vols[0].role(), Role::Primary);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mount_runs_after_the_export_and_before_the_start_hook_and_unmount_before_the_export_stops(
+    ) {
+        let mut v = FakeVolume::new("data");
+        v.mount_answer = Some(Ok("mounted /dev/nbd0 on /srv/data (ext4)".into()));
+        let log = v.log.clone();
+        let mut vols: Vec<Box<dyn VolumeControl>> = vec![Box::new(v)];
+        let seq = bring_up::<CountingCloud>(&mut vols, &hooks("echo started"), None, false).await;
+        let names: Vec<_> = seq.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["promote data", "export data", "mount data", "hook start"]
+        );
+        let seq = tear_down::<CountingCloud>(&mut vols, &hooks("true"), None).await;
+        let names: Vec<_> = seq.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "hook stop",
+                "unmount data",
+                "stop export data",
+                "demote data"
+            ]
+        );
+        assert_eq!(
+            log.lock().unwrap().calls,
+            [
+                "promote",
+                "start_export",
+                "mount",
+                "unmount",
+                "stop_export",
+                "demote"
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failing_mount_stops_bring_up_before_the_hooks_and_undoes_the_export() {
+        let mut v = FakeVolume::new("data");
+        v.mount_answer = Some(Err("mount /dev/nbd0 on /srv/data: wrong fs type".into()));
+        let log = v.log.clone();
+        let mut vols: Vec<Box<dyn VolumeControl>> = vec![Box::new(v)];
+        let cloud = CountingCloud::default();
+        let seq = bring_up(&mut vols, &hooks("echo started"), Some(&cloud), false).await;
+        assert_eq!(seq.failed_at.as_deref(), Some("mount data"));
+        assert!(!seq.steps.iter().any(|s| s.name == "hook start"), "{seq:?}");
+        assert_eq!(
+            cloud.activations.load(Ordering::SeqCst),
+            0,
+            "no cloud change"
+        );
+        let calls = log.lock().unwrap().calls.clone();
+        assert_eq!(
+            &calls[..4],
+            ["promote", "start_export", "mount", "unmount"],
+            "{calls:?}"
+        );
+        assert_eq!(vols[0].role(), Role::Secondary);
+        assert_eq!(vols[0].status().export, None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,6 +63,7 @@ struct Snapshot {
 /// rule, which also refuses while the connected peer is Primary).
 pub struct MirroredControl {
     name: String,
+    placement: super::mount::Placement,
     commands: mpsc::UnboundedSender<Command>,
     snapshot: Arc<Mutex<Snapshot>>,
     thread: Option<JoinHandle<()>>,
@@ -107,6 +108,7 @@ impl MirroredControl {
             what,
         };
         let kind = choose_engine(cfg.engine.forced()).map_err(|e| err(e.to_string()))?;
+        let placement_cfg = cfg.clone();
         let (commands, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std_mpsc::channel::<Result<Snapshot, String>>();
         let node = node.to_string();
@@ -133,6 +135,7 @@ impl MirroredControl {
                     .ok_or_else(|| err("the volume thread published no status".into()))?;
                 Ok(Self {
                     name,
+                    placement: super::mount::Placement::new(placement_cfg),
                     commands,
                     snapshot,
                     thread: Some(thread),
@@ -198,6 +201,12 @@ impl VolumeControl for MirroredControl {
     }
     fn stop_export(&mut self) -> Result<(), VolumeError> {
         self.call(Command::StopExport)
+    }
+    fn mount(&mut self) -> Result<Option<String>, VolumeError> {
+        self.placement.up().map_err(|w| self.err(w))
+    }
+    fn unmount(&mut self) -> Result<Option<String>, VolumeError> {
+        self.placement.down().map_err(|w| self.err(w))
     }
     fn status(&self) -> VolumeStatus {
         match self.snapshot() {

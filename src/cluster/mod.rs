@@ -12,6 +12,7 @@
 //! - [`volume`]: the [`volume::VolumeControl`] seam to a volume, and the local (unmirrored) volume.
 //! - [`mirrored`]: [`mirrored::MirroredControl`], the seam over the mirrored volume.
 //! - [`bringup`]: ordered bring-up and teardown with application hooks, timed per step.
+//! - [`mount`]: kernel attach and filesystem mount of a volume while Primary.
 //! - [`control`]: the control socket protocol and status rendering.
 //! - [`daemon`]: `twinvol run`, tying it all together.
 //! - [`demo`]: `twinvol demo`, two nodes on one machine.
@@ -24,5 +25,6 @@ pub mod demo;
 pub mod heartbeat;
 pub mod liveness;
 pub mod mirrored;
+pub mod mount;
 pub mod volume;
 pub mod witness;

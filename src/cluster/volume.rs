@@ -74,6 +74,17 @@ pub trait VolumeControl: Send {
     fn stop_export(&mut self) -> Result<(), VolumeError>;
     /// Status for `twinvol status`.
     fn status(&self) -> VolumeStatus;
+    /// Attaches the export to its kernel device and mounts the filesystem, as configured
+    /// (`[volume.attach]`, `[volume.mount]`); `Ok(None)` when neither is. Called after
+    /// `start_export`.
+    fn mount(&mut self) -> Result<Option<String>, VolumeError> {
+        Ok(None)
+    }
+    /// Unmounts and detaches (idempotent); `Ok(None)` when nothing is configured. Called
+    /// before `stop_export`.
+    fn unmount(&mut self) -> Result<Option<String>, VolumeError> {
+        Ok(None)
+    }
 }
 
 struct RunningExport {
@@ -88,12 +99,14 @@ pub struct LocalVolume {
     role: Role,
     export: Option<RunningExport>,
     grace: Duration,
+    placement: super::mount::Placement,
 }
 
 impl LocalVolume {
     /// A Secondary, unexported volume of `cfg` (the device is opened on export).
     pub fn new(cfg: VolumeConfig) -> Self {
         Self {
+            placement: super::mount::Placement::new(cfg.clone()),
             cfg,
             role: Role::Secondary,
             export: None,
@@ -266,6 +279,12 @@ impl VolumeControl for LocalVolume {
             replication: None,
         }
     }
+    fn mount(&mut self) -> Result<Option<String>, VolumeError> {
+        self.placement.up().map_err(|w| self.err(w))
+    }
+    fn unmount(&mut self) -> Result<Option<String>, VolumeError> {
+        self.placement.down().map_err(|w| self.err(w))
+    }
 }
 
 /// Calls a [`FakeVolume`] received, for assertions.
@@ -285,6 +304,8 @@ pub struct FakeVolume {
     pub log: Arc<Mutex<FakeLog>>,
     /// Make `start_export` fail with this message.
     pub fail_export: Option<String>,
+    /// What `mount` answers: `None` = nothing configured, `Some(Ok)` / `Some(Err)` otherwise.
+    pub mount_answer: Option<Result<String, String>>,
 }
 
 impl FakeVolume {
@@ -297,6 +318,7 @@ impl FakeVolume {
             exported: false,
             log: Arc::default(),
             fail_export: None,
+            mount_answer: None,
         }
     }
     /// Sets the disk state.
@@ -374,6 +396,23 @@ impl VolumeControl for FakeVolume {
             kind: "fake".into(),
             replication: None,
         }
+    }
+    fn mount(&mut self) -> Result<Option<String>, VolumeError> {
+        let Some(a) = self.mount_answer.clone() else {
+            return Ok(None);
+        };
+        self.record("mount");
+        a.map(Some).map_err(|what| VolumeError {
+            volume: self.name.clone(),
+            what,
+        })
+    }
+    fn unmount(&mut self) -> Result<Option<String>, VolumeError> {
+        if self.mount_answer.is_none() {
+            return Ok(None);
+        }
+        self.record("unmount");
+        Ok(Some("unmounted".into()))
     }
 }
 

@@ -123,6 +123,49 @@ pub struct VolumeConfig {
     /// Mirroring to the peer (`[volume.replication]`); absent: a local-only volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<ReplicationConfig>,
+    /// Kernel attach of the export to /dev/nbdN while Primary (`[volume.attach]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach: Option<AttachConfig>,
+    /// Filesystem mount while Primary (`[volume.mount]`), after the attach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<MountConfig>,
+}
+
+/// `[volume.attach]`: the bring-up attaches the volume's export (its Unix socket) to a kernel
+/// NBD device with `twinvol attach`, and detaches it at teardown.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachConfig {
+    /// The kernel device, e.g. /dev/nbd0.
+    pub device: PathBuf,
+    /// Connections the kernel spreads I/O over (default 1).
+    #[serde(default = "default_attach_connections")]
+    pub connections: usize,
+}
+
+fn default_attach_connections() -> usize {
+    1
+}
+
+/// `[volume.mount]`: the bring-up mounts a filesystem after the attach and unmounts it at
+/// teardown (before the detach).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountConfig {
+    /// The mount point (created if missing).
+    pub path: PathBuf,
+    /// Filesystem type, e.g. "ext4" or "xfs".
+    pub fstype: String,
+    /// Mount options (default "defaults").
+    #[serde(default = "default_mount_options")]
+    pub options: String,
+    /// What to mount; default: the `[volume.attach]` device.
+    #[serde(default)]
+    pub source: Option<PathBuf>,
+}
+
+fn default_mount_options() -> String {
+    "defaults".into()
 }
 
 fn default_cache() -> CacheMode {
@@ -248,6 +291,55 @@ impl Config {
                     )
                 })?;
             }
+            if let Some(a) = &v.attach {
+                let d = a.device.to_string_lossy();
+                let index = d.strip_prefix("/dev/nbd").unwrap_or("");
+                if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(invalid(
+                        format!("volume[{i}].attach.device"),
+                        format!("{} is not an NBD device", a.device.display()),
+                        "use /dev/nbdN (modprobe nbd creates them)",
+                    ));
+                }
+                if v.export.socket.is_none() {
+                    return Err(invalid(
+                        format!("volume[{i}].attach"),
+                        "kernel attach connects to the export's Unix socket, and none is set"
+                            .into(),
+                        "set export.socket = \"/run/twinvol/<volume>.sock\"",
+                    ));
+                }
+                if !(1..=16).contains(&a.connections) {
+                    return Err(invalid(
+                        format!("volume[{i}].attach.connections"),
+                        format!("{} is out of range", a.connections),
+                        "use 1..16",
+                    ));
+                }
+            }
+            if let Some(m) = &v.mount {
+                if !m.path.is_absolute() || m.path == Path::new("/") {
+                    return Err(invalid(
+                        format!("volume[{i}].mount.path"),
+                        format!("{} is not an absolute path below /", m.path.display()),
+                        "use a dedicated directory such as /srv/data",
+                    ));
+                }
+                if m.source.is_none() && v.attach.is_none() {
+                    return Err(invalid(
+                        format!("volume[{i}].mount.source"),
+                        "nothing to mount: no source and no [volume.attach] device".into(),
+                        "add [volume.attach] device = \"/dev/nbd0\" (the mount then uses it) or set mount.source",
+                    ));
+                }
+                if m.fstype.is_empty() || m.fstype.contains(char::is_whitespace) {
+                    return Err(invalid(
+                        format!("volume[{i}].mount.fstype"),
+                        format!("{:?} is not a filesystem type", m.fstype),
+                        "e.g. fstype = \"ext4\" or \"xfs\"",
+                    ));
+                }
+            }
             if v.export.name.len() > 4096 || v.export.name.contains('\0') {
                 return Err(invalid(
                     format!("volume[{i}].export.name"),
@@ -288,6 +380,31 @@ socket = "/run/twinvol/data.sock"
         assert_eq!(c.volumes[0].engine, EngineChoice::Auto);
         assert_eq!(c.volumes[0].cache, CacheMode::None);
         assert_eq!(c.volumes[0].export.name, "");
+    }
+
+    #[test]
+    fn attach_and_mount_are_checked_naming_the_field_and_the_fix() {
+        let err = |extra: &str| {
+            Config::parse(Path::new("t.toml"), &format!("{GOOD}{extra}"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("[volume.mount]\npath = \"/srv/data\"\nfstype = \"ext4\"\n");
+        assert!(
+            e.contains("volume[0].mount.source") && e.contains("[volume.attach]"),
+            "{e}"
+        );
+        let e = err("[volume.attach]\ndevice = \"/dev/sdb\"\n");
+        assert!(
+            e.contains("volume[0].attach.device") && e.contains("/dev/nbdN"),
+            "{e}"
+        );
+        let e = err("[volume.attach]\ndevice = \"/dev/nbd0\"\n[volume.mount]\npath = \"srv\"\nfstype = \"ext4\"\n");
+        assert!(e.contains("volume[0].mount.path"), "{e}");
+        let ok = format!("{GOOD}[volume.attach]\ndevice = \"/dev/nbd0\"\n[volume.mount]\npath = \"/srv/data\"\nfstype = \"xfs\"\n");
+        let c = Config::parse(Path::new("t.toml"), &ok).unwrap();
+        assert_eq!(c.volumes[0].mount.as_ref().unwrap().options, "defaults");
+        assert_eq!(c.volumes[0].attach.as_ref().unwrap().connections, 1);
     }
 
     #[test]
