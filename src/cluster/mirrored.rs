@@ -600,6 +600,91 @@ mod tests {
         drop(a);
     }
 
+    /// A loop device over a fresh 8 MiB file, detached on drop.
+    struct LoopDev(String, std::path::PathBuf);
+    impl Drop for LoopDev {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &self.0])
+                .status();
+        }
+    }
+
+    fn loop_dev(dir: &Path, name: &str) -> LoopDev {
+        let img = dir.join(format!("{name}.backing"));
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&img)
+            .output()
+            .expect("losetup (util-linux) is needed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopDev(String::from_utf8_lossy(&out.stdout).trim().to_string(), img)
+    }
+
+    #[test]
+    fn block_devices_with_internal_metadata_mirror_under_the_default_engine() {
+        // Metadata at the device's tail is opened O_EXCL while the engine opens the same
+        // device (O_DIRECT under io_uring): both must work together on a real block device.
+        let dir = tempfile::tempdir().unwrap();
+        let pa = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+        let pb = format!("127.0.0.2:{}", free_port("127.0.0.2"));
+        let devs = [loop_dev(dir.path(), "a"), loop_dev(dir.path(), "b")];
+        let mut cfgs = Vec::new();
+        for (i, (me, peer)) in [("a", "b"), ("b", "a")].into_iter().enumerate() {
+            let mut c = node_cfg(
+                dir.path(),
+                me,
+                peer,
+                if i == 0 { [&pa, &pb] } else { [&pb, &pa] },
+            );
+            meta(&["create-md", "--device", &devs[i].0, "--granularity", "64K"]);
+            meta(&[
+                "new-current-uuid",
+                "--clear-bitmap",
+                "--uuid",
+                "1234abcd",
+                "--device",
+                &devs[i].0,
+            ]);
+            c.device = devs[i].0.clone().into();
+            c.engine = crate::config::EngineChoice::Auto;
+            c.cache = crate::engine::CacheMode::None;
+            cfgs.push(c);
+        }
+        let mut a = MirroredControl::open("a", cfgs.remove(0)).unwrap();
+        let b = MirroredControl::open("b", cfgs.remove(0)).unwrap();
+        wait("connected", || connected(&a) && connected(&b));
+        a.promote(false).unwrap();
+        a.start_export().unwrap();
+        wait("reconnected", || connected(&a) && connected(&b));
+        let mut c = NbdClient::connect(&dir.path().join("a.sock")).unwrap();
+        for i in 0..32 {
+            c.write(i * 4096, &block(i)).unwrap();
+        }
+        c.flush().unwrap();
+        drop(c);
+        let b_data = std::fs::read(&devs[1].1).unwrap();
+        for i in 0..32u64 {
+            let at = (i * 4096) as usize;
+            assert_eq!(
+                &b_data[at..at + 4096],
+                &block(i)[..],
+                "block {i} on b's device"
+            );
+        }
+        a.stop_export().unwrap();
+        drop(b);
+        drop(a);
+    }
+
     #[test]
     fn a_volume_whose_metadata_is_missing_fails_to_open_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
