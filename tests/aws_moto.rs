@@ -737,6 +737,17 @@ async fn throttling_that_outlasts_the_step_deadline_fails_that_table_with_a_clea
     );
     assert_eq!(r.failures().count(), 1, "only that table fails:\n{r}");
     assert!(r.elapsed < Duration::from_secs(5), "{r}");
+    // The per-operation counters status and /metrics show: the failed table is one error;
+    // the other tables' calls succeeded.
+    let ops = a.api().stats().operations;
+    let rr = ops.get("ec2:ReplaceRoute").expect("ReplaceRoute counted");
+    assert_eq!(rr.errors, 1, "{ops:?}");
+    assert!(rr.calls >= 3, "{ops:?}");
+    assert!(
+        ops.get("ec2:DescribeRouteTables")
+            .is_some_and(|o| o.calls >= 1 && o.errors == 0),
+        "{ops:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -365,6 +365,65 @@ fn the_daemon_status_shows_the_replication_of_each_mirrored_volume() {
     );
 }
 
+#[test]
+fn the_daemon_status_shows_each_cloud_resource_check_and_the_aws_api_counters() {
+    let status = serde_json::json!({
+        "node": "node-a", "priority": 10, "role": "primary", "peer": "node-b",
+        "peer_view": {"state": "lost"}, "paths": [], "witness": {"state": "reachable"},
+        "fence": {"state": "idle"}, "reason": "Primary", "volumes": [],
+        "failovers": 0, "uptime_ms": 60_000u64,
+        "cloud_check": {"unix_ms": 1_700_000_000_000u64, "elapsed_ms": 420,
+            "items": [
+                {"resource": "route table rtb-0a", "health": "ok", "detail": ""},
+                {"resource": "Elastic IP eipalloc-1", "health": "drift",
+                 "detail": "associated with eni-peer, not eni-self"},
+                {"resource": "DNS record db.example.com.", "health": "unknown",
+                 "detail": "Route 53 did not answer within 5 s"}],
+            "repairs": []},
+        "cloud_api": {"operations": {
+            "ec2:DescribeRouteTables": {"calls": 7, "errors": 0, "throttles": 2},
+            "ec2:AssociateAddress": {"calls": 1, "errors": 1, "throttles": 0}}}
+    });
+    let t = twinvol::cluster::control::render(&status);
+    assert!(t.contains("cloud resources (last check"), "{t}");
+    assert!(t.contains("OK       route table rtb-0a"), "{t}");
+    assert!(
+        t.contains("DRIFT    Elastic IP eipalloc-1: associated with eni-peer, not eni-self"),
+        "{t}"
+    );
+    assert!(t.contains("UNKNOWN  DNS record db.example.com."), "{t}");
+    assert!(t.contains("AWS API: 8 calls, 1 errors, 2 throttled"), "{t}");
+    let m = openmetrics::parse(&metrics::render_node(&status));
+    assert_eq!(
+        value(
+            &m,
+            "twinvol_cloud_resource_health",
+            &[
+                ("resource", "Elastic IP eipalloc-1"),
+                ("twinvol_cloud_resource_health", "drift")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(value(&m, "twinvol_cloud_check_duration_seconds", &[]), 0.42);
+    assert_eq!(
+        value(
+            &m,
+            "twinvol_aws_api_throttles_total",
+            &[("service", "ec2"), ("action", "DescribeRouteTables")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "twinvol_aws_api_errors_total",
+            &[("service", "ec2"), ("action", "AssociateAddress")]
+        ),
+        1.0
+    );
+}
+
 const BIN: &str = env!("CARGO_BIN_EXE_twinvol");
 
 /// `twinvol status --status-file` reads what `twinvol mirror --status-file` writes.

@@ -203,6 +203,46 @@ pub fn render(status: &serde_json::Value) -> String {
             status["failovers"].as_u64().unwrap_or(1)
         );
     }
+    if let Some(c) = status["cloud_check"].as_object() {
+        let ago = c
+            .get("unix_ms")
+            .and_then(|v| v.as_u64())
+            .map(|at| crate::cluster::demo::unix_ms().saturating_sub(at) / 1000);
+        let _ = writeln!(
+            o,
+            "cloud resources (last check {}, {} ms):",
+            ago.map_or("-".into(), |a| format!("{a} s ago")),
+            s(&c["elapsed_ms"])
+        );
+        for it in c["items"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+            let h = s(&it["health"]);
+            let _ = writeln!(
+                o,
+                "  {:<8} {}{}",
+                h.to_uppercase(),
+                s(&it["resource"]),
+                match it["detail"].as_str() {
+                    Some(d) if !d.is_empty() => format!(": {d}"),
+                    _ => String::new(),
+                }
+            );
+        }
+        for r in c["repairs"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+            let _ = writeln!(o, "  repaired {}", s(r));
+        }
+    }
+    if let Some(ops) = status["cloud_api"]["operations"].as_object() {
+        let (mut calls, mut errors, mut throttles) = (0, 0, 0);
+        for v in ops.values() {
+            calls += v["calls"].as_u64().unwrap_or(0);
+            errors += v["errors"].as_u64().unwrap_or(0);
+            throttles += v["throttles"].as_u64().unwrap_or(0);
+        }
+        let _ = writeln!(
+            o,
+            "AWS API: {calls} calls, {errors} errors, {throttles} throttled (per operation: --json or /metrics)"
+        );
+    }
     o
 }
 

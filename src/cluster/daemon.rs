@@ -168,7 +168,33 @@ struct Status {
     failovers: u64,
     previous_role: Option<Role>,
     cloud_plan: Vec<String>,
+    /// The last cloud monitor cycle (runs only while Primary: everything points elsewhere on
+    /// a Secondary).
+    cloud_check: Option<CloudCheck>,
+    /// AWS API calls, errors and throttles per operation since start (AWS provider only).
+    cloud_api: Option<crate::cloud::aws::api::ApiStats>,
     uptime_ms: u64,
+}
+
+/// One cloud monitor cycle as status shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+struct CloudCheck {
+    /// When it finished.
+    unix_ms: u64,
+    /// How long it took.
+    elapsed_ms: u64,
+    /// Each resource and what was found.
+    items: Vec<CloudItem>,
+    /// Repairs made (cloud.monitor.reconcile).
+    repairs: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct CloudItem {
+    resource: String,
+    /// "ok", "drift" or "unknown".
+    health: &'static str,
+    detail: String,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -190,6 +216,7 @@ enum Msg {
     Heartbeat(usize, Result<Heartbeat, String>),
     Witness(bool, Vec<Probe>),
     Fenced(Report),
+    CloudChecked(CheckReport, Duration),
     PeerInstance(crate::cloud::PeerInstance),
     Control(Request, oneshot::Sender<Answer>),
 }
@@ -211,6 +238,13 @@ struct Node {
     last_failover_ms: Option<u64>,
     /// Completed failovers (peer lost, then Primary here) since start.
     failovers: u64,
+    /// The last cloud monitor cycle.
+    cloud_check: Option<CloudCheck>,
+    /// When the next cloud monitor cycle is due (while Primary), and whether one runs now.
+    next_cloud_check: Option<Instant>,
+    cloud_check_running: bool,
+    /// Seconds between cloud monitor cycles.
+    cloud_check_every: Duration,
     previous_role: Option<Role>,
     advert: watch::Sender<Advert>,
     next_check: Option<Instant>,
@@ -347,6 +381,11 @@ impl Node {
             cloud_plan: match &*self.cloud {
                 ClusterCloud::Lab(l) => l.plan(),
                 _ => vec![],
+            },
+            cloud_check: self.cloud_check.clone(),
+            cloud_api: match &*self.cloud {
+                ClusterCloud::Aws(a) => Some(a.api().stats()),
+                _ => None,
             },
             uptime_ms: now.as_millis() as u64,
         }
@@ -530,7 +569,67 @@ impl Node {
         }
     }
 
+    /// Starts a cloud monitor cycle when one is due (Primary only, one at a time).
+    fn maybe_check_cloud(&mut self) {
+        if matches!(&*self.cloud, ClusterCloud::None)
+            || self.role() != Role::Primary
+            || self.cloud_check_running
+        {
+            if self.role() != Role::Primary {
+                self.next_cloud_check = None;
+            }
+            return;
+        }
+        let now = Instant::now();
+        // The first cycle a few seconds after becoming Primary (activation just set everything).
+        let due = *self
+            .next_cloud_check
+            .get_or_insert(now + Duration::from_secs(5).min(self.cloud_check_every));
+        if now < due {
+            return;
+        }
+        self.cloud_check_running = true;
+        self.next_cloud_check = Some(now + self.cloud_check_every);
+        let cloud = self.cloud.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = cloud.check().await;
+            let _ = tx.send(Msg::CloudChecked(r, t0.elapsed())).await;
+        });
+    }
+
+    fn cloud_checked(&mut self, r: CheckReport, elapsed: Duration) {
+        self.cloud_check_running = false;
+        let items = r
+            .items
+            .iter()
+            .map(|(res, h)| {
+                let (health, detail) = match h {
+                    crate::cloud::Health::Ok => ("ok", String::new()),
+                    crate::cloud::Health::Drift(d) => ("drift", d.clone()),
+                    crate::cloud::Health::Unknown(d) => ("unknown", d.clone()),
+                };
+                if health == "drift" {
+                    tracing::warn!(resource = %res, %detail, "cloud resource drifted from this node");
+                }
+                CloudItem {
+                    resource: res.to_string(),
+                    health,
+                    detail,
+                }
+            })
+            .collect();
+        self.cloud_check = Some(CloudCheck {
+            unix_ms: unix_ms(),
+            elapsed_ms: elapsed.as_millis() as u64,
+            items,
+            repairs: r.repairs.iter().map(|x| x.to_string()).collect(),
+        });
+    }
+
     async fn tick(&mut self) {
+        self.maybe_check_cloud();
         let a = self.advert();
         self.advert.send_if_modified(|cur| {
             let changed = cur.flags != a.flags || cur.role != a.role || cur.disk != a.disk;
@@ -971,6 +1070,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         peer_lost_at: None,
         last_failover_ms: None,
         failovers: 0,
+        cloud_check: None,
+        next_cloud_check: None,
+        cloud_check_running: false,
+        cloud_check_every: Duration::from_secs(
+            cfg.cloud
+                .as_ref()
+                .map_or(30, |c| c.monitor.interval_s.max(1)),
+        ),
         previous_role: previous.map(|p| p.role),
         advert: advert_tx,
         next_check: None,
@@ -1031,6 +1138,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                     let r = if ok { Ok(()) } else { Err(report.failures().map(|f| f.to_string()).collect::<Vec<_>>().join("; ")) };
                     node.controller.fence_done(node.now(), r);
                 }
+                Msg::CloudChecked(report, elapsed) => node.cloud_checked(report, elapsed),
                 Msg::PeerInstance(answer) => {
                     tracing::warn!(?answer, "peer instance state");
                     node.controller.peer_instance_done(node.now(), answer);

@@ -607,6 +607,58 @@ pub fn render_node(status: &Value) -> String {
             }
         }
     }
+    if let Some(c) = status["cloud_check"].as_object() {
+        for it in c
+            .get("items")
+            .and_then(|v| v.as_array())
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+        {
+            w.stateset(
+                "twinvol_cloud_resource_health",
+                "Last cloud monitor cycle (Primary only): does the resource point at this node.",
+                &[("resource", text(&it["resource"], ""))],
+                &["ok", "drift", "unknown"],
+                text(&it["health"], "unknown"),
+            );
+        }
+        if let Some(ms) = c.get("elapsed_ms").and_then(|v| v.as_u64()) {
+            w.gauge(
+                "twinvol_cloud_check_duration_seconds",
+                Some("seconds"),
+                "Duration of the last cloud monitor cycle.",
+                &[],
+                ms as f64 / 1000.0,
+            );
+        }
+    }
+    if let Some(ops) = status["cloud_api"]["operations"].as_object() {
+        for (op, v) in ops {
+            let (service, action) = op.split_once(':').unwrap_or(("", op.as_str()));
+            let labels: &[(&str, &str)] = &[("service", service), ("action", action)];
+            w.counter(
+                "twinvol_aws_api_calls",
+                None,
+                "AWS API operations issued (a throttled retry counts again).",
+                labels,
+                v["calls"].as_u64().unwrap_or(0),
+            );
+            w.counter(
+                "twinvol_aws_api_errors",
+                None,
+                "AWS API operations that ended in an error.",
+                labels,
+                v["errors"].as_u64().unwrap_or(0),
+            );
+            w.counter(
+                "twinvol_aws_api_throttles",
+                None,
+                "AWS API throttling answers (RequestLimitExceeded, Throttling, ...).",
+                labels,
+                v["throttles"].as_u64().unwrap_or(0),
+            );
+        }
+    }
     if let Some(ms) = status["uptime_ms"].as_u64() {
         w.gauge(
             "twinvol_uptime_seconds",

@@ -54,6 +54,25 @@ impl Deadline {
     }
 }
 
+/// Counts of one operation (`service:Action`): issued, failed (any final error), throttled
+/// (answers that asked to slow down, each retry counted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OpStats {
+    /// Operations issued (retries of a throttled call count again).
+    pub calls: u64,
+    /// Operations that ended in an error.
+    pub errors: u64,
+    /// Throttling answers.
+    pub throttles: u64,
+}
+
+/// Per-operation counters since start, keyed `service:Action` (e.g. `ec2:ReplaceRoute`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ApiStats {
+    /// One entry per operation used so far.
+    pub operations: std::collections::BTreeMap<String, OpStats>,
+}
+
 /// The two SDK clients and the policy around them. Cheap to clone (shared).
 #[derive(Clone)]
 pub struct Api {
@@ -63,6 +82,7 @@ pub struct Api {
     pub route53: aws_sdk_route53::Client,
     step: Duration,
     calls: Arc<AtomicU64>,
+    stats: Arc<std::sync::Mutex<ApiStats>>,
 }
 
 /// First back-off of twinvol's own throttling retry (after the SDK's attempts are spent).
@@ -125,12 +145,26 @@ impl Api {
             route53: aws_sdk_route53::Client::from_conf(r53.build()),
             step: cfg.step_timeout(),
             calls: Arc::new(AtomicU64::new(0)),
+            stats: Arc::default(),
         })
     }
 
     /// Operations issued so far (each counted once, whatever its retries).
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Per-operation counters (calls, errors, throttles) since start.
+    pub fn stats(&self) -> ApiStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn count(&self, site: &CallSite<'_>, f: impl FnOnce(&mut OpStats)) {
+        if let Ok(mut s) = self.stats.lock() {
+            f(s.operations
+                .entry(format!("{}:{}", site.service, site.action))
+                .or_default());
+        }
     }
 
     /// The step limit.
@@ -211,8 +245,12 @@ impl Api {
         let mut attempt: u32 = 0;
         loop {
             self.calls.fetch_add(1, Ordering::Relaxed);
+            self.count(&site, |o| o.calls += 1);
             let result = match tokio::time::timeout_at(deadline.at, op()).await {
-                Err(_) => return Err(timeout()),
+                Err(_) => {
+                    self.count(&site, |o| o.errors += 1);
+                    return Err(timeout());
+                }
                 Ok(r) => r,
             };
             let err = match result {
@@ -220,10 +258,13 @@ impl Api {
                 Err(e) => classify(e, site, deadline.limit),
             };
             if !matches!(err, AwsError::Throttled { .. }) {
+                self.count(&site, |o| o.errors += 1);
                 return Err(err);
             }
+            self.count(&site, |o| o.throttles += 1);
             let pause = full_jitter(attempt);
             if pause >= deadline.remaining() {
+                self.count(&site, |o| o.errors += 1);
                 tracing::warn!(
                     action = site.action,
                     resource = site.resource,
