@@ -686,3 +686,107 @@ fn async_mode_never_holds_writes_for_a_stalled_peer_and_rpo_returns_to_zero() {
         "images differ after the async catch-up"
     );
 }
+
+#[test]
+fn online_verify_finds_exactly_the_corrupted_block_and_repairs_it_while_serving() {
+    let dir = scratch();
+    let (mut a, mut b) = pair(dir.path(), "", "");
+    let (actl, bctl) = (dir.path().join("a.ctl"), dir.path().join("b.ctl"));
+    let (actl_s, bctl_s) = (actl.display().to_string(), bctl.display().to_string());
+    b.start(&["--secondary", "--control-socket", &bctl_s]);
+    a.start(&["--primary", "--control-socket", &actl_s]);
+    a.wait_connected_in_sync();
+    let size = data_size(&a);
+    let mut c = Client::connect(&a);
+    for i in 0..64u64 {
+        c.write(i * MIB, &pattern(300 + i, 65536)).unwrap();
+    }
+    c.flush().unwrap();
+    a.wait_connected_in_sync();
+    // Corrupt one 4 KiB block of the secondary's image behind its back.
+    let bad = 37 * MIB + 8192;
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&b.device)
+            .unwrap();
+        f.seek(SeekFrom::Start(bad)).unwrap();
+        f.write_all(&[0xeeu8; 4096]).unwrap();
+        f.sync_all().unwrap();
+    }
+    // The secondary refuses to run it: the Primary's copy is the reference.
+    let refused = Command::new(bin())
+        .args(["verify", "--control-socket", &bctl_s])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("on the Primary"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    // Service goes on during the verify: a writer keeps writing (never to the bad block).
+    let before = a.status()["counters"]["resync_bytes_sent"]
+        .as_u64()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, writes) = (stop.clone(), writes.clone());
+        let mut c = Client::connect(&a);
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let off = (i * 7919 % 60) * MIB + 65536;
+                c.write(off, &pattern(900 + i, 4096)).unwrap();
+                i += 1;
+                writes.store(i, Ordering::Relaxed);
+            }
+        })
+    };
+    let out = Command::new(bin())
+        .args(["verify", "--control-socket", &actl_s])
+        .output()
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "verify failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log_text()
+    );
+    eprintln!(
+        "{text}({} writes served during the verify)",
+        writes.load(Ordering::Relaxed)
+    );
+    assert!(text.contains(": 1 differing block"), "{text}");
+    assert!(
+        writes.load(Ordering::Relaxed) > 0,
+        "no write was served during the verify"
+    );
+    let s = a.wait_connected_in_sync();
+    assert_eq!(s["verify"]["differing_blocks"], 1, "{s:#}");
+    assert_eq!(s["verify"]["checked_bytes"].as_u64(), Some(size));
+    assert_eq!(s["verify"]["running"], false);
+    assert_eq!(
+        s["counters"]["connections"], 1,
+        "verify disconnected: {s:#}"
+    );
+    let sent = s["counters"]["resync_bytes_sent"].as_u64().unwrap() - before;
+    assert_eq!(sent, 65536, "the repair resent {sent} bytes, not one chunk");
+    // Nothing left to find.
+    let again = common::sh_out(&format!(
+        "{} verify --control-socket {actl_s}",
+        bin().display()
+    ));
+    assert!(again.contains(": 0 differing block"), "{again}");
+    drop(c);
+    a.stop();
+    b.stop();
+    assert!(
+        a.data(size) == b.data(size),
+        "images differ after the verify repaired the block"
+    );
+}

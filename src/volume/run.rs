@@ -4,6 +4,7 @@
 //! connection up, exports the volume over NBD while Primary (per `[volume.export]`), and writes
 //! a JSON status snapshot to `--status-file` every 100 ms. Signals: SIGTERM/SIGINT stop cleanly
 //! (bitmap persisted, activity log emptied), SIGUSR1 promotes (without force), SIGUSR2 demotes.
+//! With `--control-socket PATH`, requests such as `verify` are served there ([`super::control`]).
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -42,6 +43,9 @@ pub struct MirrorArgs {
     /// Write the status snapshot (JSON) here, replaced atomically every 100 ms.
     #[arg(long)]
     pub status_file: Option<PathBuf>,
+    /// Serve control requests (`twinvol verify --control-socket PATH`) on this Unix socket.
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Errors of `twinvol mirror`.
@@ -90,6 +94,9 @@ pub enum MirrorError {
     /// Signals.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The control socket.
+    #[error(transparent)]
+    Control(#[from] super::control::ControlError),
 }
 
 fn pick_volume<'a>(
@@ -229,6 +236,16 @@ async fn serve(
             }
         })
     });
+    let control_task = match &args.control_socket {
+        Some(p) => {
+            let l = super::control::bind(p)?;
+            Some(tokio::task::spawn_local(super::control::serve(
+                vol.clone(),
+                l,
+            )))
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     spawn_signals(vol.clone(), stop_tx)?;
     let endpoint = match (&v.export.socket, &v.export.listen) {
@@ -249,6 +266,13 @@ async fn serve(
     if let Some(t) = status_task {
         t.abort();
         let _ = t.await;
+    }
+    if let Some(t) = control_task {
+        t.abort();
+        let _ = t.await;
+        if let Some(p) = &args.control_socket {
+            let _ = std::fs::remove_file(p);
+        }
     }
     for _ in 0..100 {
         if Rc::strong_count(&vol) == 1 {
