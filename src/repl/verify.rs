@@ -49,6 +49,45 @@ pub fn block_range(offset: u64, length: u64, block_size: u32, index: usize) -> R
     start..(start + u64::from(block_size)).min(offset + length)
 }
 
+/// For a resync piece starting at `offset` (chunk-aligned) and `length` long, compared in
+/// `block_size` blocks of which `differing` (indexes) differ: the piece cut into runs of whole
+/// bitmap chunks (`chunk` bytes; the last run may end with the piece), each with whether it
+/// is in sync (no differing block). Consecutive chunks of the same kind form one run.
+/// Invariant: the runs cover the piece exactly, in order.
+pub fn chunk_runs(
+    offset: u64,
+    length: u64,
+    block_size: u32,
+    chunk: u64,
+    differing: &[usize],
+) -> Vec<(Range<u64>, bool)> {
+    let end = offset + length;
+    let chunk = chunk.max(1);
+    let mut out: Vec<(Range<u64>, bool)> = Vec::new();
+    let mut pos = offset;
+    let mut d = differing.iter().peekable();
+    while pos < end {
+        let next = ((pos / chunk + 1) * chunk).min(end);
+        let mut in_sync = true;
+        while let Some(&&i) = d.peek() {
+            let b = block_range(offset, length, block_size, i);
+            if b.start >= next {
+                break;
+            }
+            if b.end > pos {
+                in_sync = false;
+            }
+            d.next();
+        }
+        match out.last_mut() {
+            Some((r, s)) if *s == in_sync => r.end = next,
+            _ => out.push((pos..next, in_sync)),
+        }
+        pos = next;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +126,45 @@ mod tests {
             if n < 10_000 {
                 prop_assert_eq!(next, size);
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn chunk_runs_cover_the_piece_and_only_chunks_with_a_differing_block_are_sent(
+            chunks in 1u64..12, shift in 12u32..17, diff in proptest::collection::btree_set(0usize..400, 0..10)
+        ) {
+            let chunk = 1u64 << shift;
+            let length = chunks * chunk - 4096;
+            let offset = 5 * chunk;
+            let nblocks = length.div_ceil(4096) as usize;
+            let diff: Vec<usize> = diff.into_iter().filter(|&i| i < nblocks).collect();
+            let runs = chunk_runs(offset, length, 4096, chunk, &diff);
+            let mut pos = offset;
+            for (r, in_sync) in &runs {
+                prop_assert_eq!(r.start, pos);
+                pos = r.end;
+                for &i in &diff {
+                    let b = block_range(offset, length, 4096, i);
+                    if b.start < r.end && r.start < b.end {
+                        prop_assert!(!in_sync);
+                    }
+                }
+                if !in_sync {
+                    // every chunk of a sent run holds a differing block
+                    let mut c = r.start;
+                    while c < r.end {
+                        let ce = ((c / chunk + 1) * chunk).min(r.end);
+                        let has_diff = diff.iter().any(|&i| {
+                            let b = block_range(offset, length, 4096, i);
+                            b.start < ce && c < b.end
+                        });
+                        prop_assert!(has_diff, "sent chunk at {} has no differing block", c);
+                        c = ce;
+                    }
+                }
+            }
+            prop_assert_eq!(pos, offset + length);
         }
     }
 

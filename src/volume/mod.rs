@@ -111,6 +111,9 @@ pub struct Settings {
     pub split_brain_policy: SplitBrainPolicy,
     /// Seconds of silence before the peer counts as lost.
     pub ping_timeout: std::time::Duration,
+    /// Bitmap resyncs compare block CRCs with the peer first and send only chunks that
+    /// differ (`replication.checksum_resync`).
+    pub checksum_resync: bool,
 }
 
 /// What an outstanding sequence number stands for.
@@ -793,6 +796,7 @@ mod tests {
             resync_rate_min: MIB,
             split_brain_policy: SplitBrainPolicy::Disconnect,
             ping_timeout: std::time::Duration::from_secs(1),
+            checksum_resync: false,
         };
         MirroredVolume::new(MemTarget::new(8 * MIB), meta, settings)
     }

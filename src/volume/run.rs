@@ -192,6 +192,7 @@ pub fn open_volume(
         resync_rate_min: r.resync_rate_min,
         split_brain_policy: r.split_brain_policy.clone(),
         ping_timeout: Duration::from_secs(r.ping_timeout_secs),
+        checksum_resync: r.checksum_resync,
     };
     let vol = MirroredVolume::new(local, store, settings);
     let mut link_cfg = LinkConfig::new(r.address, r.peer, key, vol.hello());

@@ -30,11 +30,11 @@ use crate::meta::device::MetaDevice;
 use crate::meta::gen::{DiskFlags, GenIds, NodeGen};
 use crate::repl::link::{self, Link, LinkConfig, LinkError, LinkListener, LinkReader, LinkWriter};
 use crate::repl::resync::{pieces, Progress};
-use crate::repl::verify::{block_crcs, valid_block_size, VERIFY_REGION};
+use crate::repl::verify::{block_crcs, chunk_runs, valid_block_size, VERIFY_BLOCK, VERIFY_REGION};
 use crate::repl::wire::bitmap::{split, BitmapAssembler};
 use crate::repl::wire::{
-    DisconnectReason, Generations, Hello, Message, ResyncData, ResyncPayload, VerifyReply,
-    PROTOCOL_VERSION,
+    message::features, DisconnectReason, Generations, Hello, Message, ResyncData, ResyncPayload,
+    VerifyReply, PROTOCOL_VERSION,
 };
 
 /// Bit of `Hello::disk_state` above the metadata flags: the sender is Primary now.
@@ -180,7 +180,12 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             disk_state: sb.flags.0 | if primary { HELLO_PRIMARY } else { 0 },
             bitmap_granularity: sb.granularity.bytes(),
             device_size: sb.data_size,
-            features: 0,
+            features: features::VERIFY
+                | if self.settings.checksum_resync {
+                    features::CHECKSUM_RESYNC
+                } else {
+                    0
+                },
         }
     }
 
@@ -332,9 +337,14 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         };
         tracing::info!(volume = %vol, peer = %peer.name, session = session_id, "replication connected");
         let writer_task = tokio::task::spawn_local(write_loop(writer, rx));
+        // Checksum mode for bitmap resyncs (not full syncs) when configured here and the peer
+        // answers digest requests.
+        let checksum = |full: bool| {
+            !full && self.settings.checksum_resync && peer_hello.features & features::VERIFY != 0
+        };
         let resync_task = match resync {
-            Some((true, _)) => Some(AbortOnDrop(tokio::task::spawn_local(
-                self.clone().resync_source(session_id, true),
+            Some((true, full)) => Some(AbortOnDrop(tokio::task::spawn_local(
+                self.clone().resync_source(session_id, true, checksum(full)),
             ))),
             _ => None,
         };
@@ -684,14 +694,21 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 });
             }
             tracing::info!(volume = %self.settings.volume, "link caught up: resyncing what was left behind");
-            self.clone().resync_source(session_id, false).await;
+            self.clone().resync_source(session_id, false, false).await;
         }
     }
 
     /// Sends every dirty region as ResyncData (rate-limited, windowed), then ResyncDone; on
     /// success records the finished resync (`by_generation`: the resync came from the
-    /// connect decision and the generation ids move on).
-    pub(super) async fn resync_source(self: Rc<Self>, session_id: u64, by_generation: bool) {
+    /// connect decision and the generation ids move on). `checksum`: each piece's block CRCs
+    /// are compared with the peer's first (VerifyRequest), chunks without a differing block
+    /// go as InSync (no data), the others as bytes.
+    pub(super) async fn resync_source(
+        self: Rc<Self>,
+        session_id: u64,
+        by_generation: bool,
+        checksum: bool,
+    ) {
         let runs: Vec<Range<u64>> = self.meta.borrow().bitmap().dirty_runs().collect();
         let gran = u64::from(self.meta.borrow().superblock().granularity.bytes());
         for run in runs {
@@ -737,22 +754,42 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     self.drop_session("resync read failed");
                     return;
                 }
+                let runs = match checksum {
+                    true => self
+                        .peer_differing_blocks(session_id, piece.clone(), &buf)
+                        .await
+                        .map(|d| chunk_runs(piece.start, len, VERIFY_BLOCK, gran, &d)),
+                    false => None,
+                }
+                .unwrap_or_else(|| vec![(piece.clone(), false)]);
                 {
                     let mut st = self.st.borrow_mut();
                     let _ = st.unsent.clear(piece.start, len);
-                    let data = Bytes::copy_from_slice(&buf);
-                    let offset = piece.start;
-                    let sent =
-                        Self::send_tracked(&mut st, PendingKind::Resync, piece.clone(), |seq| {
+                    for (part, in_sync) in runs {
+                        let (offset, plen) = (part.start, part.end - part.start);
+                        let payload = if in_sync {
+                            ResyncPayload::InSync
+                        } else {
+                            let at = (part.start - piece.start) as usize;
+                            ResyncPayload::Bytes(Bytes::copy_from_slice(
+                                &buf[at..at + plen as usize],
+                            ))
+                        };
+                        let sent = Self::send_tracked(&mut st, PendingKind::Resync, part, |seq| {
                             Message::ResyncData(ResyncData {
                                 seq,
                                 offset,
-                                length: len as u32,
-                                payload: ResyncPayload::Bytes(data),
+                                length: plen as u32,
+                                payload,
                             })
                         });
-                    if sent.is_some() {
-                        st.counters.resync_bytes_sent += len;
+                        if sent.is_some() {
+                            if in_sync {
+                                st.counters.resync_bytes_in_sync += plen;
+                            } else {
+                                st.counters.resync_bytes_sent += plen;
+                            }
+                        }
                     }
                     st.resync_lock = None;
                 }

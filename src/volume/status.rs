@@ -58,6 +58,8 @@ pub struct Counters {
     pub data_bytes_sent: u64,
     /// Resync bytes sent to the peer.
     pub resync_bytes_sent: u64,
+    /// Resync bytes not sent because checksum resync found them identical on the peer.
+    pub resync_bytes_in_sync: u64,
     /// Data bytes applied from the peer (Data frames).
     pub data_bytes_applied: u64,
     /// Resync bytes applied from the peer.

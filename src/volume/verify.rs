@@ -20,7 +20,7 @@ use crate::repl::resync::Progress;
 use crate::repl::verify::{
     block_crcs, block_range, differing_blocks, regions, VERIFY_BLOCK, VERIFY_REGION,
 };
-use crate::repl::wire::{Message, VerifyRequest};
+use crate::repl::wire::{Message, VerifyReply, VerifyRequest};
 
 /// Why a verify could not run or did not finish.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -161,26 +161,8 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             offset: region.start,
             why,
         };
-        let (seq, rx) = {
-            let mut st = self.st.borrow_mut();
-            let Some(s) = st.session.clone().filter(|s| s.id == session_id) else {
-                return Err(interrupted("the replication connection ended".into()));
-            };
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            let (tx, rx) = oneshot::channel();
-            st.verify_waiters.insert(seq, tx);
-            let req = Message::VerifyRequest(VerifyRequest {
-                seq,
-                offset: region.start,
-                length: len as u32,
-                block_size: VERIFY_BLOCK,
-            });
-            if s.tx.send(req).is_err() {
-                st.verify_waiters.remove(&seq);
-                return Err(interrupted("the replication connection ended".into()));
-            }
-            (seq, rx)
+        let Some((seq, rx)) = self.request_digests(session_id, &region) else {
+            return Err(interrupted("the replication connection ended".into()));
         };
         let buf = self.local.alloc_buf(len as usize);
         let (r, buf) = self.local.read(region.start, buf).await;
@@ -195,27 +177,11 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         }
         let ours = block_crcs(&buf, VERIFY_BLOCK);
         drop(buf);
-        let wait = (self.settings.ping_timeout * 4).max(Duration::from_secs(2));
-        let reply = match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => return Err(interrupted("the replication connection ended".into())),
-            Err(_) => {
-                self.st.borrow_mut().verify_waiters.remove(&seq);
-                return Err(interrupted(format!(
-                    "the peer sent no digests within {wait:?} (does it support online verify?)"
-                )));
-            }
-        };
-        if reply.offset != region.start
-            || u64::from(reply.length) != len
-            || reply.digests.block_size != VERIFY_BLOCK
-        {
-            return Err(interrupted(format!(
-                "the peer answered {}+{} in {}-byte blocks",
-                reply.offset, reply.length, reply.digests.block_size
-            )));
-        }
-        let Some(diff) = differing_blocks(&ours, &reply.digests.crcs) else {
+        let theirs = self
+            .await_digests(seq, rx, &region)
+            .await
+            .map_err(interrupted)?;
+        let Some(diff) = differing_blocks(&ours, &theirs) else {
             return Err(interrupted(
                 "the peer sent a wrong number of digests".into(),
             ));
@@ -244,6 +210,82 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         Ok((marked, skipped))
     }
 
+    /// Sends a VerifyRequest for `range` (in [`VERIFY_BLOCK`] blocks) on session
+    /// `session_id`; `None` when that session is gone.
+    fn request_digests(
+        &self,
+        session_id: u64,
+        range: &Range<u64>,
+    ) -> Option<(u64, oneshot::Receiver<VerifyReply>)> {
+        let mut st = self.st.borrow_mut();
+        let s = st.session.clone().filter(|s| s.id == session_id)?;
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        let (tx, rx) = oneshot::channel();
+        st.verify_waiters.insert(seq, tx);
+        let req = Message::VerifyRequest(VerifyRequest {
+            seq,
+            offset: range.start,
+            length: (range.end - range.start) as u32,
+            block_size: VERIFY_BLOCK,
+        });
+        if s.tx.send(req).is_err() {
+            st.verify_waiters.remove(&seq);
+            return None;
+        }
+        Some((seq, rx))
+    }
+
+    /// Waits for the peer's digests answering `seq` and checks they describe `range`.
+    async fn await_digests(
+        &self,
+        seq: u64,
+        rx: oneshot::Receiver<VerifyReply>,
+        range: &Range<u64>,
+    ) -> Result<Vec<u32>, String> {
+        let wait = (self.settings.ping_timeout * 4).max(Duration::from_secs(2));
+        let reply = match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => return Err("the replication connection ended".into()),
+            Err(_) => {
+                self.st.borrow_mut().verify_waiters.remove(&seq);
+                return Err(format!(
+                    "the peer sent no digests within {wait:?} (does it support online verify?)"
+                ));
+            }
+        };
+        if reply.offset != range.start
+            || u64::from(reply.length) != range.end - range.start
+            || reply.digests.block_size != VERIFY_BLOCK
+        {
+            return Err(format!(
+                "the peer answered {}+{} in {}-byte blocks",
+                reply.offset, reply.length, reply.digests.block_size
+            ));
+        }
+        Ok(reply.digests.crcs)
+    }
+
+    /// Checksum resync: the [`VERIFY_BLOCK`] blocks of `range` whose CRC differs between
+    /// `local` (this copy of the range, read under the resync lock) and the peer's copy;
+    /// `None` when the peer gave no usable answer (the caller then sends everything).
+    pub(super) async fn peer_differing_blocks(
+        &self,
+        session_id: u64,
+        range: Range<u64>,
+        local: &[u8],
+    ) -> Option<Vec<usize>> {
+        let (seq, rx) = self.request_digests(session_id, &range)?;
+        let ours = block_crcs(local, VERIFY_BLOCK);
+        match self.await_digests(seq, rx, &range).await {
+            Ok(theirs) => differing_blocks(&ours, &theirs),
+            Err(why) => {
+                tracing::warn!(volume = %self.settings.volume, offset = range.start, why, "checksum resync: no digests from the peer; sending the region");
+                None
+            }
+        }
+    }
+
     /// Starts a resync of the dirty chunks to the peer on the running connection, after any
     /// resync in progress finished (that one may have started before the marks were made).
     async fn start_resync(self: &Rc<Self>, session_id: u64) {
@@ -261,6 +303,6 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             });
         }
         tracing::info!(volume = %self.settings.volume, "online verify: resyncing the differing blocks");
-        tokio::task::spawn_local(self.clone().resync_source(session_id, false));
+        tokio::task::spawn_local(self.clone().resync_source(session_id, false, false));
     }
 }
