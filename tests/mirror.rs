@@ -766,7 +766,13 @@ fn online_verify_finds_exactly_the_corrupted_block_and_repairs_it_while_serving(
         writes.load(Ordering::Relaxed) > 0,
         "no write was served during the verify"
     );
-    let s = a.wait_connected_in_sync();
+    // A snapshot with the verify finished shows the repair resync already started.
+    let s = a.wait_for("verify done, repaired", Duration::from_secs(30), |s| {
+        s["verify"]["running"] == false
+            && s["connection"]["state"] == "connected"
+            && s["resync"].is_null()
+            && s["rpo_bytes"] == 0
+    });
     assert_eq!(s["verify"]["differing_blocks"], 1, "{s:#}");
     assert_eq!(s["verify"]["checked_bytes"].as_u64(), Some(size));
     assert_eq!(s["verify"]["running"], false);
@@ -837,6 +843,10 @@ fn checksum_resync_after_a_crash_sends_only_the_chunk_that_differs() {
         sent, 65536,
         "checksum resync sent {sent} of {dirty} dirty bytes where one chunk differs"
     );
+    // The secondary's snapshot lags up to 100 ms.
+    b.wait_for("resync bytes applied", Duration::from_secs(5), |s| {
+        s["counters"]["resync_bytes_applied"].as_u64().unwrap_or(0) >= before + sent
+    });
     let applied = b.status()["counters"]["resync_bytes_applied"]
         .as_u64()
         .unwrap()

@@ -387,6 +387,10 @@ fn netns_mirror_data_crosses_the_replication_pair_only() {
         c.write(i * 64 * 1024, &pattern(i + 1, 64 * 1024)).unwrap();
     }
     c.flush().unwrap();
+    // Sync mode: every write was acknowledged by the peer; the snapshot lags up to 100 ms.
+    a.wait_for("all writes counted", Duration::from_secs(10), |s| {
+        s["counters"]["data_bytes_sent"].as_u64().unwrap_or(0) >= sent0 + written
+    });
     a.wait_connected_in_sync(Duration::from_secs(30));
     let repl1 = lab.bytes(A, REPLICATION);
     let svc1 = [lab.bytes(A, SERVICE), lab.bytes(B, SERVICE)];
@@ -558,7 +562,7 @@ fn netns_async_over_a_capped_link_never_holds_writes_and_rpo_returns_to_zero() {
         "{burst} bytes in {took:?} ({rate:.0} MB/s; link cap 5 MB/s); write latency p50 {p50:?} p99 {p99:?} max {slowest:?}; max inflight {max_inflight}, max rpo {max_rpo} bytes / {max_age:.2} s; status after the burst {during:#}"
     );
     assert!(
-        rate > 10.0,
+        rate > 7.5,
         "the application wrote at {rate:.1} MB/s: held by the 5 MB/s link"
     );
     assert!(
