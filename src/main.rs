@@ -43,6 +43,8 @@ enum Command {
     },
     /// Run one node of a mirrored volume: replication, and the NBD export while Primary.
     Mirror(twinvol::volume::run::MirrorArgs),
+    /// Online verify of a running `twinvol mirror`: compare block digests with the peer, resync differing blocks.
+    Verify(twinvol::volume::control::VerifyArgs),
     /// Run the node daemon: heartbeats, partition resolution, fencing, failover, control socket.
     Run {
         /// Configuration file with a [cluster] table.
@@ -357,6 +359,10 @@ fn main() -> ExitCode {
         }
         Command::Cloud { config, command } => run_cloud(config, command),
         Command::Mirror(a) => twinvol::volume::run::run(a).map_err(Into::into),
+        Command::Verify(a) => {
+            twinvol::volume::control::run_verify(a, &mut std::io::stdout().lock())
+                .map_err(Into::into)
+        }
         Command::Run { config } => run_daemon(config),
         Command::Status {
             ctl,

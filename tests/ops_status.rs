@@ -42,8 +42,10 @@ fn base() -> VolumeStatus {
             corrupt_frames: 0,
             connections: 1,
             ahead_events: 0,
+            resync_bytes_in_sync: 0,
         },
         current_generation: "7a3f00c19e2b4d11".into(),
+        verify: None,
     }
 }
 
@@ -421,6 +423,40 @@ fn the_daemon_status_shows_each_cloud_resource_check_and_the_aws_api_counters() 
             &[("service", "ec2"), ("action", "AssociateAddress")]
         ),
         1.0
+    );
+}
+
+#[test]
+fn an_online_verify_result_and_checksum_resync_savings_are_shown() {
+    let mut s = base();
+    s.role = Role::Secondary;
+    s.counters.resync_bytes_in_sync = 16_711_680;
+    s.verify = Some(twinvol::volume::status::VerifyStatus {
+        running: false,
+        checked_bytes: 256 << 20,
+        total_bytes: 256 << 20,
+        block_size: 4096,
+        differing_blocks: 1,
+        skipped_dirty_bytes: 0,
+        elapsed_secs: 1.5,
+        error: None,
+    });
+    let t = text(&s);
+    assert!(
+        t.contains(
+            "verify: done 256.0 MiB of 256.0 MiB, 1 differing block(s) (marked and resynced)"
+        ),
+        "{t}"
+    );
+    let m = scrape(&s);
+    assert_eq!(
+        value(&m, "twinvol_volume_verify_differing_blocks", &[V]),
+        1.0
+    );
+    assert_eq!(value(&m, "twinvol_volume_verify_progress_ratio", &[V]), 1.0);
+    assert_eq!(
+        value(&m, "twinvol_volume_resync_in_sync_bytes_total", &[V]),
+        16_711_680.0
     );
 }
 

@@ -355,7 +355,7 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
         }
     }
     let c = &r["counters"];
-    let counters: [(&'static str, Option<&'static str>, &'static str, &str); 7] = [
+    let counters: [(&'static str, Option<&'static str>, &'static str, &str); 8] = [
         (
             "twinvol_volume_data_sent_bytes",
             Some("bytes"),
@@ -398,10 +398,50 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
             "Times async replication went ahead (queue overflow).",
             "ahead_events",
         ),
+        (
+            "twinvol_volume_resync_in_sync_bytes",
+            Some("bytes"),
+            "Checksum resync: dirty bytes found identical on both copies and not sent.",
+            "resync_bytes_in_sync",
+        ),
     ];
     for (name, unit, help, key) in counters {
         if let Some(v) = c[key].as_u64() {
             w.counter(name, unit, help, labels, v);
+        }
+    }
+    let vf = &r["verify"];
+    if vf.is_object() {
+        w.gauge(
+            "twinvol_volume_verify_running",
+            None,
+            "1 while an online verify walks the device.",
+            labels,
+            if vf["running"] == true { 1.0 } else { 0.0 },
+        );
+        if let (Some(done), Some(total)) =
+            (vf["checked_bytes"].as_u64(), vf["total_bytes"].as_u64())
+        {
+            w.gauge(
+                "twinvol_volume_verify_progress_ratio",
+                Some("ratio"),
+                "Fraction of the device the last online verify compared.",
+                labels,
+                if total == 0 {
+                    0.0
+                } else {
+                    done as f64 / total as f64
+                },
+            );
+        }
+        if let Some(n) = vf["differing_blocks"].as_u64() {
+            w.gauge(
+                "twinvol_volume_verify_differing_blocks",
+                None,
+                "Blocks the last online verify found different from the peer (then resynced).",
+                labels,
+                n as f64,
+            );
         }
     }
 }
@@ -934,8 +974,10 @@ mod tests {
                 corrupt_frames: 3,
                 connections: 2,
                 ahead_events: 1,
+                resync_bytes_in_sync: 55,
             },
             current_generation: "00ff".into(),
+            verify: None,
         }
     }
 

@@ -202,6 +202,31 @@ pub fn render_replication(r: &Value, peer: Option<(&str, &str)>, indent: &str) -
         u(&c["connections"]),
         u(&c["ahead_events"]),
     );
+    let vf = &r["verify"];
+    if vf.is_object() {
+        let (done, total) = (u(&vf["checked_bytes"]), u(&vf["total_bytes"]));
+        let _ = writeln!(
+            o,
+            "{indent}verify: {} {} of {}, {} differing block(s){}{}",
+            if vf["running"] == true {
+                "running"
+            } else {
+                "done"
+            },
+            bytes(done),
+            bytes(total),
+            u(&vf["differing_blocks"]),
+            if u(&vf["differing_blocks"]) > 0 {
+                " (marked and resynced)"
+            } else {
+                ""
+            },
+            match vf["error"].as_str() {
+                Some(e) => format!("; stopped: {e}"),
+                None => String::new(),
+            }
+        );
+    }
     o
 }
 

@@ -6,9 +6,11 @@
 //!   options, reconnect backoff, peer filtering, the authenticated handshake).
 //!
 //! - [`resync`]: resync pacing (rate controller) and progress, pure.
+//! - [`verify`]: block digests and their comparison (online verify, checksum resync), pure.
 //!
 //! The sender, the ordered apply and the resync loop of a volume live in `volume::session`.
 
 pub mod link;
 pub mod resync;
+pub mod verify;
 pub mod wire;

@@ -5,6 +5,8 @@
 //! - [`session`]: one replication connection: bitmap exchange, apply (secondary), acks, resync.
 //! - [`status`]: the status snapshot.
 //! - [`run`]: `twinvol mirror`, one node of a volume as a process.
+//! - [`verify`]: online verify (block digests compared with the peer's, no disconnect).
+//! - [`control`]: the control socket of `twinvol mirror` and the `twinvol verify` client.
 //!
 //! A write on the Primary: `prepare_write` (activity log: a crash of this node marks the hot
 //! extents dirty at the next open) -> Data frame queued to the peer (sequence numbers give the
@@ -17,10 +19,12 @@
 //! Everything runs on the volume's data-path thread: state sits in `RefCell`s that are never
 //! borrowed across an `.await`.
 
+pub mod control;
 pub mod plan;
 pub mod run;
 pub mod session;
 pub mod status;
+pub mod verify;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -39,9 +43,11 @@ use crate::meta::device::MetaDevice;
 use crate::meta::gen::{self, DiskFlags, JUST_CREATED};
 use crate::meta::store::{MetaStore, StoreError};
 use crate::repl::resync::{Progress, RateController};
-use crate::repl::wire::{Data, DataFlags, Message};
+use crate::repl::wire::{Data, DataFlags, Message, VerifyReply};
 
-pub use status::{Connection, Counters, ResyncRole, ResyncStatus, Role, VolumeStatus};
+pub use status::{
+    Connection, Counters, ResyncRole, ResyncStatus, Role, VerifyStatus, VolumeStatus,
+};
 
 /// Largest payload of one Data frame made from WRITE_ZEROES/TRIM.
 const ZERO_PIECE: u64 = 1 << 20;
@@ -105,6 +111,9 @@ pub struct Settings {
     pub split_brain_policy: SplitBrainPolicy,
     /// Seconds of silence before the peer counts as lost.
     pub ping_timeout: std::time::Duration,
+    /// Bitmap resyncs compare block CRCs with the peer first and send only chunks that
+    /// differ (`replication.checksum_resync`).
+    pub checksum_resync: bool,
 }
 
 /// What an outstanding sequence number stands for.
@@ -157,6 +166,12 @@ struct State {
     app_ranges: HashMap<u64, Range<u64>>,
     next_app: u64,
     resync_lock: Option<Range<u64>>,
+    /// The region an online verify is comparing: application writes to it wait.
+    verify_lock: Option<Range<u64>>,
+    /// VerifyRequests sent, by seq, waiting for the peer's digests.
+    verify_waiters: HashMap<u64, oneshot::Sender<VerifyReply>>,
+    /// The running or last online verify.
+    verify: Option<VerifyStatus>,
     resync: Option<ResyncRun>,
     rate: RateController,
     counters: Counters,
@@ -205,6 +220,9 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             app_ranges: HashMap::new(),
             next_app: 0,
             resync_lock: None,
+            verify_lock: None,
+            verify_waiters: HashMap::new(),
+            verify: None,
             resync: None,
             rate: RateController::new(settings.resync_rate_max, settings.resync_rate_min, now),
             counters: Counters::default(),
@@ -387,6 +405,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 progress: r.progress.report(now),
             }),
             counters: st.counters,
+            verify: st.verify.clone(),
             current_generation: format!("{:016x}", sb.gen.current),
         }
     }
@@ -592,10 +611,12 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         let len = buf.len() as u64;
         let range = offset..offset + len;
         self.wait_until(|v| {
-            v.st.borrow()
-                .resync_lock
-                .as_ref()
-                .is_none_or(|l| !Self::overlaps(l, &range))
+            let st = v.st.borrow();
+            let free = [&st.resync_lock, &st.verify_lock]
+                .into_iter()
+                .flatten()
+                .all(|l| !Self::overlaps(l, &range));
+            free
         })
         .await;
         {
@@ -775,6 +796,7 @@ mod tests {
             resync_rate_min: MIB,
             split_brain_policy: SplitBrainPolicy::Disconnect,
             ping_timeout: std::time::Duration::from_secs(1),
+            checksum_resync: false,
         };
         MirroredVolume::new(MemTarget::new(8 * MIB), meta, settings)
     }

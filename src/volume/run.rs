@@ -4,6 +4,7 @@
 //! connection up, exports the volume over NBD while Primary (per `[volume.export]`), and writes
 //! a JSON status snapshot to `--status-file` every 100 ms. Signals: SIGTERM/SIGINT stop cleanly
 //! (bitmap persisted, activity log emptied), SIGUSR1 promotes (without force), SIGUSR2 demotes.
+//! With `--control-socket PATH`, requests such as `verify` are served there ([`super::control`]).
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -45,6 +46,9 @@ pub struct MirrorArgs {
     /// Serve OpenMetrics on http://ADDR/metrics (e.g. 127.0.0.1:9465), refreshed every 100 ms.
     #[arg(long)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve control requests (`twinvol verify --control-socket PATH`) on this Unix socket.
+    #[arg(long)]
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Errors of `twinvol mirror`.
@@ -96,6 +100,9 @@ pub enum MirrorError {
     /// The metrics endpoint.
     #[error(transparent)]
     Metrics(#[from] crate::ops::metrics::MetricsError),
+    /// The control socket.
+    #[error(transparent)]
+    Control(#[from] super::control::ControlError),
 }
 
 fn pick_volume<'a>(
@@ -191,6 +198,7 @@ pub fn open_volume(
         resync_rate_min: r.resync_rate_min,
         split_brain_policy: r.split_brain_policy.clone(),
         ping_timeout: Duration::from_secs(r.ping_timeout_secs),
+        checksum_resync: r.checksum_resync,
     };
     let vol = MirroredVolume::new(local, store, settings);
     let mut link_cfg = LinkConfig::new(r.address, r.peer, key, vol.hello());
@@ -252,6 +260,16 @@ async fn serve(
             }
         })
     });
+    let control_task = match &args.control_socket {
+        Some(p) => {
+            let l = super::control::bind(p)?;
+            Some(tokio::task::spawn_local(super::control::serve(
+                vol.clone(),
+                l,
+            )))
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     spawn_signals(vol.clone(), stop_tx)?;
     let endpoint = match (&v.export.socket, &v.export.listen) {
@@ -272,6 +290,13 @@ async fn serve(
     if let Some(t) = status_task {
         t.abort();
         let _ = t.await;
+    }
+    if let Some(t) = control_task {
+        t.abort();
+        let _ = t.await;
+        if let Some(p) = &args.control_socket {
+            let _ = std::fs::remove_file(p);
+        }
     }
     for _ in 0..100 {
         if Rc::strong_count(&vol) == 1 {

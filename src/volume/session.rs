@@ -24,14 +24,17 @@ use tokio::sync::{mpsc, Notify};
 use super::plan::{self, Plan, Refusal, Side};
 use super::{Connection, MirroredVolume, PendingKind, ResyncRole, ResyncRun, Role, SessionTx};
 use crate::block::BlockTarget;
+use crate::config::ReplicationMode;
 use crate::meta::bitmap::DirtyBitmap;
 use crate::meta::device::MetaDevice;
 use crate::meta::gen::{DiskFlags, GenIds, NodeGen};
 use crate::repl::link::{self, Link, LinkConfig, LinkError, LinkListener, LinkReader, LinkWriter};
 use crate::repl::resync::{pieces, Progress};
+use crate::repl::verify::{block_crcs, chunk_runs, valid_block_size, VERIFY_BLOCK, VERIFY_REGION};
 use crate::repl::wire::bitmap::{split, BitmapAssembler};
 use crate::repl::wire::{
-    DisconnectReason, Generations, Hello, Message, ResyncData, ResyncPayload, PROTOCOL_VERSION,
+    message::features, DisconnectReason, Generations, Hello, Message, ResyncData, ResyncPayload,
+    VerifyReply, PROTOCOL_VERSION,
 };
 
 /// Bit of `Hello::disk_state` above the metadata flags: the sender is Primary now.
@@ -177,7 +180,12 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             disk_state: sb.flags.0 | if primary { HELLO_PRIMARY } else { 0 },
             bitmap_granularity: sb.granularity.bytes(),
             device_size: sb.data_size,
-            features: 0,
+            features: features::VERIFY
+                | if self.settings.checksum_resync {
+                    features::CHECKSUM_RESYNC
+                } else {
+                    0
+                },
         }
     }
 
@@ -339,9 +347,14 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         };
         tracing::info!(volume = %vol, peer = %peer.name, session = session_id, "replication connected");
         let writer_task = tokio::task::spawn_local(write_loop(writer, rx));
+        // Checksum mode for bitmap resyncs (not full syncs) when configured here and the peer
+        // answers digest requests.
+        let checksum = |full: bool| {
+            !full && self.settings.checksum_resync && peer_hello.features & features::VERIFY != 0
+        };
         let resync_task = match resync {
-            Some((true, _)) => Some(AbortOnDrop(tokio::task::spawn_local(
-                self.clone().resync_source(session_id, true),
+            Some((true, full)) => Some(AbortOnDrop(tokio::task::spawn_local(
+                self.clone().resync_source(session_id, true, checksum(full)),
             ))),
             _ => None,
         };
@@ -374,6 +387,9 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             st.inflight_bytes = 0;
             st.ahead = false;
             st.resync_lock = None;
+            st.verify_lock = None;
+            // Dropping the senders ends a verify waiting for digests.
+            st.verify_waiters.clear();
             st.resync = None;
             if matches!(st.connection, Connection::Connected) {
                 st.connection = Connection::Connecting;
@@ -507,6 +523,56 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                         drop(slot);
                     });
                 }
+                Message::VerifyRequest(v) => {
+                    let range = v.offset..v.offset.saturating_add(u64::from(v.length));
+                    if !valid_block_size(v.block_size)
+                        || u64::from(v.length) > VERIFY_REGION
+                        || range.end > self.info.size
+                    {
+                        return SessionEnd::Lost(format!(
+                            "peer sent an invalid verify request ({}+{} in {}-byte blocks)",
+                            v.offset, v.length, v.block_size
+                        ));
+                    }
+                    // Admitted in arrival order: every earlier write to the region is applied
+                    // before the digests are taken.
+                    let slot = applying.admit(range).await;
+                    let (vol, tx) = (self.clone(), tx.clone());
+                    tokio::task::spawn_local(async move {
+                        let buf = vol.local.alloc_buf(v.length as usize);
+                        let (r, buf) = vol.local.read(v.offset, buf).await;
+                        drop(slot);
+                        match r {
+                            Ok(()) => {
+                                let crcs = block_crcs(&buf, v.block_size);
+                                let _ = tx.send(Message::VerifyReply(VerifyReply {
+                                    seq: v.seq,
+                                    offset: v.offset,
+                                    length: v.length,
+                                    digests: crate::repl::wire::Digests {
+                                        block_size: v.block_size,
+                                        crcs,
+                                    },
+                                }));
+                            }
+                            Err(e) => {
+                                tracing::error!(volume = %vol.settings.volume, error = %e, "reading for the peer's verify failed");
+                                vol.drop_session("verify read failed");
+                            }
+                        }
+                    });
+                }
+                Message::VerifyReply(r) => {
+                    let waiter = self.st.borrow_mut().verify_waiters.remove(&r.seq);
+                    match waiter {
+                        Some(w) => {
+                            let _ = w.send(r);
+                        }
+                        None => {
+                            tracing::warn!(volume = %self.settings.volume, seq = r.seq, "verify digests nobody waits for ignored");
+                        }
+                    }
+                }
                 Message::Flush { seq } => {
                     applying.drain().await;
                     let status = match self.local.flush().await {
@@ -612,7 +678,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         }
     }
 
-    fn session_is(&self, id: u64) -> bool {
+    pub(super) fn session_is(&self, id: u64) -> bool {
         self.st.borrow().session.as_ref().map(|s| s.id) == Some(id)
     }
 
@@ -638,14 +704,21 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 });
             }
             tracing::info!(volume = %self.settings.volume, "link caught up: resyncing what was left behind");
-            self.clone().resync_source(session_id, false).await;
+            self.clone().resync_source(session_id, false, false).await;
         }
     }
 
     /// Sends every dirty region as ResyncData (rate-limited, windowed), then ResyncDone; on
     /// success records the finished resync (`by_generation`: the resync came from the
-    /// connect decision and the generation ids move on).
-    async fn resync_source(self: Rc<Self>, session_id: u64, by_generation: bool) {
+    /// connect decision and the generation ids move on). `checksum`: each piece's block CRCs
+    /// are compared with the peer's first (VerifyRequest), chunks without a differing block
+    /// go as InSync (no data), the others as bytes.
+    pub(super) async fn resync_source(
+        self: Rc<Self>,
+        session_id: u64,
+        by_generation: bool,
+        checksum: bool,
+    ) {
         let runs: Vec<Range<u64>> = self.meta.borrow().bitmap().dirty_runs().collect();
         let gran = u64::from(self.meta.borrow().superblock().granularity.bytes());
         for run in runs {
@@ -658,6 +731,10 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
+                // The window, and in async mode also the in-flight bound shared with the
+                // application's Data frames (one piece may always go when nothing is in flight).
+                let bound = (self.settings.mode == ReplicationMode::Async)
+                    .then_some(self.settings.max_inflight_bytes);
                 self.wait_until(|v| {
                     let st = v.st.borrow();
                     st.pending
@@ -665,6 +742,8 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                         .filter(|p| p.kind == PendingKind::Resync)
                         .count()
                         < RESYNC_WINDOW
+                        && bound
+                            .is_none_or(|b| st.inflight_bytes == 0 || st.inflight_bytes + len <= b)
                 })
                 .await;
                 // Lock the piece against new application writes, wait for those in flight.
@@ -685,22 +764,42 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     self.drop_session("resync read failed");
                     return;
                 }
+                let runs = match checksum {
+                    true => self
+                        .peer_differing_blocks(session_id, piece.clone(), &buf)
+                        .await
+                        .map(|d| chunk_runs(piece.start, len, VERIFY_BLOCK, gran, &d)),
+                    false => None,
+                }
+                .unwrap_or_else(|| vec![(piece.clone(), false)]);
                 {
                     let mut st = self.st.borrow_mut();
                     let _ = st.unsent.clear(piece.start, len);
-                    let data = Bytes::copy_from_slice(&buf);
-                    let offset = piece.start;
-                    let sent =
-                        Self::send_tracked(&mut st, PendingKind::Resync, piece.clone(), |seq| {
+                    for (part, in_sync) in runs {
+                        let (offset, plen) = (part.start, part.end - part.start);
+                        let payload = if in_sync {
+                            ResyncPayload::InSync
+                        } else {
+                            let at = (part.start - piece.start) as usize;
+                            ResyncPayload::Bytes(Bytes::copy_from_slice(
+                                &buf[at..at + plen as usize],
+                            ))
+                        };
+                        let sent = Self::send_tracked(&mut st, PendingKind::Resync, part, |seq| {
                             Message::ResyncData(ResyncData {
                                 seq,
                                 offset,
-                                length: len as u32,
-                                payload: ResyncPayload::Bytes(data),
+                                length: plen as u32,
+                                payload,
                             })
                         });
-                    if sent.is_some() {
-                        st.counters.resync_bytes_sent += len;
+                        if sent.is_some() {
+                            if in_sync {
+                                st.counters.resync_bytes_in_sync += plen;
+                            } else {
+                                st.counters.resync_bytes_sent += plen;
+                            }
+                        }
                     }
                     st.resync_lock = None;
                 }

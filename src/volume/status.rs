@@ -58,6 +58,8 @@ pub struct Counters {
     pub data_bytes_sent: u64,
     /// Resync bytes sent to the peer.
     pub resync_bytes_sent: u64,
+    /// Resync bytes not sent because checksum resync found them identical on the peer.
+    pub resync_bytes_in_sync: u64,
     /// Data bytes applied from the peer (Data frames).
     pub data_bytes_applied: u64,
     /// Resync bytes applied from the peer.
@@ -97,6 +99,30 @@ pub struct VolumeStatus {
     pub resync: Option<ResyncStatus>,
     /// Counters.
     pub counters: Counters,
+    /// The running or last online verify (`twinvol verify`), if any since the start.
+    pub verify: Option<VerifyStatus>,
     /// Current generation id (hex).
     pub current_generation: String,
+}
+
+/// An online verify (`twinvol verify`): progress while running, the result after.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct VerifyStatus {
+    /// Still walking the device.
+    pub running: bool,
+    /// Bytes compared so far.
+    pub checked_bytes: u64,
+    /// Bytes to compare (the device).
+    pub total_bytes: u64,
+    /// Bytes per compared block.
+    pub block_size: u32,
+    /// Blocks that differed from the peer's copy in chunks believed in sync: marked dirty
+    /// and resynced from this node.
+    pub differing_blocks: u64,
+    /// Bytes of differing blocks in chunks that were dirty already (a resync copies them).
+    pub skipped_dirty_bytes: u64,
+    /// Seconds the walk took so far.
+    pub elapsed_secs: f64,
+    /// Why the verify stopped early, if it did.
+    pub error: Option<String>,
 }

@@ -26,6 +26,12 @@ pub const FLAG_ZSTD: u16 = 1 << 0;
 pub const DEFAULT_MAX_PAYLOAD: u32 = (16 << 20) + 4096;
 /// Payloads shorter than this are never compressed (zstd cannot win on them).
 pub const MIN_COMPRESS_LEN: usize = 64;
+/// Payloads at least this long are probed first: a [`PROBE_LEN`]-byte sample from their middle
+/// is compressed, and unless it shrinks below 7/8 the payload goes raw without compressing the
+/// rest (incompressible data then costs almost no zstd time).
+pub const PROBE_FROM_LEN: usize = 64 * 1024;
+/// Bytes compressed by the probe.
+pub const PROBE_LEN: usize = 4096;
 
 /// The decoded fixed header of a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +210,21 @@ impl std::fmt::Debug for FrameEncoder {
     }
 }
 
+/// Whether a [`PROBE_LEN`] sample from the middle of `src` (`src.len() >= PROBE_LEN`)
+/// compresses below 7/8 of its size.
+fn probe_compresses(
+    c: &mut zstd::bulk::Compressor<'static>,
+    scratch: &mut Vec<u8>,
+    src: &[u8],
+) -> bool {
+    let at = (src.len() / 2).min(src.len().saturating_sub(PROBE_LEN));
+    let sample = &src[at..(at + PROBE_LEN).min(src.len())];
+    let goal = sample.len() * 7 / 8;
+    scratch.clear();
+    scratch.reserve_exact(goal);
+    matches!(c.compress_to_buffer(sample, scratch), Ok(n) if n < goal)
+}
+
 fn check_max_payload(max: u32) -> Result<(), CodecConfigError> {
     if max < 65536 {
         return Err(CodecConfigError::MaxPayload(max));
@@ -259,7 +280,10 @@ impl FrameEncoder {
         let payload_crc = crc32fast::hash(&out[start + HEADER_LEN..]);
         let mut flags = 0;
         if let Some(c) = self.compressor.as_mut() {
-            if raw_len >= MIN_COMPRESS_LEN {
+            let src = &out[start + HEADER_LEN..];
+            if raw_len >= MIN_COMPRESS_LEN
+                && (raw_len < PROBE_FROM_LEN || probe_compresses(c, &mut self.scratch, src))
+            {
                 self.scratch.clear();
                 // Room for one byte less than the raw payload: if zstd cannot fit, it fails
                 // with "destination too small" and the frame goes raw.

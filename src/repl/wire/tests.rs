@@ -651,3 +651,43 @@ fn documented_layout_seeds_decode() {
     }
     assert!(seen >= 8, "only {seen} seeds in {}", dir.display());
 }
+
+#[test]
+fn a_large_payload_whose_probe_is_incompressible_goes_raw_without_compressing_the_rest() {
+    let mut enc = FrameEncoder::new(1, MAX).unwrap();
+    // 1 MiB: zeros around 64 KiB of random bytes in the middle (where the probe looks).
+    let mut data = vec![0u8; 1 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in &mut data[(1 << 19) - 32768..(1 << 19) + 32768] {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let m = Message::Data(Data {
+        seq: 1,
+        epoch: 1,
+        offset: 0,
+        flags: DataFlags(0),
+        data: Bytes::from(data),
+    });
+    let mut out = BytesMut::new();
+    let st = enc.encode(&m, &mut out).unwrap();
+    assert!(
+        !st.compressed,
+        "the probe saw random bytes: the frame must go raw"
+    );
+    assert_eq!(decode_all(&out).unwrap(), vec![m]);
+    // The same size of JSON-like text is compressed to at most half.
+    let text = Message::Data(Data {
+        seq: 2,
+        epoch: 1,
+        offset: 0,
+        flags: DataFlags(0),
+        data: Bytes::from(json_like(1 << 20)),
+    });
+    let mut out = BytesMut::new();
+    let st = enc.encode(&text, &mut out).unwrap();
+    assert!(st.compressed && st.wire_len * 2 <= st.raw_len, "{st:?}");
+    assert_eq!(decode_all(&out).unwrap(), vec![text]);
+}
