@@ -44,7 +44,28 @@ enum Command {
     /// Run one node of a mirrored volume: replication, and the NBD export while Primary.
     Mirror(twinvol::volume::run::MirrorArgs),
     /// Online verify of a running `twinvol mirror`: compare block digests with the peer, resync differing blocks.
-    Verify(twinvol::volume::control::VerifyArgs),
+    Verify {
+        #[command(flatten)]
+        args: twinvol::volume::control::VerifyArgs,
+        #[command(flatten)]
+        ctl: CtlArgs,
+        /// Only this volume (daemon).
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Resync now through the running daemon: reconnect and copy what is dirty. With
+    /// --discard-local (Secondary only) this node's copy is thrown away and copied in full from
+    /// the peer: the split-brain recovery on the node whose changes are to be lost.
+    Resync {
+        #[command(flatten)]
+        ctl: CtlArgs,
+        /// Only this volume.
+        #[arg(long)]
+        volume: Option<String>,
+        /// Throw this node's data away and copy the peer's.
+        #[arg(long)]
+        discard_local: bool,
+    },
     /// Run the node daemon: heartbeats, partition resolution, fencing, failover, control socket.
     Run {
         /// Configuration file with a [cluster] table.
@@ -139,6 +160,68 @@ fn run_control(
         anyhow::bail!("{}", a.message);
     }
     Ok(())
+}
+
+/// `twinvol verify` against the daemon: starts the verify, waits until every targeted volume's
+/// verify has finished, prints each result.
+fn run_daemon_verify(ctl: CtlArgs, volume: Option<String>, json: bool) -> anyhow::Result<()> {
+    use twinvol::cluster::control::{call, Request};
+    let socket = match &ctl.socket {
+        Some(s) => s.clone(),
+        None => twinvol::cluster::daemon::control_socket_of(&ctl.config)?,
+    };
+    let t = std::time::Duration::from_secs(30);
+    let a = call(
+        &socket,
+        &Request::Verify {
+            volume: volume.clone(),
+        },
+        t,
+    )?;
+    if !a.ok {
+        anyhow::bail!("{}", a.message);
+    }
+    eprintln!("{}", a.message);
+    loop {
+        let s = call(&socket, &Request::Status, t)?.status;
+        let vols: Vec<&serde_json::Value> = s["volumes"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .filter(|x| volume.as_deref().is_none_or(|n| x["name"] == n))
+                    .filter(|x| x["replication"].is_object())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if vols
+            .iter()
+            .all(|v| v["replication"]["verify"]["running"] != true)
+        {
+            for v in vols {
+                let r = &v["replication"]["verify"];
+                if json {
+                    println!("{}", serde_json::json!({"volume": v["name"], "verify": r}));
+                } else {
+                    println!(
+                        "volume {}: verified {} bytes, {} differing block(s){}{}",
+                        v["name"].as_str().unwrap_or("?"),
+                        r["checked_bytes"].as_u64().unwrap_or(0),
+                        r["differing_blocks"].as_u64().unwrap_or(0),
+                        if r["differing_blocks"].as_u64().unwrap_or(0) > 0 {
+                            "; marked dirty and resyncing to the peer"
+                        } else {
+                            ""
+                        },
+                        r["error"]
+                            .as_str()
+                            .map_or(String::new(), |e| format!("; stopped: {e}"))
+                    );
+                }
+            }
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }
 
 /// One look at the status: (JSON value, text for people).
@@ -359,10 +442,26 @@ fn main() -> ExitCode {
         }
         Command::Cloud { config, command } => run_cloud(config, command),
         Command::Mirror(a) => twinvol::volume::run::run(a).map_err(Into::into),
-        Command::Verify(a) => {
-            twinvol::volume::control::run_verify(a, &mut std::io::stdout().lock())
-                .map_err(Into::into)
+        Command::Verify { args, ctl, volume } => {
+            if args.control_socket.is_some() {
+                twinvol::volume::control::run_verify(args, &mut std::io::stdout().lock())
+                    .map_err(Into::into)
+            } else {
+                run_daemon_verify(ctl, volume, args.json)
+            }
         }
+        Command::Resync {
+            ctl,
+            volume,
+            discard_local,
+        } => run_control(
+            ctl,
+            twinvol::cluster::control::Request::Resync {
+                volume,
+                discard_local,
+            },
+            false,
+        ),
         Command::Run { config } => run_daemon(config),
         Command::Status {
             ctl,

@@ -27,6 +27,24 @@ pub enum Request {
     Demote,
     /// Move the service to the other node.
     Switchover,
+    /// Start an online verify of the mirrored volumes (or the named one); the result
+    /// appears in status (`volumes[].replication.verify`).
+    Verify {
+        /// Only this volume.
+        #[serde(default)]
+        volume: Option<String>,
+    },
+    /// Resync now: reconnect the replication link(s) and resync what is dirty. With
+    /// `discard_local` (Secondary only): this node's copy is thrown away and fully resynced
+    /// from the peer, the manual split-brain recovery on the node whose changes are lost.
+    Resync {
+        /// Only this volume.
+        #[serde(default)]
+        volume: Option<String>,
+        /// Discard this node's data.
+        #[serde(default)]
+        discard_local: bool,
+    },
 }
 
 /// The daemon's answer.

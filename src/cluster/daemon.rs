@@ -391,6 +391,35 @@ impl Node {
         }
     }
 
+    /// Runs `f` on the named volume (or every volume); the message lists each outcome.
+    fn each_volume(
+        &mut self,
+        name: Option<&str>,
+        mut f: impl FnMut(&mut Box<dyn VolumeControl>) -> Result<String, super::volume::VolumeError>,
+    ) -> (bool, String) {
+        let mut lines = Vec::new();
+        let mut ok = true;
+        for v in self.volumes.iter_mut() {
+            if name.is_some_and(|n| n != v.name()) {
+                continue;
+            }
+            match tokio::task::block_in_place(|| f(v)) {
+                Ok(m) => lines.push(format!("volume {}: {m}", v.name())),
+                Err(e) => {
+                    ok = false;
+                    lines.push(e.to_string());
+                }
+            }
+        }
+        if lines.is_empty() {
+            return (
+                false,
+                format!("no volume named {:?}", name.unwrap_or_default()),
+            );
+        }
+        (ok, lines.join("; "))
+    }
+
     fn answer(&self, ok: bool, message: impl Into<String>) -> Answer {
         Answer {
             ok,
@@ -504,6 +533,21 @@ impl Node {
                     self.publish();
                     self.answer(true, "Secondary; standing down for the peer")
                 }
+            }
+            Request::Verify { volume } => {
+                let (ok, msg) = self.each_volume(volume.as_deref(), |v| v.start_verify());
+                self.answer(ok, msg)
+            }
+            Request::Resync {
+                volume,
+                discard_local,
+            } => {
+                if discard_local && self.role() == Role::Primary {
+                    return self.answer(false, "refused: this node is Primary; its data is the service's. Run `twinvol resync --discard-local` on the node whose changes are to be lost");
+                }
+                let (ok, msg) = self.each_volume(volume.as_deref(), |v| v.resync(discard_local));
+                self.publish();
+                self.answer(ok, msg)
             }
             Request::Switchover => match (self.role(), peer) {
                 (Role::Primary, PeerView::Alive(s))

@@ -45,6 +45,8 @@ enum Command {
     Demote(Reply<()>),
     StartExport(Reply<String>),
     StopExport(Reply<()>),
+    StartVerify(Reply<String>),
+    Resync(bool, Reply<String>),
     Shutdown,
 }
 
@@ -202,6 +204,12 @@ impl VolumeControl for MirroredControl {
     fn stop_export(&mut self) -> Result<(), VolumeError> {
         self.call(Command::StopExport)
     }
+    fn start_verify(&mut self) -> Result<String, VolumeError> {
+        self.call(Command::StartVerify)
+    }
+    fn resync(&mut self, discard_local: bool) -> Result<String, VolumeError> {
+        self.call(|r| Command::Resync(discard_local, r))
+    }
     fn mount(&mut self) -> Result<Option<String>, VolumeError> {
         self.placement.up().map_err(|w| self.err(w))
     }
@@ -349,6 +357,35 @@ async fn data_path(
                         let r = match export.take() {
                             Some(e) => stop_export(&vol, e).await,
                             None => Ok(()),
+                        };
+                        publish(&export);
+                        let _ = reply.send(r);
+                    }
+                    Command::StartVerify(reply) => {
+                        let v = vol.clone();
+                        let task = tokio::task::spawn_local(async move { v.verify().await });
+                        // The verify checks its preconditions before its first await.
+                        tokio::task::yield_now().await;
+                        let r = if task.is_finished() {
+                            match task.await {
+                                Ok(Ok(v)) => Ok(format!("verify done: {} differing block(s)", v.differing_blocks)),
+                                Ok(Err(e)) => Err(e.to_string()),
+                                Err(e) => Err(format!("verify task failed: {e}")),
+                            }
+                        } else {
+                            Ok("verify started; its progress and result show in status".into())
+                        };
+                        publish(&export);
+                        let _ = reply.send(r);
+                    }
+                    Command::Resync(discard_local, reply) => {
+                        let r = if discard_local {
+                            vol.discard_local_data().map(|()| {
+                                "this copy was discarded; it is resynced in full from the peer".to_string()
+                            }).map_err(|e| e.to_string())
+                        } else {
+                            vol.drop_session("operator resync");
+                            Ok("reconnecting: dirty regions are resynced".into())
                         };
                         publish(&export);
                         let _ = reply.send(r);

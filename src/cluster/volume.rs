@@ -85,6 +85,23 @@ pub trait VolumeControl: Send {
     fn unmount(&mut self) -> Result<Option<String>, VolumeError> {
         Ok(None)
     }
+    /// Starts an online verify against the peer (mirrored volumes only); the result shows in
+    /// the status. Returns what was started.
+    fn start_verify(&mut self) -> Result<String, VolumeError> {
+        Err(VolumeError {
+            volume: self.name().to_string(),
+            what: "not a mirrored volume: nothing to verify against".into(),
+        })
+    }
+    /// Reconnects and resyncs; with `discard_local`, throws this Secondary's copy away and
+    /// resyncs it fully from the peer (mirrored volumes only).
+    fn resync(&mut self, discard_local: bool) -> Result<String, VolumeError> {
+        let _ = discard_local;
+        Err(VolumeError {
+            volume: self.name().to_string(),
+            what: "not a mirrored volume: nothing to resync from".into(),
+        })
+    }
 }
 
 struct RunningExport {

@@ -165,9 +165,10 @@ pub fn request(path: &Path, line: &str) -> Result<serde_json::Value, ControlErro
 /// Arguments of `twinvol verify`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct VerifyArgs {
-    /// The control socket of the running `twinvol mirror` (its --control-socket).
+    /// The control socket of a running `twinvol mirror` (its --control-socket); without it the
+    /// request goes to the `twinvol run` daemon (--socket / --config).
     #[arg(long)]
-    pub control_socket: PathBuf,
+    pub control_socket: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -176,7 +177,12 @@ pub struct VerifyArgs {
 /// `twinvol verify`: runs an online verify on the running mirror process and prints the
 /// number of differing blocks (which are then resynced to the peer).
 pub fn run_verify(a: VerifyArgs, out: &mut impl Write) -> Result<(), ControlError> {
-    let v = request(&a.control_socket, "verify")?;
+    let Some(socket) = &a.control_socket else {
+        return Err(ControlError::Refused(
+            "no --control-socket given (the daemon path is taken by the CLI)".into(),
+        ));
+    };
+    let v = request(socket, "verify")?;
     let r = &v["verify"];
     if a.json {
         let _ = writeln!(out, "{r}");

@@ -80,6 +80,12 @@ pub enum VolumeError {
         #[source]
         source: StoreError,
     },
+    /// Discarding the data of a Primary.
+    #[error("volume {volume}: refusing to discard the data of the Primary; demote it first (the service would lose its data)")]
+    DiscardPrimary {
+        /// Volume.
+        volume: String,
+    },
     /// A random generation id could not be drawn.
     #[error("volume {volume}: no randomness for a generation id: {why}")]
     Random {
@@ -348,6 +354,32 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         }
         tracing::info!(volume = %self.settings.volume, "demoted to Secondary");
         self.drop_session("demoted");
+        Ok(())
+    }
+
+    /// Throws this Secondary's copy away (the manual split-brain recovery on the node whose
+    /// changes are to be lost, DRBD's `--discard-my-data`): its generation becomes "just
+    /// created" and it is flagged Inconsistent, so the next connection copies the whole
+    /// device from the peer; until then it refuses promotion without force.
+    pub fn discard_local_data(&self) -> Result<(), VolumeError> {
+        if self.role() != Role::Secondary {
+            return Err(VolumeError::DiscardPrimary {
+                volume: self.settings.volume.clone(),
+            });
+        }
+        self.meta
+            .borrow_mut()
+            .update_state(|g, f| {
+                g.current = JUST_CREATED;
+                g.bitmap = 0;
+                g.history = [0, 0];
+                f.set(DiskFlags::CONSISTENT, false);
+                f.set(DiskFlags::UP_TO_DATE, false);
+                f.set(DiskFlags::INITIAL_SYNC_DONE, false);
+            })
+            .map_err(|e| self.meta_err(e))?;
+        tracing::warn!(volume = %self.settings.volume, "this copy was DISCARDED by the operator: a full resync from the peer follows");
+        self.drop_session("local data discarded");
         Ok(())
     }
 
