@@ -4,8 +4,5 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use twinvol::nbd::kernel::netlink::nbd_family::parse_any_reply;
 
-fuzz_target!(|data: &[u8]| {
-    let _ = parse_any_reply(data);
-});
+fuzz_target!(|data: &[u8]| twinvol_fuzz::netlink_reply(data));

@@ -204,6 +204,16 @@ pub enum Direction {
     PeerToLocal,
 }
 
+impl Direction {
+    /// The same flow seen from the other node.
+    pub fn reversed(self) -> Direction {
+        match self {
+            Direction::LocalToPeer => Direction::PeerToLocal,
+            Direction::PeerToLocal => Direction::LocalToPeer,
+        }
+    }
+}
+
 /// Which generation ids matched when the decision found a split brain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -219,6 +229,8 @@ pub enum SplitBrainEvidence {
         peer_current: u64,
     },
     /// Only history ids match: both sides moved on from a common ancestor more than once.
+    /// The match reported is the most recent one (smallest `local_slot + peer_slot`, then
+    /// the smaller id), so both nodes name the same ancestor.
     HistoryMatch {
         /// The shared id.
         common: u64,
@@ -227,6 +239,49 @@ pub enum SplitBrainEvidence {
         /// Peer history slot.
         peer_slot: usize,
     },
+    /// Each side's current generation is one the other side has already moved on from (in
+    /// its bitmap id or history): each claims to be newer, so neither can be trusted as the
+    /// source and no bitmap bounds the differences. Valid histories never produce this
+    /// (generated ids are random); it means metadata was copied or edited.
+    CurrentsCrossed {
+        /// Local current.
+        local_current: u64,
+        /// Peer current.
+        peer_current: u64,
+    },
+}
+
+impl SplitBrainEvidence {
+    /// The same evidence seen from the other node (local and peer fields swapped).
+    pub fn mirrored(self) -> SplitBrainEvidence {
+        match self {
+            SplitBrainEvidence::BitmapIdsEqual {
+                common,
+                local_current,
+                peer_current,
+            } => SplitBrainEvidence::BitmapIdsEqual {
+                common,
+                local_current: peer_current,
+                peer_current: local_current,
+            },
+            SplitBrainEvidence::HistoryMatch {
+                common,
+                local_slot,
+                peer_slot,
+            } => SplitBrainEvidence::HistoryMatch {
+                common,
+                local_slot: peer_slot,
+                peer_slot: local_slot,
+            },
+            SplitBrainEvidence::CurrentsCrossed {
+                local_current,
+                peer_current,
+            } => SplitBrainEvidence::CurrentsCrossed {
+                local_current: peer_current,
+                peer_current: local_current,
+            },
+        }
+    }
 }
 
 /// The outcome of comparing two nodes' generation identifiers.
@@ -261,10 +316,44 @@ pub enum Decision {
         /// The direction that would have been used.
         direction: Direction,
     },
+    /// Both sides carry the same node id: a node never pairs with itself, and the
+    /// crashed-primary tie-break (lower node id) could not choose. Refuse; the node ids in
+    /// the configuration or metadata must differ.
+    SameNodeId {
+        /// The id both sides reported.
+        node_id: u32,
+    },
+}
+
+impl Decision {
+    /// The same decision seen from the other node: directions reversed, local and peer
+    /// fields of the evidence swapped. [`decide`] satisfies
+    /// `decide(b, a) == decide(a, b).mirrored()` for every input.
+    pub fn mirrored(self) -> Decision {
+        match self {
+            Decision::BitmapResync { direction } => Decision::BitmapResync {
+                direction: direction.reversed(),
+            },
+            Decision::FullSync { direction } => Decision::FullSync {
+                direction: direction.reversed(),
+            },
+            Decision::SourceInconsistent { direction } => Decision::SourceInconsistent {
+                direction: direction.reversed(),
+            },
+            Decision::SplitBrain { evidence } => Decision::SplitBrain {
+                evidence: evidence.mirrored(),
+            },
+            d @ (Decision::NoResync
+            | Decision::InitialSyncPending
+            | Decision::UnrelatedData
+            | Decision::SameNodeId { .. }) => d,
+        }
+    }
 }
 
 /// Decides the resync between `local` and `peer` (DRBD's `uuid_compare` rules, in order):
 ///
+/// 0. both node ids equal -> [`Decision::SameNodeId`] (refuse);
 /// 1. both currents fresh -> [`Decision::InitialSyncPending`];
 /// 2. one current fresh -> full sync from the other;
 /// 3. currents equal:
@@ -273,15 +362,21 @@ pub enum Decision {
 ///    - else a side crashed as primary (its activity-log extents may differ) -> bitmap
 ///      resync from the crashed primary (lower node id if both);
 ///    - else no resync;
-/// 4. local current == peer bitmap -> bitmap resync peer->local;
-/// 5. local bitmap == peer current -> bitmap resync local->peer;
-/// 6. local current in peer history -> full sync peer->local;
-/// 7. peer current in local history -> full sync local->peer;
-/// 8. bitmap ids equal (non-zero) -> split brain;
-/// 9. any history id in common -> split brain;
-/// 10. otherwise unrelated data.
+/// 4. the peer is ahead (local current == peer bitmap, or local current in peer history)
+///    and the local side is not, or the reverse (local bitmap == peer current, or peer
+///    current in local history) -> resync from the side that is ahead: a bitmap resync when
+///    its bitmap id is the other's current, else a full sync;
+/// 5. both are ahead of each other -> split brain, evidence `CurrentsCrossed`;
+/// 6. bitmap ids equal (non-zero) -> split brain;
+/// 7. any history id in common -> split brain (the most recent common id is reported);
+/// 8. otherwise unrelated data.
 ///
-/// A resync whose source is not marked consistent becomes [`Decision::SourceInconsistent`].
+/// Id 0 never matches anything but an equal current. A resync whose source is not marked
+/// consistent becomes [`Decision::SourceInconsistent`].
+///
+/// The decision is antisymmetric: `decide(peer, local) == decide(local, peer).mirrored()`
+/// for all inputs, so both nodes, each deciding from its own point of view, agree on the
+/// source, the target and the evidence.
 pub fn decide(local: &NodeGen, peer: &NodeGen) -> Decision {
     let decision = compare(local, peer);
     let source_consistent = |d: Direction| match d {
@@ -298,10 +393,32 @@ pub fn decide(local: &NodeGen, peer: &NodeGen) -> Decision {
     }
 }
 
+/// Whether the non-zero `id` is one of `history`.
+fn in_history(id: u64, history: &[u64; 2]) -> bool {
+    id != 0 && history.contains(&id)
+}
+
+/// How `behind` relates to a node that moved on from `behind`'s current generation: via the
+/// other node's bitmap id (`Some(false)`: a bitmap covers the difference), via its history
+/// only (`Some(true)`: full sync), or not at all (`None`).
+fn ahead_of(ahead: &GenIds, behind: &GenIds) -> Option<bool> {
+    if ahead.bitmap != 0 && ahead.bitmap == behind.current {
+        Some(false)
+    } else if in_history(behind.current, &ahead.history) {
+        Some(true)
+    } else {
+        None
+    }
+}
+
 fn compare(local: &NodeGen, peer: &NodeGen) -> Decision {
     use Direction::*;
     let (l, p) = (&local.ids, &peer.ids);
-    let nonzero = |v: u64| v != 0;
+    if local.node_id == peer.node_id {
+        return Decision::SameNodeId {
+            node_id: local.node_id,
+        };
+    }
     match (l.current == JUST_CREATED, p.current == JUST_CREATED) {
         (true, true) => return Decision::InitialSyncPending,
         (true, false) => {
@@ -332,6 +449,8 @@ fn compare(local: &NodeGen, peer: &NodeGen) -> Decision {
         }
         let lc = local.flags.has(DiskFlags::CRASHED_PRIMARY);
         let pc = peer.flags.has(DiskFlags::CRASHED_PRIMARY);
+        // Node ids differ here (rule 0), so the tie-break is the same from both sides.
+        let local_wins_tie = local.node_id < peer.node_id;
         return match (lc, pc) {
             (false, false) => Decision::NoResync,
             (true, false) => Decision::BitmapResync {
@@ -340,7 +459,7 @@ fn compare(local: &NodeGen, peer: &NodeGen) -> Decision {
             (false, true) => Decision::BitmapResync {
                 direction: PeerToLocal,
             },
-            (true, true) if local.node_id <= peer.node_id => Decision::BitmapResync {
+            (true, true) if local_wins_tie => Decision::BitmapResync {
                 direction: LocalToPeer,
             },
             (true, true) => Decision::BitmapResync {
@@ -348,37 +467,27 @@ fn compare(local: &NodeGen, peer: &NodeGen) -> Decision {
             },
         };
     }
-    if l.current == p.bitmap {
-        return Decision::BitmapResync {
-            direction: PeerToLocal,
-        };
+    let resync = |direction: Direction, full: bool| {
+        if full {
+            Decision::FullSync { direction }
+        } else {
+            Decision::BitmapResync { direction }
+        }
+    };
+    match (ahead_of(l, p), ahead_of(p, l)) {
+        (Some(full), None) => return resync(LocalToPeer, full),
+        (None, Some(full)) => return resync(PeerToLocal, full),
+        (Some(_), Some(_)) => {
+            return Decision::SplitBrain {
+                evidence: SplitBrainEvidence::CurrentsCrossed {
+                    local_current: l.current,
+                    peer_current: p.current,
+                },
+            }
+        }
+        (None, None) => {}
     }
-    if l.bitmap == p.current {
-        return Decision::BitmapResync {
-            direction: LocalToPeer,
-        };
-    }
-    if p.history
-        .iter()
-        .copied()
-        .filter(|h| nonzero(*h))
-        .any(|h| h == l.current)
-    {
-        return Decision::FullSync {
-            direction: PeerToLocal,
-        };
-    }
-    if l.history
-        .iter()
-        .copied()
-        .filter(|h| nonzero(*h))
-        .any(|h| h == p.current)
-    {
-        return Decision::FullSync {
-            direction: LocalToPeer,
-        };
-    }
-    if nonzero(l.bitmap) && l.bitmap == p.bitmap {
+    if l.bitmap != 0 && l.bitmap == p.bitmap {
         return Decision::SplitBrain {
             evidence: SplitBrainEvidence::BitmapIdsEqual {
                 common: l.bitmap,
@@ -387,20 +496,29 @@ fn compare(local: &NodeGen, peer: &NodeGen) -> Decision {
             },
         };
     }
-    for (ls, lh) in l.history.iter().enumerate() {
-        for (ps, ph) in p.history.iter().enumerate() {
-            if nonzero(*lh) && lh == ph {
-                return Decision::SplitBrain {
-                    evidence: SplitBrainEvidence::HistoryMatch {
-                        common: *lh,
-                        local_slot: ls,
-                        peer_slot: ps,
-                    },
-                };
+    // The most recent common ancestor: smallest slot sum, then the smaller id. The key is
+    // unchanged when the sides swap, so both nodes report the same match.
+    let mut best: Option<(usize, u64, usize, usize)> = None;
+    for (ls, &lh) in l.history.iter().enumerate() {
+        for (ps, &ph) in p.history.iter().enumerate() {
+            if lh != 0 && lh == ph {
+                let candidate = (ls + ps, lh, ls, ps);
+                if best.is_none_or(|b| (candidate.0, candidate.1) < (b.0, b.1)) {
+                    best = Some(candidate);
+                }
             }
         }
     }
-    Decision::UnrelatedData
+    match best {
+        Some((_, common, local_slot, peer_slot)) => Decision::SplitBrain {
+            evidence: SplitBrainEvidence::HistoryMatch {
+                common,
+                local_slot,
+                peer_slot,
+            },
+        },
+        None => Decision::UnrelatedData,
+    }
 }
 
 #[cfg(test)]
@@ -713,6 +831,163 @@ mod tests {
                 evidence: SplitBrainEvidence::BitmapIdsEqual { common: 0xA, .. }
             }
         ));
+    }
+
+    #[test]
+    fn currents_in_each_others_history_are_split_brain_seen_alike_from_both_sides() {
+        // Each side claims to have moved on from the other's current: neither may be the
+        // source, and both nodes must name the same evidence (mirrored).
+        let (a, b) = (node(1, 11, 0, [0, 12]), node(2, 12, 0, [0, 11]));
+        let seen_by_a = decide(&a, &b);
+        assert_eq!(
+            seen_by_a,
+            Decision::SplitBrain {
+                evidence: SplitBrainEvidence::CurrentsCrossed {
+                    local_current: 11,
+                    peer_current: 12
+                }
+            }
+        );
+        assert_eq!(decide(&b, &a), seen_by_a.mirrored());
+    }
+
+    #[test]
+    fn currents_equal_to_each_others_bitmap_are_split_brain_not_two_sources() {
+        // Before the fix each side took rule 4 and named the other as the source.
+        let (a, b) = (node(1, 0xA, 0xB, [0, 0]), node(2, 0xB, 0xA, [0, 0]));
+        assert!(matches!(
+            decide(&a, &b),
+            Decision::SplitBrain {
+                evidence: SplitBrainEvidence::CurrentsCrossed { .. }
+            }
+        ));
+        assert_eq!(decide(&b, &a), decide(&a, &b).mirrored());
+    }
+
+    #[test]
+    fn bitmap_evidence_one_way_and_history_evidence_the_other_way_is_split_brain() {
+        // a's current is b's bitmap id (b ahead), b's current is in a's history (a ahead).
+        let (a, b) = (node(1, 0xA, 0, [0xB, 0]), node(2, 0xB, 0xA, [0, 0]));
+        assert!(matches!(
+            decide(&a, &b),
+            Decision::SplitBrain {
+                evidence: SplitBrainEvidence::CurrentsCrossed { .. }
+            }
+        ));
+        assert_eq!(decide(&b, &a), decide(&a, &b).mirrored());
+    }
+
+    #[test]
+    fn history_match_reports_the_same_most_recent_ancestor_from_both_sides() {
+        // Two common ids in crossed slots: both views must pick the same one.
+        let (a, b) = (node(1, 0xB, 0x7, [0x5, 0x6]), node(2, 0xC, 0x8, [0x6, 0x5]));
+        assert_eq!(
+            decide(&a, &b),
+            Decision::SplitBrain {
+                evidence: SplitBrainEvidence::HistoryMatch {
+                    common: 0x5,
+                    local_slot: 0,
+                    peer_slot: 1
+                }
+            }
+        );
+        assert_eq!(decide(&b, &a), decide(&a, &b).mirrored());
+        // A match in both most recent slots beats an older one.
+        let (a, b) = (node(1, 0xB, 0x7, [0x6, 0x5]), node(2, 0xC, 0x8, [0x6, 0x5]));
+        assert!(matches!(
+            decide(&a, &b),
+            Decision::SplitBrain {
+                evidence: SplitBrainEvidence::HistoryMatch {
+                    common: 0x6,
+                    local_slot: 0,
+                    peer_slot: 0
+                }
+            }
+        ));
+    }
+
+    #[test]
+    fn equal_node_ids_are_refused_even_when_both_crashed_as_primary() {
+        let (mut a, mut b) = (node(3, 0xA, 0, [0, 0]), node(3, 0xA, 0, [0, 0]));
+        a.flags.set(DiskFlags::CRASHED_PRIMARY, true);
+        b.flags.set(DiskFlags::CRASHED_PRIMARY, true);
+        assert_eq!(decide(&a, &b), Decision::SameNodeId { node_id: 3 });
+        assert_eq!(decide(&b, &a), Decision::SameNodeId { node_id: 3 });
+    }
+
+    #[test]
+    fn zero_ids_never_match_a_bitmap_or_history() {
+        let (a, b) = (node(1, 0, 0, [0, 0]), node(2, 0xB, 0, [0, 0]));
+        assert_eq!(decide(&a, &b), Decision::UnrelatedData);
+        assert_eq!(decide(&b, &a), Decision::UnrelatedData);
+    }
+
+    /// Ids from a small space (0, JUST_CREATED and four others) so both sides often share
+    /// ids in every position; full 64-bit ids would almost never match.
+    fn arb_node() -> impl proptest::strategy::Strategy<Value = NodeGen> {
+        use proptest::prelude::*;
+        let id = prop_oneof![Just(0u64), Just(JUST_CREATED), 10u64..14];
+        (
+            0u32..3,
+            id.clone(),
+            id.clone(),
+            id.clone(),
+            id,
+            0u32..=DiskFlags::ALL,
+        )
+            .prop_map(|(node_id, current, bitmap, h0, h1, flags)| NodeGen {
+                node_id,
+                ids: GenIds {
+                    current,
+                    bitmap,
+                    history: [h0, h1],
+                },
+                flags: DiskFlags(flags),
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(20_000))]
+
+        /// Each node decides from its own point of view; the two answers must be mirror
+        /// images for every input, valid or not: never two sources, never two targets,
+        /// never different evidence.
+        #[test]
+        fn decide_is_antisymmetric_for_all_inputs(a in arb_node(), b in arb_node()) {
+            let ab = decide(&a, &b);
+            proptest::prop_assert_eq!(decide(&b, &a), ab.mirrored());
+            proptest::prop_assert_eq!(ab.mirrored().mirrored(), ab);
+        }
+
+        /// Full 64-bit ids (rarely matching): antisymmetry holds there too.
+        #[test]
+        fn decide_is_antisymmetric_for_random_ids(
+            ia in proptest::array::uniform4(proptest::num::u64::ANY),
+            ib in proptest::array::uniform4(proptest::num::u64::ANY),
+            na in 0u32..3, nb in 0u32..3, fa in 0u32..64, fb in 0u32..64,
+        ) {
+            let mk = |n: u32, i: [u64; 4], f: u32| NodeGen {
+                node_id: n,
+                ids: GenIds { current: i[0], bitmap: i[1], history: [i[2], i[3]] },
+                flags: DiskFlags(f),
+            };
+            let (a, b) = (mk(na, ia, fa), mk(nb, ib, fb));
+            proptest::prop_assert_eq!(decide(&b, &a), decide(&a, &b).mirrored());
+        }
+
+        /// A resync is only ever decided from a Consistent source, and only between
+        /// different generations or after a crash / an unfinished resync.
+        #[test]
+        fn resyncs_come_from_consistent_sources(a in arb_node(), b in arb_node()) {
+            match decide(&a, &b) {
+                Decision::BitmapResync { direction } | Decision::FullSync { direction } => {
+                    let source = if direction == Direction::LocalToPeer { &a } else { &b };
+                    proptest::prop_assert!(source.flags.has(DiskFlags::CONSISTENT));
+                }
+                Decision::NoResync => proptest::prop_assert_eq!(a.ids.current, b.ids.current),
+                _ => {}
+            }
+        }
     }
 
     #[test]

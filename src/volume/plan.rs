@@ -3,7 +3,7 @@
 //! own view and the peer's), so they agree without another round trip.
 
 use crate::config::SplitBrainPolicy;
-use crate::meta::gen::{self, Decision, Direction, NodeGen, SplitBrainEvidence};
+use crate::meta::gen::{self, Decision, Direction, DiskFlags, NodeGen, SplitBrainEvidence};
 
 /// One side as the plan sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,9 +40,12 @@ pub enum Refusal {
     },
     /// Both sides are Primary.
     BothPrimary,
-    /// The two views of the generation ids disagree (each side's current generation is in the
-    /// other's history): no side can be trusted as the source.
-    Ambiguous,
+    /// Both sides carry the same node name or node id: a node never pairs with itself, and
+    /// no tie-break could tell the two apart. Check `node.id` and `replication.peer_id`.
+    SameNode {
+        /// The name both sides reported.
+        node: String,
+    },
 }
 
 /// The outcome of the connect decision for this node.
@@ -73,51 +76,44 @@ fn direction_plan(direction: Direction, full: bool) -> Plan {
     }
 }
 
-/// The decision's kind and direction (seen from the other side when `swap`), without evidence.
-fn shape(d: &Decision, swap: bool) -> (u8, Option<Direction>) {
-    let dir = |x: Direction| {
-        Some(match (x, swap) {
-            (x, false) => x,
-            (Direction::LocalToPeer, true) => Direction::PeerToLocal,
-            (Direction::PeerToLocal, true) => Direction::LocalToPeer,
-        })
-    };
-    match *d {
-        Decision::NoResync => (0, None),
-        Decision::BitmapResync { direction } => (1, dir(direction)),
-        Decision::FullSync { direction } => (2, dir(direction)),
-        Decision::InitialSyncPending => (3, None),
-        Decision::SplitBrain {
-            evidence: SplitBrainEvidence::BitmapIdsEqual { .. },
-        } => (4, None),
-        Decision::SplitBrain {
-            evidence: SplitBrainEvidence::HistoryMatch { .. },
-        } => (7, None),
-        Decision::UnrelatedData => (5, None),
-        Decision::SourceInconsistent { direction } => (6, dir(direction)),
-    }
-}
-
 /// Decides for `local` meeting `peer` under `policy`.
+///
+/// Both nodes compute it, each from its own point of view; the answers always agree
+/// (`plan(b, a)` is the mirror image of `plan(a, b)`: one Source and one Target with the same
+/// `full`, or the same non-copying outcome), because [`gen::decide`] is antisymmetric and every
+/// tie-break here depends only on the pair, not on which side asks. Further invariants: a
+/// Primary is never a Target; a Source is Consistent; unrelated data, split brain under
+/// `disconnect`, and two Primaries never copy anything; a bitmap (non-full) resync happens only
+/// when a bitmap bounds the differences.
 pub fn plan(local: &Side, peer: &Side, policy: &SplitBrainPolicy) -> Plan {
     if local.primary && peer.primary {
         return Plan::Refuse(Refusal::BothPrimary);
     }
-    let d = gen::decide(&local.gen, &peer.gen);
-    // The peer runs the same decision with the roles swapped; act only when both views agree.
-    if shape(&d, false) != shape(&gen::decide(&peer.gen, &local.gen), true) {
-        return Plan::Refuse(Refusal::Ambiguous);
+    if local.name == peer.name {
+        return Plan::Refuse(Refusal::SameNode {
+            node: local.name.clone(),
+        });
     }
-    let p = match d {
+    let p = match gen::decide(&local.gen, &peer.gen) {
         Decision::NoResync => Plan::InSync,
         Decision::InitialSyncPending => Plan::AwaitInitialSync,
         Decision::BitmapResync { direction } => direction_plan(direction, false),
         Decision::FullSync { direction } => direction_plan(direction, true),
         Decision::UnrelatedData => Plan::Refuse(Refusal::UnrelatedData),
         Decision::SourceInconsistent { .. } => Plan::Refuse(Refusal::SourceInconsistent),
+        Decision::SameNodeId { .. } => Plan::Refuse(Refusal::SameNode {
+            node: local.name.clone(),
+        }),
         Decision::SplitBrain { evidence } => split_brain(local, peer, policy, evidence),
     };
     match &p {
+        // A split-brain policy may name an interrupted resync target as the survivor.
+        Plan::Source { .. } if !local.gen.flags.has(DiskFlags::CONSISTENT) => {
+            Plan::Refuse(Refusal::SourceInconsistent)
+        }
+        Plan::Target { .. } if !peer.gen.flags.has(DiskFlags::CONSISTENT) => {
+            Plan::Refuse(Refusal::SourceInconsistent)
+        }
         Plan::Target { .. } if local.primary => Plan::Refuse(Refusal::TargetIsPrimary {
             node: local.name.clone(),
         }),
@@ -134,9 +130,13 @@ fn split_brain(
     policy: &SplitBrainPolicy,
     evidence: SplitBrainEvidence,
 ) -> Plan {
-    // With equal bitmap ids both bitmaps together cover every difference since the split;
-    // when only history matches, nothing bounds the differences: copy everything.
-    let full = matches!(evidence, SplitBrainEvidence::HistoryMatch { .. });
+    // With equal bitmap ids both bitmaps together cover every difference since the split,
+    // unless that common id is "just created" (two fresh disks, each promoted on its own:
+    // they never shared data). Otherwise nothing bounds the differences: copy everything.
+    let full = !matches!(
+        evidence,
+        SplitBrainEvidence::BitmapIdsEqual { common, .. } if common != gen::JUST_CREATED
+    );
     let refuse = |hint: &str| {
         Plan::Refuse(Refusal::SplitBrain {
             evidence,
@@ -179,7 +179,7 @@ fn split_brain(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::gen::{DiskFlags, GenIds};
+    use crate::meta::gen::GenIds;
 
     const OK: DiskFlags = DiskFlags(DiskFlags::CONSISTENT | DiskFlags::UP_TO_DATE);
 
@@ -370,11 +370,24 @@ mod tests {
             proptest::prop_assert!(!(pa && a_target), "Primary a made a target");
             let b_target = matches!(plan_b, Plan::Target { .. });
             proptest::prop_assert!(!(pb && b_target), "Primary b made a target");
+            // The source is always Consistent, whatever the policy chose.
+            for (s, p) in [(&a, &plan_a), (&b, &plan_b)] {
+                if matches!(p, Plan::Source { .. }) {
+                    proptest::prop_assert!(s.gen.flags.has(DiskFlags::CONSISTENT));
+                }
+            }
+            // Unrelated data and split brain under `disconnect` never copy anything.
+            let d = gen::decide(&a.gen, &b.gen);
+            let refuses = matches!(d, Decision::UnrelatedData)
+                || (matches!(d, Decision::SplitBrain { .. }) && policy == SplitBrainPolicy::Disconnect);
+            if refuses {
+                proptest::prop_assert!(matches!(plan_a, Plan::Refuse(_)), "{:?} -> {:?}", d, plan_a);
+            }
         }
     }
 
     #[test]
-    fn currents_in_each_others_history_are_refused_as_ambiguous() {
+    fn currents_in_each_others_history_are_a_split_brain_the_policy_resolves_by_full_sync() {
         let a = GenIds {
             current: 11,
             bitmap: 0,
@@ -390,7 +403,67 @@ mod tests {
             &side("b", 1, b, 0, false),
             &SplitBrainPolicy::Disconnect,
         );
-        assert_eq!(pa, Plan::Refuse(Refusal::Ambiguous));
+        assert!(
+            matches!(
+                pa,
+                Plan::Refuse(Refusal::SplitBrain {
+                    evidence: SplitBrainEvidence::CurrentsCrossed {
+                        local_current: 11,
+                        peer_current: 12
+                    },
+                    ..
+                })
+            ),
+            "{pa:?}"
+        );
+        // No bitmap bounds the differences: the operator's choice copies everything.
+        let (pa, pb) = agree(
+            &side("a", 0, a, 0, false),
+            &side("b", 1, b, 0, false),
+            &SplitBrainPolicy::DiscardNode("b".into()),
+        );
+        assert_eq!(
+            (pa, pb),
+            (Plan::Source { full: true }, Plan::Target { full: true })
+        );
+    }
+
+    #[test]
+    fn two_fresh_disks_promoted_apart_resolve_by_full_sync_not_bitmaps() {
+        let (mut a, mut b) = (GenIds::FRESH, GenIds::FRESH);
+        a.new_current(0x21);
+        b.new_current(0x22);
+        let (pa, pb) = agree(
+            &side("a", 0, a, 1, false),
+            &side("b", 1, b, 1, false),
+            &SplitBrainPolicy::DiscardNode("a".into()),
+        );
+        assert_eq!(
+            (pa, pb),
+            (Plan::Target { full: true }, Plan::Source { full: true })
+        );
+    }
+
+    #[test]
+    fn a_node_never_pairs_with_itself() {
+        let x = GenIds {
+            current: 0x11,
+            bitmap: 0,
+            history: [0, 0],
+        };
+        let (pa, _) = agree(
+            &side("a", 0, x, 0, false),
+            &side("a", 1, x, 0, false),
+            &SplitBrainPolicy::DiscardNode("a".into()),
+        );
+        assert_eq!(pa, Plan::Refuse(Refusal::SameNode { node: "a".into() }));
+        let mut crashed = side("a", 7, x, 0, false);
+        crashed.gen.flags.set(DiskFlags::CRASHED_PRIMARY, true);
+        let mut other = side("b", 7, x, 0, false);
+        other.gen.flags.set(DiskFlags::CRASHED_PRIMARY, true);
+        let (pa, pb) = agree(&crashed, &other, &SplitBrainPolicy::Disconnect);
+        assert_eq!(pa, Plan::Refuse(Refusal::SameNode { node: "a".into() }));
+        assert_eq!(pb, Plan::Refuse(Refusal::SameNode { node: "b".into() }));
     }
 
     #[test]
