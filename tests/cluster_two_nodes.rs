@@ -349,3 +349,98 @@ fn fence_off_the_standby_takes_over_only_when_the_cloud_reports_the_peer_stopped
         l.log(B)
     );
 }
+
+/// CRC32 of a node's data area (the export's size; metadata sits after it).
+fn data_crc(l: &Lab, n: usize, size: u64) -> u32 {
+    twinvol::cluster::demo::data_crc(&l.volumes[n], size).unwrap()
+}
+
+#[test]
+fn verify_through_the_daemon_finds_a_corrupted_block_and_resync_discard_local_recopies_the_standby()
+{
+    let d = tempfile::tempdir().unwrap();
+    let l = started(d.path(), &options());
+    let mut c = NbdClient::connect(&l.exports[A]).unwrap();
+    let size = c.size;
+    for i in 0..64u64 {
+        c.write(i * 4096, &vec![(i as u8) ^ 0x5a; 4096]).unwrap();
+    }
+    c.flush().unwrap();
+    drop(c);
+    // Damage one block of node-b's copy behind replication's back.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&l.volumes[B])
+            .unwrap();
+        f.seek(SeekFrom::Start(8 * 4096)).unwrap();
+        f.write_all(&[0xEE; 4096]).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert_ne!(data_crc(&l, A, size), data_crc(&l, B, size));
+    let out = std::process::Command::new(BIN)
+        .args(["verify", "--socket"])
+        .arg(&l.sockets[A])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("1 differing block(s)"), "{text}");
+    let t0 = Instant::now();
+    while data_crc(&l, A, size) != data_crc(&l, B, size) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the differing block was never resynced:\n{}",
+            l.log(A)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The Primary's data is the service's: discarding it is refused.
+    let a = l
+        .request(
+            A,
+            &Request::Resync {
+                volume: None,
+                discard_local: true,
+            },
+        )
+        .unwrap();
+    assert!(!a.ok && a.message.contains("Primary"), "{}", a.message);
+    // On the standby it throws the copy away and copies the whole device back.
+    let before = l.status(B).unwrap()["volumes"][0]["replication"]["counters"]
+        ["resync_bytes_applied"]
+        .as_u64()
+        .unwrap_or(0);
+    let a = l
+        .request(
+            B,
+            &Request::Resync {
+                volume: None,
+                discard_local: true,
+            },
+        )
+        .unwrap();
+    assert!(a.ok, "{}", a.message);
+    let s = l
+        .wait_for(B, Duration::from_secs(30), |s| {
+            let r = &s["volumes"][0]["replication"];
+            s["volumes"][0]["disk"] == "up-to-date"
+                && r["connection"]["state"] == "connected"
+                && r["resync"].is_null()
+                && r["counters"]["resync_bytes_applied"].as_u64().unwrap_or(0) >= before + size
+        })
+        .unwrap_or_else(|| panic!("node-b was not fully resynced:\n{}", l.log(B)));
+    assert_eq!(s["role"], "secondary");
+    assert_eq!(data_crc(&l, A, size), data_crc(&l, B, size));
+    assert_eq!(
+        role(&l, A).as_deref(),
+        Some("primary"),
+        "the service never moved"
+    );
+}
