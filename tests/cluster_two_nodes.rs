@@ -444,3 +444,30 @@ fn verify_through_the_daemon_finds_a_corrupted_block_and_resync_discard_local_re
         "the service never moved"
     );
 }
+
+#[test]
+fn a_clean_stop_of_the_primary_hands_the_service_over_without_fencing_it() {
+    // `systemctl stop twinvol` on the Primary: it tears down, tells the peer it stands down,
+    // and the peer takes over while it is still heard, so nobody stops its instance.
+    let d = tempfile::tempdir().unwrap();
+    let mut l = started(d.path(), &options());
+    assert!(l.stop(A), "node-a exits cleanly:\n{}", l.log(A));
+    let s = l
+        .wait_for(B, Duration::from_secs(15), is_primary)
+        .unwrap_or_else(|| panic!("node-b never took over:\n{}", l.log(B)));
+    assert!(s["volumes"][0]["export"].is_string(), "{s}");
+    assert!(
+        !l.plan(B).contains("\"fence\""),
+        "a cleanly stopped node is not fenced: {}",
+        l.plan(B)
+    );
+    assert!(l.log(A).contains("standing down"), "{}", l.log(A));
+    // Back, it stays Secondary behind the new Primary and resyncs.
+    l.start(A).unwrap();
+    l.wait_for(A, Duration::from_secs(20), |s| {
+        s["role"] == "secondary"
+            && s["peer_view"]["role"] == "primary"
+            && s["volumes"][0]["disk"] == "up-to-date"
+    })
+    .unwrap_or_else(|| panic!("node-a did not come back behind node-b:\n{}", l.log(A)));
+}

@@ -240,6 +240,8 @@ struct Node {
     failovers: u64,
     /// The last cloud monitor cycle.
     cloud_check: Option<CloudCheck>,
+    /// Stopping cleanly: advertise "stands down" (not persisted, unlike an operator demote).
+    leaving: bool,
     /// When the next cloud monitor cycle is due (while Primary), and whether one runs now.
     next_cloud_check: Option<Instant>,
     cloud_check_running: bool,
@@ -304,7 +306,7 @@ impl Node {
     /// isolated node, which never promotes.
     fn advert(&self) -> Advert {
         let mut flags = 0;
-        if self.controller.yielding() || self.cut_off() {
+        if self.controller.yielding() || self.cut_off() || self.leaving {
             flags |= FLAG_YIELDING;
         }
         if self.controller.wants_primary() {
@@ -1115,6 +1117,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         last_failover_ms: None,
         failovers: 0,
         cloud_check: None,
+        leaving: false,
         next_cloud_check: None,
         cloud_check_running: false,
         cloud_check_every: Duration::from_secs(
@@ -1197,9 +1200,23 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     tracing::info!("stopping");
     sm.stopping(&format!("stopping: {}", node.sd_status()));
+    // A clean stop stands down first: the peer hears "Secondary, stands down" and takes the
+    // service without fencing this instance (a vanished Primary would be fenced).
+    node.leaving = true;
     if node.role() == Role::Primary {
         sm.fed_while(operation_limit, node.demote("daemon stopping"))
             .await;
+    } else {
+        node.publish();
+    }
+    if matches!(node.monitor.view(), PeerView::Alive(_)) {
+        // Keep heartbeating (the sender task runs on) until the peer has heard it.
+        let linger = Duration::from_millis(cl.heartbeat_interval_ms.saturating_mul(2));
+        tracing::info!(
+            linger_ms = linger.as_millis() as u64,
+            "standing down: letting the peer hear it before exit"
+        );
+        tokio::time::sleep(linger).await;
     }
     let _ = std::fs::remove_file(&cl.control_socket);
     let _ = std::fs::remove_file(&pid_file);

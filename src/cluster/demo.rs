@@ -643,6 +643,19 @@ record = "db.lab.internal."
         t
     }
 
+    /// Stops node `n` cleanly (SIGTERM, as `systemctl stop` does) and waits for it to exit;
+    /// returns whether it exited with success.
+    pub fn stop(&mut self, n: usize) -> bool {
+        let Some(mut c) = self.children[n].take() else {
+            return false;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        c.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
     /// Whether node `n`'s process has exited (e.g. fenced by its peer); reaps it.
     pub fn exited(&mut self, n: usize) -> bool {
         match &mut self.children[n] {

@@ -161,7 +161,7 @@ impl Placement {
                 )
                 .map_err(|e| {
                     format!(
-                        "{e}; the volume stays mounted and exported: stop what uses it (`fuser -vm {}`), then retry",
+                        "{e}; stop what uses it (`fuser -vm {}`) and unmount it by hand: the filesystem is still mounted",
                         m.path.display()
                     )
                 })?;

@@ -145,7 +145,7 @@ fn split_brain(
     };
     match policy {
         SplitBrainPolicy::Disconnect => refuse(
-            "no data was copied; choose the copy to discard: set split_brain_policy = \"discard-node:<id>\" (or \"discard-zero-changes\") on both nodes, demote that node, and restart replication",
+            "no data was copied; choose the copy to discard: on that node demote, then `twinvol resync --discard-local` (it is copied in full from the other), or set split_brain_policy = \"discard-node:<id>\" (or \"discard-zero-changes\") on both nodes and restart",
         ),
         SplitBrainPolicy::DiscardZeroChanges => {
             match (local.dirty_chunks == 0, peer.dirty_chunks == 0) {
