@@ -2,7 +2,9 @@
 //!
 //! The socket is a Unix socket created with mode 0600 (root only when the daemon runs as
 //! root). Requests: `{"cmd":"status"}`, `{"cmd":"promote","force":false}`, `{"cmd":"demote"}`,
-//! `{"cmd":"switchover"}`. Answers: `{"ok":bool,"message":"...","status":{...}}`.
+//! `{"cmd":"switchover"}`, `{"cmd":"verify","volume":null}`,
+//! `{"cmd":"resync","volume":null,"discard_local":false}`. Answers:
+//! `{"ok":bool,"message":"...","status":{...}}`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
