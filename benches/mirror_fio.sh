@@ -14,7 +14,7 @@ TWINVOL=${TWINVOL:-target/release/twinvol}
 SIZE=${SIZE:-1G}
 LEVEL=${LEVEL:-1}
 W=$(mktemp -d /var/tmp/twinvol-bench-XXXX)
-trap 'kill $(jobs -p) 2>/dev/null; sleep 0.5; rm -rf "$W"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; sleep 0.5; rm -rf "$W"' EXIT
 command -v fio >/dev/null || { echo "fio missing: run scripts/test-deps.sh" >&2; exit 1; }
 for d in "$A" "$B"; do [ -b "$d" ] || { rm -f "$d"; truncate -s "$SIZE" "$d"; }; done
 head -c 32 /dev/urandom >"$W/key"; chmod 600 "$W/key"
