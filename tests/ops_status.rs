@@ -43,6 +43,9 @@ fn base() -> VolumeStatus {
             connections: 1,
             ahead_events: 0,
             resync_bytes_in_sync: 0,
+            frames_sent: 0,
+            payload_bytes_sent: 0,
+            wire_bytes_sent: 0,
         },
         current_generation: "7a3f00c19e2b4d11".into(),
         verify: None,
@@ -431,6 +434,9 @@ fn an_online_verify_result_and_checksum_resync_savings_are_shown() {
     let mut s = base();
     s.role = Role::Secondary;
     s.counters.resync_bytes_in_sync = 16_711_680;
+    s.counters.frames_sent = 1000;
+    s.counters.payload_bytes_sent = 100 << 20;
+    s.counters.wire_bytes_sent = 21 << 20;
     s.verify = Some(twinvol::volume::status::VerifyStatus {
         running: false,
         checked_bytes: 256 << 20,
@@ -458,6 +464,12 @@ fn an_online_verify_result_and_checksum_resync_savings_are_shown() {
         value(&m, "twinvol_volume_resync_in_sync_bytes_total", &[V]),
         16_711_680.0
     );
+    assert!(
+        t.contains("wire: 21.0 MiB for 100.0 MiB of payload in 1000 frames (ratio 0.21)"),
+        "{t}"
+    );
+    assert_eq!(value(&m, "twinvol_volume_wire_ratio", &[V]), 0.21);
+    assert_eq!(value(&m, "twinvol_volume_frames_sent_total", &[V]), 1000.0);
 }
 
 const BIN: &str = env!("CARGO_BIN_EXE_twinvol");

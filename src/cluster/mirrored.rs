@@ -587,6 +587,19 @@ mod tests {
         }
         c.flush().unwrap();
         drop(c);
+        // The wire counters: every write went out as a frame, and zstd shrank this
+        // compressible pattern (default level 1).
+        wait("the sent frames counted", || {
+            a.status()
+                .replication
+                .is_some_and(|r| r.counters.frames_sent >= 64)
+        });
+        let c = a.status().replication.unwrap().counters;
+        assert!(c.payload_bytes_sent >= 64 * 4096, "{c:?}");
+        assert!(
+            c.wire_bytes_sent > 0 && c.wire_bytes_sent < c.payload_bytes_sent / 2,
+            "{c:?}"
+        );
         // Sync mode: every acknowledged write is already in b's own file.
         let b_file = std::fs::read(dir.path().join("b.img")).unwrap();
         for i in 0..64u64 {

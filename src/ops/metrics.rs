@@ -355,7 +355,7 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
         }
     }
     let c = &r["counters"];
-    let counters: [(&'static str, Option<&'static str>, &'static str, &str); 8] = [
+    let counters: [(&'static str, Option<&'static str>, &'static str, &str); 11] = [
         (
             "twinvol_volume_data_sent_bytes",
             Some("bytes"),
@@ -399,6 +399,24 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
             "ahead_events",
         ),
         (
+            "twinvol_volume_frames_sent",
+            None,
+            "Replication frames sent.",
+            "frames_sent",
+        ),
+        (
+            "twinvol_volume_payload_sent_bytes",
+            Some("bytes"),
+            "Bytes of the frames sent, before compression.",
+            "payload_bytes_sent",
+        ),
+        (
+            "twinvol_volume_wire_sent_bytes",
+            Some("bytes"),
+            "Bytes of the frames sent, on the wire (headers, compressed or raw payloads).",
+            "wire_bytes_sent",
+        ),
+        (
             "twinvol_volume_resync_in_sync_bytes",
             Some("bytes"),
             "Checksum resync: dirty bytes found identical on both copies and not sent.",
@@ -408,6 +426,20 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
     for (name, unit, help, key) in counters {
         if let Some(v) = c[key].as_u64() {
             w.counter(name, unit, help, labels, v);
+        }
+    }
+    if let (Some(wire), Some(payload)) = (
+        c["wire_bytes_sent"].as_u64(),
+        c["payload_bytes_sent"].as_u64(),
+    ) {
+        if payload > 0 {
+            w.gauge(
+                "twinvol_volume_wire_ratio",
+                Some("ratio"),
+                "Wire bytes / payload bytes sent so far (below 1: compression saves).",
+                labels,
+                wire as f64 / payload as f64,
+            );
         }
     }
     let vf = &r["verify"];
@@ -975,6 +1007,9 @@ mod tests {
                 connections: 2,
                 ahead_events: 1,
                 resync_bytes_in_sync: 55,
+                frames_sent: 0,
+                payload_bytes_sent: 0,
+                wire_bytes_sent: 0,
             },
             current_generation: "00ff".into(),
             verify: None,

@@ -202,6 +202,18 @@ pub fn render_replication(r: &Value, peer: Option<(&str, &str)>, indent: &str) -
         u(&c["connections"]),
         u(&c["ahead_events"]),
     );
+    let payload = u(&c["payload_bytes_sent"]);
+    if payload > 0 {
+        let wire = u(&c["wire_bytes_sent"]);
+        let _ = writeln!(
+            o,
+            "{indent}wire: {} for {} of payload in {} frames (ratio {:.2})",
+            bytes(wire),
+            bytes(payload),
+            u(&c["frames_sent"]),
+            wire as f64 / payload as f64
+        );
+    }
     let vf = &r["verify"];
     if vf.is_object() {
         let (done, total) = (u(&vf["checked_bytes"]), u(&vf["total_bytes"]));

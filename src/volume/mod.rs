@@ -197,6 +197,8 @@ pub struct MirroredVolume<T, D: MetaDevice> {
     info: TargetInfo,
     wake: Notify,
     settings: Settings,
+    /// Frames and bytes the connection writers sent, cumulative over connections.
+    sent_traffic: Rc<std::cell::Cell<crate::repl::link::Traffic>>,
 }
 
 fn eio(what: String, e: impl std::fmt::Display) -> BlockError {
@@ -242,6 +244,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             info,
             wake: Notify::new(),
             settings,
+            sent_traffic: Rc::default(),
         }
     }
 
@@ -436,7 +439,15 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 role: r.role,
                 progress: r.progress.report(now),
             }),
-            counters: st.counters,
+            counters: {
+                let t = self.sent_traffic.get();
+                Counters {
+                    frames_sent: t.frames,
+                    payload_bytes_sent: t.payload_bytes,
+                    wire_bytes_sent: t.wire_bytes,
+                    ..st.counters
+                }
+            },
             verify: st.verify.clone(),
             current_generation: format!("{:016x}", sb.gen.current),
         }

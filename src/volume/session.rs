@@ -346,7 +346,8 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             id
         };
         tracing::info!(volume = %vol, peer = %peer.name, session = session_id, "replication connected");
-        let writer_task = tokio::task::spawn_local(write_loop(writer, rx));
+        let writer_task =
+            tokio::task::spawn_local(write_loop(writer, rx, self.sent_traffic.clone()));
         // Checksum mode for bitmap resyncs (not full syncs) when configured here and the peer
         // answers digest requests.
         let checksum = |full: bool| {
@@ -872,7 +873,21 @@ async fn recv_bitmap(
     }
 }
 
-async fn write_loop(mut w: LinkWriter, mut rx: mpsc::UnboundedReceiver<Message>) {
+async fn write_loop(
+    mut w: LinkWriter,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    total: Rc<std::cell::Cell<crate::repl::link::Traffic>>,
+) {
+    // What this connection's writer had counted at the last flush: only the delta is added.
+    let mut seen = crate::repl::link::Traffic::default();
+    let mut account = |now: crate::repl::link::Traffic| {
+        let mut t = total.get();
+        t.frames += now.frames - seen.frames;
+        t.payload_bytes += now.payload_bytes - seen.payload_bytes;
+        t.wire_bytes += now.wire_bytes - seen.wire_bytes;
+        total.set(t);
+        seen = now;
+    };
     while let Some(m) = rx.recv().await {
         if w.queue(&m).is_err() {
             return;
@@ -891,6 +906,7 @@ async fn write_loop(mut w: LinkWriter, mut rx: mpsc::UnboundedReceiver<Message>)
         if w.flush().await.is_err() {
             return;
         }
+        account(w.sent());
     }
 }
 

@@ -70,6 +70,16 @@ pub struct Counters {
     pub connections: u64,
     /// Times async mode went "ahead" (queue over its bound).
     pub ahead_events: u64,
+    /// Replication frames sent (every message, all connections).
+    #[serde(default)]
+    pub frames_sent: u64,
+    /// Bytes of those frames before compression (payloads as the application wrote them).
+    #[serde(default)]
+    pub payload_bytes_sent: u64,
+    /// Bytes of those frames on the wire (headers + compressed or raw payloads);
+    /// `wire_bytes_sent / payload_bytes_sent` is the compression ratio.
+    #[serde(default)]
+    pub wire_bytes_sent: u64,
 }
 
 /// Everything an operator or the cluster daemon needs about one volume.
