@@ -322,7 +322,16 @@ async fn data_path(
                 let Some(cmd) = cmd else { break };
                 match cmd {
                     Command::Promote(force, reply) => {
-                        let r = vol.promote(force).map_err(|e| e.to_string());
+                        let before = vol.status();
+                        let was_connected = before.connection == volume::Connection::Connected
+                            && before.role == volume::Role::Secondary;
+                        let mut r = vol.promote(force).map_err(|e| e.to_string());
+                        if r.is_ok() && was_connected {
+                            // The promotion drops the connection so the peer learns the new
+                            // generation. Writes acknowledged before it is back would reach
+                            // only this copy: wait for the reconnection (the peer is alive).
+                            r = wait_reconnected(&vol, before.counters.connections).await;
+                        }
                         publish(&export);
                         let _ = reply.send(r);
                     }
@@ -421,6 +430,28 @@ async fn data_path(
             tracing::warn!(volume = %cfg.name, "volume still in use at shutdown; bitmap persisted, the activity log is replayed at the next start");
             let _ = vol.persist_bitmap();
         }
+    }
+}
+
+/// How long a promotion waits for the connected peer to reconnect.
+const RECONNECT_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits until the volume is connected again on a newer connection than `connections`.
+/// A peer that does not come back within [`RECONNECT_WAIT`] is no reason to fail the
+/// promotion: the volume then serves alone and marks what the peer misses (as after any
+/// connection loss), and the log says so.
+async fn wait_reconnected(vol: &Rc<Vol>, connections: u64) -> Result<(), String> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = vol.status();
+        if s.connection == volume::Connection::Connected && s.counters.connections > connections {
+            return Ok(());
+        }
+        if t0.elapsed() >= RECONNECT_WAIT {
+            tracing::warn!(volume = %s.volume, "the peer did not reconnect after the promotion; serving alone, its copy is resynced when it returns");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -576,6 +607,7 @@ mod tests {
             format!("{:016x}", 0x1234abcdu64),
             "promotion starts a generation"
         );
+        assert!(connected(&a), "promote returns once the peer reconnected");
         let uri = a.start_export().unwrap();
         assert!(uri.contains("a.sock"), "{uri}");
         wait("a and b reconnect after the promotion", || {
@@ -713,6 +745,7 @@ mod tests {
         let b = MirroredControl::open("b", cfgs.remove(0)).unwrap();
         wait("connected", || connected(&a) && connected(&b));
         a.promote(false).unwrap();
+        assert!(connected(&a), "promote returns once the peer reconnected");
         a.start_export().unwrap();
         wait("reconnected", || connected(&a) && connected(&b));
         let mut c = NbdClient::connect(&dir.path().join("a.sock")).unwrap();
