@@ -200,3 +200,39 @@ fn netns_one_way_partition_the_deaf_primary_stands_down_and_the_standby_takes_ov
         "node-a was heard: no fencing needed"
     );
 }
+
+#[test]
+fn netns_a_standby_cut_off_from_replication_is_outdated_and_never_promoted_with_stale_data() {
+    // Only the replication link is cut: heartbeats still flow. node-a goes on serving alone
+    // and says so in its heartbeats; node-b marks its copy Outdated. When node-a then dies,
+    // node-b must not take the service with data that lacks acknowledged writes.
+    let d = tempfile::tempdir().unwrap();
+    let mut l = started(d.path());
+    l.cut_replication(B, true).unwrap();
+    let mut c = NbdClient::connect(&l.exports[A]).unwrap();
+    for i in 0..64u64 {
+        c.write(i * 4096, &[0xA5; 4096]).unwrap();
+    }
+    c.flush().unwrap();
+    drop(c);
+    l.wait_for(B, Duration::from_secs(20), |s| {
+        s["volumes"][0]["disk"] == "outdated"
+    })
+    .unwrap_or_else(|| panic!("node-b never marked its copy outdated:\n{}", l.log(B)));
+    l.kill(A);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(8) {
+        assert_eq!(
+            role(&l, B).as_deref(),
+            Some("secondary"),
+            "an outdated copy was promoted:\n{}",
+            l.log(B)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = l.status(B).unwrap();
+    assert!(
+        s["reason"].as_str().unwrap_or("").contains("Outdated"),
+        "{s}"
+    );
+}

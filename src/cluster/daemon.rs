@@ -19,7 +19,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::bringup::{self, HookResult, Hooks, Sequence};
 use super::control::{Answer, Request};
 use super::decide::{Action, Controller, FenceState, Inputs, Params, WitnessView};
-use super::heartbeat::{self, DiskState, Heartbeat, Role, FLAG_WANTS_PRIMARY, FLAG_YIELDING};
+use super::heartbeat::{
+    self, DiskState, Heartbeat, Role, FLAG_PEER_OUTDATED, FLAG_WANTS_PRIMARY, FLAG_YIELDING,
+};
 use super::liveness::{Event, PeerMonitor, PeerView};
 use super::mirrored::MirroredControl;
 use super::volume::{LocalVolume, VolumeControl, VolumeStatus};
@@ -294,6 +296,29 @@ impl Node {
         )
     }
 
+    /// A mirrored volume here is disconnected with acknowledged writes the peer lacks.
+    fn peer_lacks_writes(&self) -> bool {
+        self.volumes.iter().any(|v| {
+            v.status().replication.is_some_and(|r| {
+                r.connection != crate::volume::Connection::Connected && r.rpo_bytes > 0
+            })
+        })
+    }
+
+    /// The Primary reported writes this node lacks: outdate the mirrored copies here.
+    fn peer_says_outdated(&mut self) {
+        let mut changed = false;
+        for v in self.volumes.iter_mut() {
+            match tokio::task::block_in_place(|| v.mark_outdated()) {
+                Ok(c) => changed |= c,
+                Err(e) => tracing::error!(error = %e, "cannot mark the copy outdated"),
+            }
+        }
+        if changed {
+            self.publish();
+        }
+    }
+
     /// This node hears no peer and reaches no witness: it may be the one cut off.
     fn cut_off(&self) -> bool {
         self.monitor.view() == PeerView::Lost
@@ -311,6 +336,9 @@ impl Node {
         }
         if self.controller.wants_primary() {
             flags |= FLAG_WANTS_PRIMARY;
+        }
+        if self.role() == Role::Primary && self.peer_lacks_writes() {
+            flags |= FLAG_PEER_OUTDATED;
         }
         Advert {
             role: self.role(),
@@ -1159,6 +1187,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             _ = ticker.tick() => sm.fed_while(operation_limit, node.tick()).await,
             Some(m) = rx.recv() => match m {
                 Msg::Heartbeat(i, Ok(hb)) => {
+                    if hb.flags & FLAG_PEER_OUTDATED != 0 && node.role() == Role::Secondary {
+                        node.peer_says_outdated();
+                    }
                     let now = node.now();
                     for ev in node.monitor.on_heartbeat(now, i, &hb) {
                         node.log_event(ev);

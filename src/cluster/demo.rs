@@ -688,6 +688,44 @@ record = "db.lab.internal."
         self.cut_path(1, on)
     }
 
+    /// Cuts (or restores) only the replication connection (TCP port 7800) as seen by node `n`
+    /// (network namespaces only): heartbeats keep flowing.
+    pub fn cut_replication(&self, n: usize, on: bool) -> std::io::Result<()> {
+        let Some(ns) = &self.netns else {
+            return Err(std::io::Error::other(
+                "cutting only replication needs the network-namespace lab",
+            ));
+        };
+        if on {
+            let rules = "table inet tvrepl {\n  chain input {\n    type filter hook input priority 0; policy accept;\n    tcp dport 7800 drop\n    tcp sport 7800 drop\n  }\n}\n";
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", &ns.names[n], "nft", "-f", "-"])
+                .stdin(Stdio::piped())
+                .spawn()?;
+            if let Some(mut i) = child.stdin.take() {
+                i.write_all(rules.as_bytes())?;
+            }
+            if !child.wait()?.success() {
+                return Err(std::io::Error::other(
+                    "nft refused the replication drop rule",
+                ));
+            }
+            Ok(())
+        } else {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns.names[n],
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "tvrepl",
+            ])
+        }
+    }
+
     /// One-way partition (network namespaces only): node `n` receives nothing on any interface
     /// but its packets still go out, so the peer keeps hearing it.
     pub fn deafen(&self, n: usize, on: bool) -> std::io::Result<()> {

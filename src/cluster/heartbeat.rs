@@ -45,6 +45,9 @@ pub enum DiskState {
 pub const FLAG_YIELDING: u8 = 1;
 /// Flag: this node asks the peer to hand over (operator switchover on the standby).
 pub const FLAG_WANTS_PRIMARY: u8 = 2;
+/// Flag: this Primary has acknowledged writes its peer does not have (a mirrored volume is
+/// disconnected with unreplicated bytes): the peer's copy is outdated and must not be promoted.
+pub const FLAG_PEER_OUTDATED: u8 = 4;
 
 /// One heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq)]

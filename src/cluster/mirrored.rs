@@ -46,6 +46,7 @@ enum Command {
     StartExport(Reply<String>),
     StopExport(Reply<()>),
     StartVerify(Reply<String>),
+    MarkOutdated(Reply<bool>),
     Resync(bool, Reply<String>),
     Shutdown,
 }
@@ -206,6 +207,9 @@ impl VolumeControl for MirroredControl {
     }
     fn start_verify(&mut self) -> Result<String, VolumeError> {
         self.call(Command::StartVerify)
+    }
+    fn mark_outdated(&mut self) -> Result<bool, VolumeError> {
+        self.call(Command::MarkOutdated)
     }
     fn resync(&mut self, discard_local: bool) -> Result<String, VolumeError> {
         self.call(|r| Command::Resync(discard_local, r))
@@ -384,6 +388,11 @@ async fn data_path(
                         } else {
                             Ok("verify started; its progress and result show in status".into())
                         };
+                        publish(&export);
+                        let _ = reply.send(r);
+                    }
+                    Command::MarkOutdated(reply) => {
+                        let r = vol.mark_outdated().map_err(|e| e.to_string());
                         publish(&export);
                         let _ = reply.send(r);
                     }

@@ -85,6 +85,11 @@ pub trait VolumeControl: Send {
     fn unmount(&mut self) -> Result<Option<String>, VolumeError> {
         Ok(None)
     }
+    /// The peer Primary reported writes this copy lacks: mark it Outdated (mirrored
+    /// volumes; a no-op for others). Returns whether it changed.
+    fn mark_outdated(&mut self) -> Result<bool, VolumeError> {
+        Ok(false)
+    }
     /// Starts an online verify against the peer (mirrored volumes only); the result shows in
     /// the status. Returns what was started.
     fn start_verify(&mut self) -> Result<String, VolumeError> {

@@ -386,6 +386,35 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         Ok(())
     }
 
+    /// Marks this Secondary's copy Outdated (persisted): the Primary said it acknowledged
+    /// writes this copy lacks. Promotion then needs force until a resync from the Primary
+    /// clears it. Returns whether the flag was newly set; a Primary is never outdated.
+    pub fn mark_outdated(&self) -> Result<bool, VolumeError> {
+        // A connected Secondary is kept current by the connection itself (or is being
+        // resynced); a late heartbeat must not outdate it.
+        if self.role() != Role::Secondary || self.st.borrow().session.is_some() {
+            return Ok(false);
+        }
+        if self
+            .meta
+            .borrow()
+            .superblock()
+            .flags
+            .has(DiskFlags::OUTDATED)
+        {
+            return Ok(false);
+        }
+        self.meta
+            .borrow_mut()
+            .update_state(|_, f| {
+                f.set(DiskFlags::OUTDATED, true);
+                f.set(DiskFlags::UP_TO_DATE, false);
+            })
+            .map_err(|e| self.meta_err(e))?;
+        tracing::warn!(volume = %self.settings.volume, "this copy is OUTDATED: the Primary acknowledged writes it lacks; it cannot be promoted until resynced");
+        Ok(true)
+    }
+
     /// Persists the bitmap and records a clean shutdown (no write may be in flight).
     pub fn close(self) -> Result<D, StoreError> {
         self.meta.into_inner().close_clean()

@@ -662,6 +662,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     g.resync_finished_as_target(&src, full);
                     f.set(DiskFlags::CONSISTENT, true);
                     f.set(DiskFlags::UP_TO_DATE, true);
+                    f.set(DiskFlags::OUTDATED, false);
                     f.set(DiskFlags::INITIAL_SYNC_DONE, true);
                 })
             });
