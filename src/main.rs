@@ -138,15 +138,22 @@ struct CtlArgs {
     socket: Option<PathBuf>,
 }
 
+impl CtlArgs {
+    /// The control socket: --socket, else the one --config names.
+    fn socket(&self) -> anyhow::Result<PathBuf> {
+        match &self.socket {
+            Some(s) => Ok(s.clone()),
+            None => twinvol::cluster::daemon::control_socket_of(&self.config),
+        }
+    }
+}
+
 fn run_control(
     ctl: CtlArgs,
     req: twinvol::cluster::control::Request,
     json: bool,
 ) -> anyhow::Result<()> {
-    let socket = match ctl.socket {
-        Some(s) => s,
-        None => twinvol::cluster::daemon::control_socket_of(&ctl.config)?,
-    };
+    let socket = ctl.socket()?;
     let a = twinvol::cluster::control::call(&socket, &req, std::time::Duration::from_secs(120))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&a.status)?);
@@ -166,10 +173,7 @@ fn run_control(
 /// verify has finished, prints each result.
 fn run_daemon_verify(ctl: CtlArgs, volume: Option<String>, json: bool) -> anyhow::Result<()> {
     use twinvol::cluster::control::{call, Request};
-    let socket = match &ctl.socket {
-        Some(s) => s.clone(),
-        None => twinvol::cluster::daemon::control_socket_of(&ctl.config)?,
-    };
+    let socket = ctl.socket()?;
     let t = std::time::Duration::from_secs(30);
     let a = call(
         &socket,
@@ -242,10 +246,7 @@ fn fetch_status(
         let t = twinvol::ops::status_text::render_mirror(&v);
         return Ok((v, t));
     }
-    let socket = match &ctl.socket {
-        Some(s) => s.clone(),
-        None => twinvol::cluster::daemon::control_socket_of(&ctl.config)?,
-    };
+    let socket = ctl.socket()?;
     let a = twinvol::cluster::control::call(
         &socket,
         &twinvol::cluster::control::Request::Status,

@@ -168,6 +168,22 @@ pub fn data_crc(path: &Path, len: u64) -> std::io::Result<u32> {
     Ok(h.finalize())
 }
 
+/// Loads an nftables ruleset into namespace `ns` (`nft -f -`); fails naming `what`.
+fn nft_apply(ns: &str, rules: &str, what: &str) -> std::io::Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(rules.as_bytes())?;
+    }
+    if child.wait()?.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("nft refused {what}")))
+    }
+}
+
 fn free_udp_port(ip: &str) -> std::io::Result<u16> {
     Ok(UdpSocket::bind((ip, 0))?.local_addr()?.port())
 }
@@ -284,16 +300,7 @@ impl Netns {
                     "table inet {table} {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    iifname \"{}\" drop\n  }}\n}}\n",
                     self.veths[p][n]
                 );
-                let mut child = Command::new("ip")
-                    .args(["netns", "exec", &self.names[n], "nft", "-f", "-"])
-                    .stdin(Stdio::piped())
-                    .spawn()?;
-                if let Some(mut i) = child.stdin.take() {
-                    i.write_all(rules.as_bytes())?;
-                }
-                if !child.wait()?.success() {
-                    return Err(std::io::Error::other("nft refused the drop rule"));
-                }
+                nft_apply(&self.names[n], &rules, "the drop rule")?;
             } else {
                 sh(&[
                     "ip",
@@ -330,16 +337,7 @@ impl Netns {
             let rules = format!(
                 "table inet tviso {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    iifname {set} drop\n  }}\n{out}}}\n"
             );
-            let mut child = Command::new("ip")
-                .args(["netns", "exec", &self.names[n], "nft", "-f", "-"])
-                .stdin(Stdio::piped())
-                .spawn()?;
-            if let Some(mut i) = child.stdin.take() {
-                i.write_all(rules.as_bytes())?;
-            }
-            if !child.wait()?.success() {
-                return Err(std::io::Error::other("nft refused the isolation rule"));
-            }
+            nft_apply(&self.names[n], &rules, "the isolation rule")?;
             Ok(())
         } else {
             sh(&[
@@ -698,18 +696,7 @@ record = "db.lab.internal."
         };
         if on {
             let rules = "table inet tvrepl {\n  chain input {\n    type filter hook input priority 0; policy accept;\n    tcp dport 7800 drop\n    tcp sport 7800 drop\n  }\n}\n";
-            let mut child = Command::new("ip")
-                .args(["netns", "exec", &ns.names[n], "nft", "-f", "-"])
-                .stdin(Stdio::piped())
-                .spawn()?;
-            if let Some(mut i) = child.stdin.take() {
-                i.write_all(rules.as_bytes())?;
-            }
-            if !child.wait()?.success() {
-                return Err(std::io::Error::other(
-                    "nft refused the replication drop rule",
-                ));
-            }
+            nft_apply(&ns.names[n], rules, "the replication drop rule")?;
             Ok(())
         } else {
             sh(&[

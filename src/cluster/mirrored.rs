@@ -10,7 +10,6 @@
 //! change. Dropping the handle stops the export, persists the bitmap and closes the metadata
 //! cleanly (the next start does not replay the activity log).
 
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -23,7 +22,7 @@ use super::volume::{VolumeControl, VolumeError, VolumeStatus};
 use crate::config::VolumeConfig;
 use crate::engine::{self, Engine, EngineKind};
 use crate::meta::device::FileDevice;
-use crate::nbd::export::{choose_engine, Endpoint, Listener};
+use crate::nbd::export::{choose_engine, Listener};
 use crate::nbd::server::{serve_connection, ServerConfig, Shared};
 use crate::volume::{self, MirroredVolume};
 
@@ -91,15 +90,6 @@ fn role_of(r: volume::Role) -> Role {
     }
 }
 
-fn endpoint(cfg: &VolumeConfig) -> Endpoint {
-    match (&cfg.export.socket, cfg.export.listen) {
-        (Some(p), _) => Endpoint::Unix(p.clone()),
-        (None, Some(a)) => Endpoint::Tcp(a),
-        // Config validation refuses a volume with neither.
-        (None, None) => Endpoint::Unix(PathBuf::from(format!("/run/twinvol/{}.sock", cfg.name))),
-    }
-}
-
 impl MirroredControl {
     /// Opens the mirrored volume of `cfg` (which must have a `[volume.replication]` table) as
     /// node `node`, Secondary, and starts replicating. Fails with the reason the device,
@@ -113,37 +103,25 @@ impl MirroredControl {
         let kind = choose_engine(cfg.engine.forced()).map_err(|e| err(e.to_string()))?;
         let placement_cfg = cfg.clone();
         let (commands, rx) = mpsc::unbounded_channel();
-        let (ready_tx, ready_rx) = std_mpsc::channel::<Result<Snapshot, String>>();
+        let (ready_tx, ready_rx) = std_mpsc::channel::<Result<Arc<Mutex<Snapshot>>, String>>();
         let node = node.to_string();
-        let holder: Arc<Mutex<Option<Arc<Mutex<Snapshot>>>>> = Arc::default();
-        let holder_thread = holder.clone();
         let thread = std::thread::Builder::new()
             .name(format!("volume-{name}"))
             .spawn(move || {
-                let r = engine::block_on(
-                    kind,
-                    data_path(kind, node, cfg, rx, ready_tx.clone(), holder_thread),
-                );
+                let r = engine::block_on(kind, data_path(kind, node, cfg, rx, ready_tx.clone()));
                 if let Err(e) = r {
                     let _ = ready_tx.send(Err(e.to_string()));
                 }
             })
             .map_err(|e| err(format!("cannot start the volume thread: {e}")))?;
         match ready_rx.recv_timeout(OPEN_TIMEOUT) {
-            Ok(Ok(_)) => {
-                let snapshot = holder
-                    .lock()
-                    .ok()
-                    .and_then(|h| h.clone())
-                    .ok_or_else(|| err("the volume thread published no status".into()))?;
-                Ok(Self {
-                    name,
-                    placement: super::mount::Placement::new(placement_cfg),
-                    commands,
-                    snapshot,
-                    thread: Some(thread),
-                })
-            }
+            Ok(Ok(snapshot)) => Ok(Self {
+                name,
+                placement: super::mount::Placement::new(placement_cfg),
+                commands,
+                snapshot,
+                thread: Some(thread),
+            }),
             Ok(Err(why)) => {
                 let _ = thread.join();
                 Err(err(why))
@@ -272,8 +250,7 @@ async fn data_path(
     node: String,
     cfg: VolumeConfig,
     mut commands: mpsc::UnboundedReceiver<Command>,
-    ready: std_mpsc::Sender<Result<Snapshot, String>>,
-    holder: Arc<Mutex<Option<Arc<Mutex<Snapshot>>>>>,
+    ready: std_mpsc::Sender<Result<Arc<Mutex<Snapshot>>, String>>,
 ) {
     let (vol, link) = match volume::run::open_volume(kind, &node, &cfg) {
         Ok(v) => v,
@@ -287,9 +264,6 @@ async fn data_path(
         status: vol.status(),
         export: None,
     }));
-    if let Ok(mut h) = holder.lock() {
-        *h = Some(snapshot.clone());
-    }
     let replication = {
         let vol = vol.clone();
         let name = cfg.name.clone();
@@ -299,10 +273,7 @@ async fn data_path(
             }
         })
     };
-    let _ = ready.send(Ok(Snapshot {
-        status: vol.status(),
-        export: None,
-    }));
+    let _ = ready.send(Ok(snapshot.clone()));
     tracing::info!(volume = %cfg.name, engine = ?kind, "mirrored volume open (Secondary)");
 
     let mut export: Option<Export> = None;
@@ -465,7 +436,7 @@ async fn wait_reconnected(vol: &Rc<Vol>, connections: u64) -> Result<(), String>
 }
 
 async fn start_export(vol: Rc<Vol>, cfg: &VolumeConfig) -> Result<Export, String> {
-    let listener = Listener::bind(&endpoint(cfg))
+    let listener = Listener::bind(&super::volume::endpoint(cfg))
         .await
         .map_err(|e| e.to_string())?;
     let uri = listener.uri(&cfg.export.name);

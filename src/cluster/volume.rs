@@ -144,7 +144,9 @@ impl LocalVolume {
     }
 }
 
-fn endpoint(cfg: &VolumeConfig) -> Endpoint {
+/// Where a volume's NBD export listens: its socket, else its TCP address (config validation
+/// refuses a volume with neither; the fallback is the conventional socket path).
+pub(crate) fn endpoint(cfg: &VolumeConfig) -> Endpoint {
     match (&cfg.export.socket, cfg.export.listen) {
         (Some(p), _) => Endpoint::Unix(p.clone()),
         (None, Some(a)) => Endpoint::Tcp(a),

@@ -272,11 +272,7 @@ async fn serve(
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     spawn_signals(vol.clone(), stop_tx)?;
-    let endpoint = match (&v.export.socket, &v.export.listen) {
-        (Some(p), _) => Endpoint::Unix(p.clone()),
-        (None, Some(a)) => Endpoint::Tcp(*a),
-        (None, None) => Endpoint::Unix(PathBuf::from(format!("/run/twinvol/{}.sock", v.name))),
-    };
+    let endpoint = crate::cluster::volume::endpoint(&v);
     export_while_primary(vol.clone(), endpoint, v.export.name.clone(), stop_rx).await?;
     // Shutdown: no write is in flight once the export loop returned.
     if let Some(p) = &args.status_file {
