@@ -512,11 +512,22 @@ fn bit_flips_on_the_link_never_reach_a_disk_and_the_stream_recovers() {
         "the proxy flipped too few bits to test anything"
     );
     // Every flip costs one reconnect and a resync of what was in flight; the stream must settle.
+    // Settled = both sides connected, nothing unreplicated, no resync, seen on consecutive
+    // polls of one snapshot each (the snapshots lag up to 100 ms and a late flip may still
+    // cost a reconnect).
+    let settled = || {
+        let (sa, sb) = (a.status(), b.status());
+        sa["connection"]["state"] == "connected"
+            && sa["rpo_bytes"] == 0
+            && sa["resync"].is_null()
+            && sb["connection"]["state"] == "connected"
+            && sb["resync"].is_null()
+            && sb["disk"] == "up-to-date"
+    };
     let t0 = Instant::now();
-    while !(a.status()["connection"]["state"] == "connected"
-        && a.status()["rpo_bytes"] == 0
-        && a.status()["resync"].is_null())
-    {
+    let mut calm = 0;
+    while calm < 5 {
+        calm = if settled() { calm + 1 } else { 0 };
         if t0.elapsed() > Duration::from_secs(60) {
             let log = b.log_text();
             panic!(
