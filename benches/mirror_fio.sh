@@ -7,12 +7,15 @@
 #   each node. On one machine: /var/tmp/a.img /var/tmp/b.img 127.0.0.1:7789 127.0.0.2:7790.
 #   On two EC2 instances run node b by hand with the printed config and give its address.
 # Env: TWINVOL (binary, default target/release/twinvol), SIZE (file size, default 1G),
-#      LEVEL (zstd level on the wire, default 1; 0 = off).
+#      LEVEL (zstd level on the wire, default 1; 0 = off), JOBS (job names to run, default
+#      both: "4k-randwrite-qd32 1m-seqwrite-qd8"), MODES (default "sync async").
 set -euo pipefail
 A=$1 B=$2 ADDR_A=$3 ADDR_B=$4 RUNTIME=${5:-10}
 TWINVOL=${TWINVOL:-target/release/twinvol}
 SIZE=${SIZE:-1G}
 LEVEL=${LEVEL:-1}
+JOBS=${JOBS:-4k-randwrite-qd32 1m-seqwrite-qd8}
+MODES=${MODES:-sync async}
 W=$(mktemp -d /var/tmp/twinvol-bench-XXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; sleep 0.5; rm -rf "$W"' EXIT
 command -v fio >/dev/null || { echo "fio missing: run scripts/test-deps.sh" >&2; exit 1; }
@@ -42,6 +45,7 @@ EOF
 jobs_run() { # label socket
   for job in "4k-randwrite-qd32:randwrite:4k:32" "1m-seqwrite-qd8:write:1M:8"; do
     IFS=: read -r name rw bs qd <<<"$job"
+    [[ " $JOBS " == *" $name "* ]] || continue
     bw=$(fio --name="$name" --ioengine=nbd --uri="nbd+unix:///?socket=$2" --rw="$rw" --bs="$bs" \
       --iodepth="$qd" --size=256M --time_based --runtime="$RUNTIME" --output-format=json \
       | python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]["write"]; print("%.1f MiB/s | %.0f IOPS" % (j["bw_bytes"]/1048576, j["iops"]))')
@@ -60,7 +64,7 @@ mkmd
 P=$!
 sleep 1; jobs_run "no peer (twinvol export)" "$W/plain.sock"; kill $P; wait $P 2>/dev/null || true
 
-for mode in sync async; do
+for mode in $MODES; do
   mkmd
   conf a b "$A" "$ADDR_A" "$ADDR_B" "$mode"; conf b a "$B" "$ADDR_B" "$ADDR_A" "$mode"
   "$TWINVOL" mirror --config "$W/b.toml" --secondary --status-file "$W/b.json" 2>"$W/b.log" &
@@ -70,5 +74,6 @@ for mode in sync async; do
   for _ in $(seq 100); do grep -q '"connected"' "$W/a.json" 2>/dev/null && break; sleep 0.1; done
   jobs_run "$mode mirror" "$W/a.sock"
   for _ in $(seq 600); do grep -q '"rpo_bytes": 0' "$W/a.json" && break; sleep 0.1; done
+  python3 -c "import json,sys; c=json.load(open(sys.argv[1]))[\"counters\"]; print(\"# %s: wire/payload %.3f\" % (sys.argv[2], c[\"wire_bytes_sent\"]/max(1,c[\"payload_bytes_sent\"])))" "$W/a.json" "$mode" || true
   kill $PA $PB; wait $PA $PB 2>/dev/null || true
 done

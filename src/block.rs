@@ -126,6 +126,15 @@ pub trait BlockTarget {
     async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool)
         -> (BlockResult<()>, AlignedBuf);
 
+    /// Writes all of `data` at `offset` like [`BlockTarget::write`], from a shared buffer that
+    /// other holders (a replication frame) may read at the same time. Targets that can write
+    /// straight from it (an aligned buffer for direct I/O) avoid the copy this default makes.
+    async fn write_bytes(&self, offset: u64, data: bytes::Bytes, fua: bool) -> BlockResult<()> {
+        let mut buf = self.alloc_buf_for_overwrite(data.len());
+        buf.copy_from_slice(&data);
+        self.write(offset, buf, fua).await.0
+    }
+
     /// Makes every completed write durable.
     async fn flush(&self) -> BlockResult<()>;
 

@@ -78,13 +78,53 @@ fn repl_decode(bytes: &[u8], step: usize) -> (Vec<Message>, bool) {
     (out, false)
 }
 
-/// `repl::wire::FrameDecoder`: no panic; the same bytes whole or in small pieces give the
-/// same messages and fail at the same point; every accepted message re-encodes to a frame
-/// that decodes to the same message (the codec is canonical).
+/// Like `repl_decode`, but a bulk payload the decoder offers is moved into a buffer of its
+/// own and completed with `finish_bulk`, as the link receives large writes.
+fn repl_decode_bulk(bytes: &[u8], step: usize) -> (Vec<Message>, bool) {
+    let mut d = FrameDecoder::new(REPL_MAX).expect("limit is valid");
+    let (mut out, mut pos) = (Vec::new(), 0);
+    loop {
+        loop {
+            match d.pop() {
+                Ok(Some(m)) => out.push(m),
+                Ok(None) => break,
+                Err(_) => return (out, true),
+            }
+        }
+        if let Some(plan) = d.bulk_pending() {
+            let mut buf = vec![0u8; plan.wire_len];
+            let got = d.take_buffered(&mut buf);
+            let rest = (plan.wire_len - got).min(bytes.len() - pos);
+            buf[got..got + rest].copy_from_slice(&bytes[pos..pos + rest]);
+            pos += rest;
+            if got + rest < plan.wire_len {
+                return (out, false);
+            }
+            match d.finish_bulk(buf.into()) {
+                Ok(m) => out.push(m),
+                Err(_) => return (out, true),
+            }
+            continue;
+        }
+        if pos == bytes.len() {
+            return (out, false);
+        }
+        let n = step.max(1).min(bytes.len() - pos);
+        d.push(&bytes[pos..pos + n]);
+        pos += n;
+    }
+}
+
+/// `repl::wire::FrameDecoder`: no panic; the same bytes whole or in small pieces, or with
+/// large payloads received into buffers of their own, give the same messages and fail at the
+/// same point; every accepted message re-encodes to a frame that decodes to the same message
+/// (the codec is canonical).
 pub fn repl_wire_decoder(data: &[u8]) {
     let whole = repl_decode(data, data.len());
     let pieces = repl_decode(data, 1 + data.len() % 61);
     assert_eq!(whole, pieces, "split changed the outcome");
+    let bulk = repl_decode_bulk(data, 1 + data.len() % 61);
+    assert_eq!(whole, bulk, "bulk receive changed the outcome");
     let mut enc = FrameEncoder::new(0, REPL_MAX).expect("limit is valid");
     for m in whole.0 {
         let again = enc

@@ -86,15 +86,13 @@ impl AlignedBuf {
 impl AlignedBuf {
     /// A buffer of `len` bytes whose contents are unspecified (but initialised): for data that
     /// will be overwritten entirely, such as a read target or a request payload. Reuses a buffer
-    /// of the same capacity freed earlier on this thread, avoiding a fresh zeroed allocation
-    /// (for 1 MiB requests: an mmap, 256 page faults and a munmap each time).
+    /// of the same capacity freed earlier, avoiding a fresh zeroed allocation (for 1 MiB
+    /// requests: a 1 MiB memset, or an mmap, 256 page faults and a munmap each time). The pool
+    /// is process-wide: a write's buffer is often freed on the replication writer's thread.
     pub fn for_overwrite(len: usize, align: usize) -> Self {
         let align = align.max(512).next_power_of_two();
         let cap = len.max(1).div_ceil(align) * align;
-        let reused = POOL
-            .try_with(|p| p.borrow_mut().take(cap, align))
-            .ok()
-            .flatten();
+        let reused = POOL.lock().ok().and_then(|mut p| p.take(cap, align));
         match reused {
             Some(ptr) => Self {
                 ptr,
@@ -109,26 +107,32 @@ impl AlignedBuf {
 
 /// Buffers up to this capacity are kept for reuse when dropped.
 const POOL_MAX_BUF: usize = 4 * 1024 * 1024;
-/// Bytes a thread keeps for reuse at most (bounds the memory the pool holds).
-const POOL_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes the pool keeps for reuse at most (bounds the memory it holds).
+const POOL_MAX_BYTES: usize = 32 * 1024 * 1024;
 
-thread_local! {
-    static POOL: std::cell::RefCell<Pool> = std::cell::RefCell::new(Pool::default());
-}
+/// Freed buffers for reuse, shared by every thread (one short lock per allocation and free).
+static POOL: std::sync::Mutex<Pool> = std::sync::Mutex::new(Pool {
+    free: Vec::new(),
+    bytes: 0,
+});
 
-/// Freed buffers of this thread, by (capacity, alignment).
+/// Freed buffers, by (capacity, alignment) (a handful of size classes: a linear search).
 ///
 /// Invariant: every pointer was allocated by `AlignedBuf::new` with layout (cap, align), is
 /// owned by the pool alone, and all its `cap` bytes are initialised; `bytes` is their total size.
-#[derive(Default)]
 struct Pool {
-    free: std::collections::HashMap<(usize, usize), Vec<NonNull<u8>>>,
+    free: Vec<((usize, usize), Vec<NonNull<u8>>)>,
     bytes: usize,
 }
 
+// SAFETY: the pool owns the allocations its pointers name (like a Vec<Box<[u8]>>); nothing
+// else aliases them, and all access goes through the mutex.
+unsafe impl Send for Pool {}
+
 impl Pool {
     fn take(&mut self, cap: usize, align: usize) -> Option<NonNull<u8>> {
-        let ptr = self.free.get_mut(&(cap, align))?.pop()?;
+        let (_, list) = self.free.iter_mut().find(|(k, _)| *k == (cap, align))?;
+        let ptr = list.pop()?;
         self.bytes -= cap;
         Some(ptr)
     }
@@ -138,20 +142,12 @@ impl Pool {
         if cap > POOL_MAX_BUF || self.bytes + cap > POOL_MAX_BYTES {
             return false;
         }
-        self.free.entry((cap, align)).or_default().push(ptr);
+        match self.free.iter_mut().find(|(k, _)| *k == (cap, align)) {
+            Some((_, list)) => list.push(ptr),
+            None => self.free.push(((cap, align), vec![ptr])),
+        }
         self.bytes += cap;
         true
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        for ((cap, align), ptrs) in self.free.drain() {
-            for p in ptrs {
-                // SAFETY: pool invariant: allocated with exactly this layout, owned by the pool.
-                unsafe { dealloc(p.as_ptr(), Layout::from_size_align_unchecked(cap, align)) }
-            }
-        }
     }
 }
 
@@ -159,7 +155,8 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         let (ptr, cap, align) = (self.ptr, self.cap, self.align);
         let kept = POOL
-            .try_with(|p| p.borrow_mut().put(ptr, cap, align))
+            .lock()
+            .map(|mut p| p.put(ptr, cap, align))
             .unwrap_or(false);
         if !kept {
             // SAFETY: ptr was allocated in `new` with exactly this layout, is owned by this
@@ -181,6 +178,21 @@ impl std::ops::DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in deref, and &mut self guarantees unique access.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl AlignedBuf {
+    /// The buffer as shared, immutable [`bytes::Bytes`] without a copy: clones and slices
+    /// point into this allocation (so a slice starting at a multiple of the alignment is
+    /// itself aligned for direct I/O); it is freed (or pooled) when the last one is dropped.
+    pub fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from_owner(self)
     }
 }
 
@@ -243,14 +255,35 @@ mod tests {
     }
 
     #[test]
+    fn into_bytes_shares_the_aligned_allocation_and_returns_it_to_the_pool() {
+        // A size no other test uses: the pool is shared by the test threads.
+        const N: usize = (1 << 16) + 11 * 4096;
+        let mut a = AlignedBuf::for_overwrite(N, 4096);
+        a.fill(7);
+        let p = a.as_ptr();
+        let b = a.into_bytes();
+        assert_eq!(b.as_ptr(), p);
+        assert_eq!(b.len(), N);
+        let tail = b.slice(4096..);
+        drop(b);
+        assert!(tail.iter().all(|&x| x == 7));
+        assert_eq!(tail.as_ptr() as usize % 4096, 0);
+        // The last holder frees it on another thread (the replication writer does).
+        std::thread::spawn(move || drop(tail)).join().unwrap();
+        assert_eq!(AlignedBuf::for_overwrite(N, 4096).as_ptr(), p);
+    }
+
+    #[test]
     fn buffers_for_overwrite_are_reused_with_their_capacity_and_alignment() {
-        let a = AlignedBuf::for_overwrite(1 << 20, 4096);
+        // A size no other test uses: the pool is shared by the test threads.
+        const N: usize = (1 << 20) + 7 * 4096;
+        let a = AlignedBuf::for_overwrite(N, 4096);
         let p = a.as_ptr();
         drop(a);
-        let b = AlignedBuf::for_overwrite(1 << 20, 4096);
+        let b = AlignedBuf::for_overwrite(N, 4096);
         assert_eq!(b.as_ptr(), p, "the freed buffer is reused");
-        assert_eq!((b.len(), b.capacity(), b.align()), (1 << 20, 1 << 20, 4096));
-        let c = AlignedBuf::for_overwrite(1 << 20, 512);
+        assert_eq!((b.len(), b.capacity(), b.align()), (N, N, 4096));
+        let c = AlignedBuf::for_overwrite(N, 512);
         assert_ne!(c.as_ptr(), b.as_ptr());
         // Zeroed buffers stay zeroed even when dirty ones are in the pool.
         let mut d = AlignedBuf::for_overwrite(8192, 4096);

@@ -269,6 +269,20 @@ impl Engine {
         }
     }
 
+    /// Writes all of `data` at `offset` from a shared buffer; the caller checked the
+    /// alignment (as for `write_aligned`).
+    pub async fn write_bytes_aligned(
+        &self,
+        offset: u64,
+        data: bytes::Bytes,
+        fua: bool,
+    ) -> std::io::Result<()> {
+        match &self.backend {
+            Backend::Uring(f) => f.write_bytes_at(offset, data, fua).await,
+            Backend::Sync(f) => f.write_bytes_at(offset, data, fua).await,
+        }
+    }
+
     /// fdatasync: every completed write becomes durable.
     pub async fn sync_data(&self) -> std::io::Result<()> {
         match &self.backend {

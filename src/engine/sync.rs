@@ -87,6 +87,21 @@ impl SyncFile {
         }
     }
 
+    /// Writes all of `data` at `offset` from the shared buffer (no copy).
+    pub async fn write_bytes_at(
+        &self,
+        offset: u64,
+        data: bytes::Bytes,
+        fua: bool,
+    ) -> io::Result<()> {
+        let f = if fua {
+            self.fua.clone()
+        } else {
+            self.main.clone()
+        };
+        blocking(move || f.write_all_at(&data, offset)).await?
+    }
+
     pub async fn sync_data(&self) -> io::Result<()> {
         let f = self.main.clone();
         blocking(move || f.sync_data()).await?

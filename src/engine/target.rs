@@ -216,6 +216,28 @@ impl BlockTarget for Engine {
         )
     }
 
+    async fn write_bytes(&self, offset: u64, data: bytes::Bytes, fua: bool) -> BlockResult<()> {
+        let len = data.len() as u64;
+        let direct_ok = self.cache != CacheMode::None
+            || (self.is_aligned(offset, len)
+                && (data.as_ptr() as usize) % (self.align() as usize) == 0);
+        if self.read_only || !direct_ok {
+            // Refusal and read-modify-write are the owned-buffer path's business.
+            let mut buf = self.alloc_buf_for_overwrite(data.len());
+            buf.copy_from_slice(&data);
+            return self.write(offset, buf, fua).await.0;
+        }
+        // Like `write`: an aligned direct write shares the lock read-modify-writes take alone.
+        let _shared = if self.cache == CacheMode::None {
+            Some(self.rmw_lock.read().await)
+        } else {
+            None
+        };
+        self.write_bytes_aligned(offset, data, fua)
+            .await
+            .map_err(|e| BlockError::new(self.ctx("write", offset, len), e))
+    }
+
     async fn flush(&self) -> BlockResult<()> {
         self.sync_data()
             .await

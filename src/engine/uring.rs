@@ -69,6 +69,18 @@ impl UringFile {
         (r, slice.into_inner())
     }
 
+    /// Writes all of `data` at `offset` straight from the shared buffer (no copy).
+    pub async fn write_bytes_at(
+        &self,
+        offset: u64,
+        data: bytes::Bytes,
+        fua: bool,
+    ) -> io::Result<()> {
+        let file = if fua { &self.fua } else { &self.main };
+        let (r, _) = file.write_all_at(data, offset).await;
+        r
+    }
+
     pub async fn sync_data(&self) -> io::Result<()> {
         self.main.sync_data().await
     }

@@ -198,7 +198,7 @@ pub struct MirroredVolume<T, D: MetaDevice> {
     wake: Notify,
     settings: Settings,
     /// Frames and bytes the connection writers sent, cumulative over connections.
-    sent_traffic: Rc<std::cell::Cell<crate::repl::link::Traffic>>,
+    sent_traffic: crate::repl::link::SentTraffic,
 }
 
 fn eio(what: String, e: impl std::fmt::Display) -> BlockError {
@@ -244,7 +244,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             info,
             wake: Notify::new(),
             settings,
-            sent_traffic: Rc::default(),
+            sent_traffic: Default::default(),
         }
     }
 
@@ -469,7 +469,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 progress: r.progress.report(now),
             }),
             counters: {
-                let t = self.sent_traffic.get();
+                let t = self.sent_traffic.lock().map(|t| *t).unwrap_or_default();
                 Counters {
                     frames_sent: t.frames,
                     payload_bytes_sent: t.payload_bytes,
@@ -674,13 +674,10 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         self.try_finish(seq);
     }
 
-    async fn write_primary(
-        &self,
-        offset: u64,
-        buf: AlignedBuf,
-        fua: bool,
-    ) -> (BlockResult<()>, AlignedBuf) {
-        let len = buf.len() as u64;
+    /// A write on the Primary. `data` is shared, not copied, by the local write and the Data
+    /// frame (an aligned buffer from the NBD server goes to the disk and to the socket as is).
+    async fn write_primary(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
+        let len = data.len() as u64;
         let range = offset..offset + len;
         self.wait_until(|v| {
             let st = v.st.borrow();
@@ -696,16 +693,13 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             // only for a write the peer will not receive, or that fails on either side.
             let mut m = self.meta.borrow_mut();
             if let Err(e) = m.prepare_write(offset, len) {
-                return (
-                    Err(eio(
-                        format!(
-                            "recording write {offset}+{len} in the metadata of {}",
-                            self.settings.volume
-                        ),
-                        e,
-                    )),
-                    buf,
-                );
+                return Err(eio(
+                    format!(
+                        "recording write {offset}+{len} in the metadata of {}",
+                        self.settings.volume
+                    ),
+                    e,
+                ));
             }
         }
         let app_id = {
@@ -715,8 +709,8 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             st.app_ranges.insert(id, range.clone());
             id
         };
-        let sent = self.replicate(offset, Bytes::copy_from_slice(&buf), fua);
-        let (res, buf) = self.local.write(offset, buf, fua).await;
+        let sent = self.replicate(offset, data.clone(), fua);
+        let res = self.local.write_bytes(offset, data, fua).await;
         self.st.borrow_mut().app_ranges.remove(&app_id);
         self.wake.notify_waiters();
         if res.is_err() {
@@ -725,7 +719,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             if let Some((seq, _)) = sent {
                 self.local_done(seq);
             }
-            return (res, buf);
+            return res;
         }
         if let Some((seq, rx)) = sent {
             self.local_done(seq);
@@ -735,7 +729,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 let _ = rx.await;
             }
         }
-        (Ok(()), buf)
+        Ok(())
     }
 
     fn refuse_write(&self, what: &str) -> BlockError {
@@ -753,9 +747,8 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         let end = offset + len;
         while pos < end {
             let n = (end - pos).min(ZERO_PIECE);
-            let buf = self.local.alloc_buf(n as usize);
-            let (r, _) = self.write_primary(pos, buf, fua).await;
-            r?;
+            let zeroes = self.local.alloc_buf(n as usize).into_bytes();
+            self.write_primary(pos, zeroes, fua).await?;
             pos += n;
         }
         Ok(())
@@ -769,6 +762,10 @@ impl<T: BlockTarget, D: MetaDevice> BlockTarget for MirroredVolume<T, D> {
 
     fn alloc_buf(&self, len: usize) -> AlignedBuf {
         self.local.alloc_buf(len)
+    }
+
+    fn alloc_buf_for_overwrite(&self, len: usize) -> AlignedBuf {
+        self.local.alloc_buf_for_overwrite(len)
     }
 
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (BlockResult<()>, AlignedBuf) {
@@ -785,7 +782,17 @@ impl<T: BlockTarget, D: MetaDevice> BlockTarget for MirroredVolume<T, D> {
             let e = self.refuse_write("write");
             return (Err(e), buf);
         }
-        self.write_primary(offset, buf, fua).await
+        // The payload is shared with the Data frame, which may outlive this call: the buffer
+        // handed back is an empty one.
+        let r = self.write_primary(offset, buf.into_bytes(), fua).await;
+        (r, self.local.alloc_buf_for_overwrite(0))
+    }
+
+    async fn write_bytes(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
+        if self.role() != Role::Primary {
+            return Err(self.refuse_write("write"));
+        }
+        self.write_primary(offset, data, fua).await
     }
 
     async fn flush(&self) -> BlockResult<()> {

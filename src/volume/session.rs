@@ -28,7 +28,7 @@ use crate::config::ReplicationMode;
 use crate::meta::bitmap::DirtyBitmap;
 use crate::meta::device::MetaDevice;
 use crate::meta::gen::{DiskFlags, GenIds, NodeGen};
-use crate::repl::link::{self, Link, LinkConfig, LinkError, LinkListener, LinkReader, LinkWriter};
+use crate::repl::link::{self, Link, LinkConfig, LinkError, LinkListener, ThreadedReader};
 use crate::repl::resync::{pieces, Progress};
 use crate::repl::verify::{block_crcs, chunk_runs, valid_block_size, VERIFY_BLOCK, VERIFY_REGION};
 use crate::repl::wire::bitmap::{split, BitmapAssembler};
@@ -212,8 +212,28 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
     /// the connection was being made), the peer decided on stale facts, so the session ends at
     /// once and the next connection carries the current Hello.
     pub async fn run_session(self: &Rc<Self>, link: Link, sent: &Hello) -> SessionEnd {
-        let (info, mut reader, mut writer) = link.into_split();
-        let peer_hello = info.hello;
+        let (info, mut reader, writer) = match link.into_threaded(self.sent_traffic.clone()) {
+            Ok(parts) => parts,
+            Err(e) => return SessionEnd::Lost(e.to_string()),
+        };
+        // Everything this session sends goes through the writer thread's channel, in order.
+        let Some(tx) = writer.sender() else {
+            return SessionEnd::Lost("replication writer has no channel".into());
+        };
+        let end = self.session_body(&mut reader, tx, &info.hello, sent).await;
+        // Give the writer a moment to push a final Disconnect or acks, then stop it.
+        writer.finish(Duration::from_millis(100)).await;
+        end
+    }
+
+    async fn session_body(
+        self: &Rc<Self>,
+        reader: &mut ThreadedReader,
+        tx: mpsc::UnboundedSender<Message>,
+        peer_hello: &Hello,
+        sent: &Hello,
+    ) -> SessionEnd {
+        let peer_hello = peer_hello.clone();
         let ours = self.hello();
         let vol = &self.settings.volume;
         if peer_hello.device_size != ours.device_size
@@ -223,35 +243,30 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 "volume {vol}: data size {} / bitmap granularity {} here, {} / {} on the peer; create the metadata of both nodes with the same device size and --granularity",
                 ours.device_size, ours.bitmap_granularity, peer_hello.device_size, peer_hello.bitmap_granularity
             );
-            let _ = writer
-                .send(&Message::Disconnect {
-                    reason: DisconnectReason::VolumeMismatch,
-                    detail: detail.clone(),
-                })
-                .await;
+            let _ = tx.send(Message::Disconnect {
+                reason: DisconnectReason::VolumeMismatch,
+                detail: detail.clone(),
+            });
             return SessionEnd::Lost(detail);
         }
         // Bitmap exchange.
         let encoded = Bytes::from(self.meta.borrow().bitmap().encode_rle());
         for c in split(&encoded, BITMAP_CHUNK) {
-            if let Err(e) = writer.queue(&Message::BitmapChunk(c)) {
-                return SessionEnd::Lost(e.to_string());
+            if tx.send(Message::BitmapChunk(c)).is_err() {
+                return SessionEnd::Lost("replication writer stopped".into());
             }
         }
-        if let Err(e) = writer.flush().await {
-            return SessionEnd::Lost(e.to_string());
-        }
         let geometry = self.meta.borrow().bitmap().geometry();
-        let peer_bitmap =
-            match recv_bitmap(&mut reader, geometry, self.settings.ping_timeout * 2).await {
-                Ok(b) => b,
-                Err(e) => {
-                    if e.contains("CRC") || e.contains("magic") {
-                        self.st.borrow_mut().counters.corrupt_frames += 1;
-                    }
-                    return SessionEnd::Lost(e);
+        let peer_bitmap = match recv_bitmap(reader, geometry, self.settings.ping_timeout * 2).await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                if e.contains("CRC") || e.contains("magic") {
+                    self.st.borrow_mut().counters.corrupt_frames += 1;
                 }
-            };
+                return SessionEnd::Lost(e);
+            }
+        };
         // No await from here to the session's registration below: a role change after this
         // check finds the session registered and drops it.
         let now = self.hello();
@@ -279,12 +294,10 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 _ => DisconnectReason::Other(1),
             };
             tracing::error!(volume = %vol, refusal = ?r, "replication refused: no data is copied");
-            let _ = writer
-                .send(&Message::Disconnect {
-                    reason,
-                    detail: format!("{r:?}"),
-                })
-                .await;
+            let _ = tx.send(Message::Disconnect {
+                reason,
+                detail: format!("{r:?}"),
+            });
             self.set_connection(Connection::Refused { refusal: r.clone() });
             return SessionEnd::Refused(r);
         }
@@ -317,7 +330,6 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             _ => None,
         };
         let kill = Rc::new(Notify::new());
-        let (tx, rx) = mpsc::unbounded_channel();
         let session_id = {
             let mut st = self.st.borrow_mut();
             let id = st.next_session;
@@ -346,8 +358,6 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             id
         };
         tracing::info!(volume = %vol, peer = %peer.name, session = session_id, "replication connected");
-        let writer_task =
-            tokio::task::spawn_local(write_loop(writer, rx, self.sent_traffic.clone()));
         // Checksum mode for bitmap resyncs (not full syncs) when configured here and the peer
         // answers digest requests.
         let checksum = |full: bool| {
@@ -363,15 +373,13 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             self.clone().ahead_watch(session_id),
         ));
         let end = tokio::select! {
-            e = self.read_loop(&mut reader, &tx, &peer_hello) => e,
+            e = self.read_loop(reader, &tx, &peer_hello) => e,
             _ = kill.notified() => SessionEnd::Dropped,
         };
         drop(resync_task);
         drop(ahead_task);
         drop(tx);
         self.teardown(session_id);
-        // Give the writer a moment to push a final Disconnect or acks, then stop it.
-        let _ = tokio::time::timeout(Duration::from_millis(100), writer_task).await;
         tracing::warn!(volume = %vol, end = ?end, "replication disconnected");
         end
     }
@@ -423,7 +431,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
 
     async fn read_loop(
         self: &Rc<Self>,
-        reader: &mut LinkReader,
+        reader: &mut ThreadedReader,
         tx: &mpsc::UnboundedSender<Message>,
         peer_hello: &Hello,
     ) -> SessionEnd {
@@ -480,7 +488,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     let (vol, tx) = (self.clone(), tx.clone());
                     tokio::task::spawn_local(async move {
                         let len = d.data.len() as u64;
-                        let status = vol.apply(d.offset, &d.data, d.flags.fua(), false).await;
+                        let status = vol.apply(d.offset, d.data, d.flags.fua(), false).await;
                         vol.st.borrow_mut().counters.data_bytes_applied += len;
                         let _ = tx.send(Message::Ack { seq: d.seq, status });
                         drop(slot);
@@ -504,17 +512,18 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     let slot = applying.admit(r.offset..r.offset + b.len() as u64).await;
                     let (vol, tx) = (self.clone(), tx.clone());
                     tokio::task::spawn_local(async move {
-                        let s = vol.apply(r.offset, &b, false, false).await;
+                        let len = b.len() as u64;
+                        let s = vol.apply(r.offset, b, false, false).await;
                         if s == 0 {
                             // This copy now holds the region: a later connection must not ask
                             // for it again.
-                            let _ = vol.meta.borrow_mut().clear_dirty(r.offset, b.len() as u64);
+                            let _ = vol.meta.borrow_mut().clear_dirty(r.offset, len);
                         }
                         {
                             let mut st = vol.st.borrow_mut();
-                            st.counters.resync_bytes_applied += b.len() as u64;
+                            st.counters.resync_bytes_applied += len;
                             if let Some(run) = st.resync.as_mut() {
-                                run.progress.advance(b.len() as u64);
+                                run.progress.advance(len);
                             }
                         }
                         let _ = tx.send(Message::Ack {
@@ -540,7 +549,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     let slot = applying.admit(range).await;
                     let (vol, tx) = (self.clone(), tx.clone());
                     tokio::task::spawn_local(async move {
-                        let buf = vol.local.alloc_buf(v.length as usize);
+                        let buf = vol.local.alloc_buf_for_overwrite(v.length as usize);
                         let (r, buf) = vol.local.read(v.offset, buf).await;
                         drop(slot);
                         match r {
@@ -619,8 +628,9 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         }
     }
 
-    /// Writes one received region; returns the Ack status (0 or errno).
-    async fn apply(&self, offset: u64, data: &[u8], fua: bool, flush_first: bool) -> u32 {
+    /// Writes one received region; returns the Ack status (0 or errno). A payload the link
+    /// received aligned goes to the disk without a copy.
+    async fn apply(&self, offset: u64, data: Bytes, fua: bool, flush_first: bool) -> u32 {
         if offset
             .checked_add(data.len() as u64)
             .is_none_or(|e| e > self.info.size)
@@ -633,10 +643,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 return e.raw_errno() as u32;
             }
         }
-        let mut buf = self.local.alloc_buf(data.len());
-        buf.copy_from_slice(data);
-        let (r, _) = self.local.write(offset, buf, fua).await;
-        match r {
+        match self.local.write_bytes(offset, data, fua).await {
             Ok(()) => 0,
             Err(e) => {
                 tracing::error!(volume = %self.settings.volume, error = %e, "applying a replicated write failed");
@@ -757,7 +764,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                         .all(|r| !Self::overlaps(r, &piece))
                 })
                 .await;
-                let buf = self.local.alloc_buf(len as usize);
+                let buf = self.local.alloc_buf_for_overwrite(len as usize);
                 let (r, buf) = self.local.read(piece.start, buf).await;
                 if let Err(e) = r {
                     tracing::error!(volume = %self.settings.volume, error = %e, "resync read failed; dropping the connection");
@@ -766,9 +773,10 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     self.drop_session("resync read failed");
                     return;
                 }
+                let data = buf.into_bytes();
                 let runs = match checksum {
                     true => self
-                        .peer_differing_blocks(session_id, piece.clone(), &buf)
+                        .peer_differing_blocks(session_id, piece.clone(), &data)
                         .await
                         .map(|d| chunk_runs(piece.start, len, VERIFY_BLOCK, gran, &d)),
                     false => None,
@@ -783,9 +791,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                             ResyncPayload::InSync
                         } else {
                             let at = (part.start - piece.start) as usize;
-                            ResyncPayload::Bytes(Bytes::copy_from_slice(
-                                &buf[at..at + plen as usize],
-                            ))
+                            ResyncPayload::Bytes(data.slice(at..at + plen as usize))
                         };
                         let sent = Self::send_tracked(&mut st, PendingKind::Resync, part, |seq| {
                             Message::ResyncData(ResyncData {
@@ -843,7 +849,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
 }
 
 async fn recv_bitmap(
-    reader: &mut LinkReader,
+    reader: &mut ThreadedReader,
     geometry: crate::meta::bitmap::BitmapGeometry,
     timeout: Duration,
 ) -> Result<DirtyBitmap, String> {
@@ -871,43 +877,6 @@ async fn recv_bitmap(
                 ))
             }
         }
-    }
-}
-
-async fn write_loop(
-    mut w: LinkWriter,
-    mut rx: mpsc::UnboundedReceiver<Message>,
-    total: Rc<std::cell::Cell<crate::repl::link::Traffic>>,
-) {
-    // What this connection's writer had counted at the last flush: only the delta is added.
-    let mut seen = crate::repl::link::Traffic::default();
-    let mut account = |now: crate::repl::link::Traffic| {
-        let mut t = total.get();
-        t.frames += now.frames - seen.frames;
-        t.payload_bytes += now.payload_bytes - seen.payload_bytes;
-        t.wire_bytes += now.wire_bytes - seen.wire_bytes;
-        total.set(t);
-        seen = now;
-    };
-    while let Some(m) = rx.recv().await {
-        if w.queue(&m).is_err() {
-            return;
-        }
-        // Batch whatever else is ready, up to a few MiB, then write.
-        while w.queued_bytes() < (4 << 20) {
-            match rx.try_recv() {
-                Ok(m) => {
-                    if w.queue(&m).is_err() {
-                        return;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        if w.flush().await.is_err() {
-            return;
-        }
-        account(w.sent());
     }
 }
 

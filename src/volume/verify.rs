@@ -164,7 +164,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         let Some((seq, rx)) = self.request_digests(session_id, &region) else {
             return Err(interrupted("the replication connection ended".into()));
         };
-        let buf = self.local.alloc_buf(len as usize);
+        let buf = self.local.alloc_buf_for_overwrite(len as usize);
         let (r, buf) = self.local.read(region.start, buf).await;
         if let Err(e) = r {
             self.st.borrow_mut().verify_waiters.remove(&seq);

@@ -5,14 +5,24 @@
 //! Invariant: `recv` returns only messages the decoder fully verified; after an error the
 //! connection must be dropped (the decoder stays poisoned). Splitting keeps bytes already
 //! received. Counters count what crossed the socket, headers included.
+//!
+//! No copies of write data in user space: frames go out with vectored writes whose bulk
+//! segments are the application's own buffers ([`FrameQueue`]), and a large Data or ResyncData
+//! payload is read from the socket straight into an aligned buffer of its own, so its bytes
+//! reach the disk with direct I/O as received.
 
+use std::io::IoSlice;
 use std::net::SocketAddr;
 
-use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::error::LinkError;
+use crate::engine::buf::AlignedBuf;
+use crate::repl::wire::frame::{FrameQueue, BULK_ALIGN};
 use crate::repl::wire::{FrameDecoder, FrameEncoder, Message};
+
+/// Segments handed to one vectored write.
+const IOV_BATCH: usize = 64;
 
 /// How much the receive buffer grows per read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -33,7 +43,7 @@ pub struct Traffic {
 struct Tx {
     peer: SocketAddr,
     enc: FrameEncoder,
-    out: BytesMut,
+    out: FrameQueue,
     sent: Traffic,
 }
 
@@ -41,7 +51,7 @@ impl Tx {
     fn queue(&mut self, msg: &Message) -> Result<(), LinkError> {
         let s = self
             .enc
-            .encode(msg, &mut self.out)
+            .encode_into(msg, &mut self.out)
             .map_err(|source| LinkError::Encode {
                 peer: self.peer,
                 source,
@@ -54,14 +64,35 @@ impl Tx {
 
     async fn flush<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> Result<(), LinkError> {
         let peer = self.peer;
-        io.write_all(&self.out)
-            .await
-            .map_err(|source| LinkError::Io { peer, source })?;
-        self.out.clear();
+        while !self.out.is_empty() {
+            let mut iov = [IoSlice::new(&[]); IOV_BATCH];
+            let k = self.out.io_slices(&mut iov);
+            let n = io
+                .write_vectored(&iov[..k])
+                .await
+                .map_err(|source| LinkError::Io { peer, source })?;
+            if n == 0 {
+                return Err(LinkError::Io {
+                    peer,
+                    source: std::io::ErrorKind::WriteZero.into(),
+                });
+            }
+            self.out.advance(n);
+        }
         io.flush()
             .await
             .map_err(|source| LinkError::Io { peer, source })
     }
+}
+
+/// A bulk payload being read into its own aligned buffer: `buf[at..at + len]` is the payload,
+/// of which `filled` bytes arrived.
+#[derive(Debug)]
+struct BulkRead {
+    buf: AlignedBuf,
+    at: usize,
+    filled: usize,
+    len: usize,
 }
 
 /// Receiving state independent of the stream.
@@ -70,12 +101,37 @@ struct Rx {
     peer: SocketAddr,
     dec: FrameDecoder,
     received: Traffic,
+    /// Kept across cancelled `recv` calls, so no received byte is lost.
+    bulk: Option<BulkRead>,
 }
 
 impl Rx {
     async fn recv<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> Result<Message, LinkError> {
         let peer = self.peer;
         loop {
+            if let Some(b) = self.bulk.as_mut() {
+                while b.filled < b.len {
+                    let dst = &mut b.buf[b.at + b.filled..b.at + b.len];
+                    let n = io
+                        .read(dst)
+                        .await
+                        .map_err(|source| LinkError::Io { peer, source })?;
+                    if n == 0 {
+                        return Err(LinkError::Closed { peer });
+                    }
+                    b.filled += n;
+                    self.received.wire_bytes += n as u64;
+                }
+                if let Some(b) = self.bulk.take() {
+                    let wire = b.buf.into_bytes().slice(b.at..b.at + b.len);
+                    let m = self
+                        .dec
+                        .finish_bulk(wire)
+                        .map_err(|source| LinkError::Wire { peer, source })?;
+                    self.received.frames += 1;
+                    return Ok(m);
+                }
+            }
             if let Some(m) = self
                 .dec
                 .pop()
@@ -83,6 +139,19 @@ impl Rx {
             {
                 self.received.frames += 1;
                 return Ok(m);
+            }
+            if let Some(plan) = self.dec.bulk_pending() {
+                // The bulk data (after `lead` payload bytes) starts at a BULK_ALIGN boundary.
+                let at = (BULK_ALIGN - plan.lead % BULK_ALIGN) % BULK_ALIGN;
+                let mut buf = AlignedBuf::for_overwrite(at + plan.wire_len, BULK_ALIGN);
+                let filled = self.dec.take_buffered(&mut buf[at..at + plan.wire_len]);
+                self.bulk = Some(BulkRead {
+                    buf,
+                    at,
+                    filled,
+                    len: plan.wire_len,
+                });
+                continue;
             }
             let buf = self.dec.buffer_mut();
             buf.reserve(READ_CHUNK);
@@ -114,13 +183,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             tx: Tx {
                 peer,
                 enc,
-                out: BytesMut::new(),
+                out: FrameQueue::new(),
                 sent: Traffic::default(),
             },
             rx: Rx {
                 peer,
                 dec,
                 received: Traffic::default(),
+                bulk: None,
             },
         }
     }
@@ -166,6 +236,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         let _ = self.io.shutdown().await;
     }
 
+    /// Keeps the stream for receiving and hands the sending state (encoder, queue, counters)
+    /// out, for a writer on another thread over a duplicate of the socket
+    /// ([`SendState::attach`]). Bytes already received stay with the reader.
+    pub fn detach_sender(self) -> (FrameReader<S>, SendState) {
+        (
+            FrameReader {
+                io: self.io,
+                rx: self.rx,
+            },
+            SendState(self.tx),
+        )
+    }
+
     /// Splits into halves with `split_io` (e.g. `TcpStream::into_split`), keeping buffered
     /// bytes and counters.
     pub fn split_with<R, W>(
@@ -177,6 +260,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             FrameReader { io: r, rx: self.rx },
             FrameWriter { io: w, tx: self.tx },
         )
+    }
+}
+
+/// The sending state of a connection without its stream ([`Framed::detach_sender`]).
+#[derive(Debug)]
+pub struct SendState(Tx);
+
+impl SendState {
+    /// A sending half writing to `io`.
+    pub fn attach<W>(self, io: W) -> FrameWriter<W> {
+        FrameWriter { io, tx: self.0 }
     }
 }
 
@@ -213,6 +307,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn sent(&self) -> Traffic {
         self.tx.sent
     }
+
+    /// The stream.
+    pub fn get_ref(&self) -> &W {
+        &self.io
+    }
 }
 
 /// The receiving half of a split connection.
@@ -231,5 +330,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Frames decoded and bytes read so far.
     pub fn received(&self) -> Traffic {
         self.rx.received
+    }
+
+    /// The stream.
+    pub fn get_ref(&self) -> &R {
+        &self.io
     }
 }

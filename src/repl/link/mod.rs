@@ -18,6 +18,7 @@ pub mod handshake;
 pub mod keyfile;
 pub mod liveness;
 mod socket;
+pub mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -30,10 +31,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub use backoff::{Backoff, BackoffPolicy};
 pub use error::LinkError;
-pub use framed::{FrameReader, FrameWriter, Framed, Traffic};
+pub use framed::{FrameReader, FrameWriter, Framed, SendState, Traffic};
 pub use handshake::PeerInfo;
 pub use keyfile::{load_key_file, KeyFileError};
 pub use liveness::{Liveness, LivenessAction};
+pub use writer::{SentTraffic, WriterThread};
 
 use crate::repl::wire::auth::{PreSharedKey, Role};
 use crate::repl::wire::{FrameDecoder, FrameEncoder, Hello, Message, DEFAULT_MAX_PAYLOAD};
@@ -112,6 +114,8 @@ impl LinkConfig {
 pub type LinkReader = FrameReader<OwnedReadHalf>;
 /// The sending half of a split [`Link`].
 pub type LinkWriter = FrameWriter<OwnedWriteHalf>;
+/// The receiving side of a [`Link`] whose sending side is a [`WriterThread`].
+pub type ThreadedReader = FrameReader<TcpStream>;
 
 /// An authenticated connection to the peer.
 #[derive(Debug)]
@@ -157,6 +161,17 @@ impl Link {
     pub fn into_split(self) -> (PeerInfo, LinkReader, LinkWriter) {
         let (r, w) = self.io.split_with(TcpStream::into_split);
         (self.info, r, w)
+    }
+
+    /// Splits into a reader on this thread and a writer on a thread of its own (encoding and
+    /// socket writes beside the caller's work); `sent` grows by what the writer sends.
+    pub fn into_threaded(
+        self,
+        sent: SentTraffic,
+    ) -> Result<(PeerInfo, ThreadedReader, WriterThread), LinkError> {
+        let (reader, state) = self.io.detach_sender();
+        let writer = WriterThread::spawn(reader.get_ref(), state, sent)?;
+        Ok((self.info, reader, writer))
     }
 
     /// Sends one message.

@@ -57,6 +57,17 @@ pub enum MessageKind {
 }
 
 impl MessageKind {
+    /// For kinds whose payload may end in bulk data (the bytes of a write): how many payload
+    /// bytes come before that data. Data: epoch, flags, length (16); ResyncData: length and
+    /// form (5, the form being 0 = bytes).
+    pub fn bulk_lead(self) -> Option<usize> {
+        match self {
+            MessageKind::Data => Some(16),
+            MessageKind::ResyncData => Some(5),
+            _ => None,
+        }
+    }
+
     /// The kind for a type code, or `None` for a code this version does not know.
     pub fn from_code(code: u8) -> Option<Self> {
         use MessageKind::*;
@@ -522,6 +533,16 @@ impl Message {
 
     /// Appends the payload (everything but `seq`/`offset`) to `out`; refuses out-of-range fields.
     pub fn encode_payload(&self, out: &mut BytesMut) -> Result<(), Unencodable> {
+        if let Some(bulk) = self.encode_payload_split(out)? {
+            out.put_slice(&bulk);
+        }
+        Ok(())
+    }
+
+    /// Like [`Message::encode_payload`], but the bulk data that ends a Data or ResyncData
+    /// payload (after [`MessageKind::bulk_lead`] bytes) is not copied: it is returned (a cheap
+    /// clone) for the caller to send after what was appended to `out`.
+    pub fn encode_payload_split(&self, out: &mut BytesMut) -> Result<Option<Bytes>, Unencodable> {
         let kind = self.kind();
         let bad = |problem: String| Unencodable { kind, problem };
         match self {
@@ -564,7 +585,7 @@ impl Message {
                 out.put_u64(d.epoch);
                 out.put_u32(d.flags.0);
                 out.put_u32(len);
-                out.put_slice(&d.data);
+                return Ok(Some(d.data.clone()));
             }
             Message::Ack { status, .. } => out.put_u32(*status),
             Message::Barrier { epoch, .. } => out.put_u64(*epoch),
@@ -601,7 +622,7 @@ impl Message {
                             return Err(bad(format!("{} bytes for length {}", b.len(), r.length)));
                         }
                         out.put_u8(0);
-                        out.put_slice(b);
+                        return Ok(Some(b.clone()));
                     }
                     ResyncPayload::InSync => out.put_u8(1),
                 }
@@ -629,7 +650,7 @@ impl Message {
                 out.put_slice(detail.as_bytes());
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Decodes a payload of type `kind` whose header carried `seq` and `offset`.

@@ -691,3 +691,288 @@ fn a_large_payload_whose_probe_is_incompressible_goes_raw_without_compressing_th
     assert!(st.compressed && st.wire_len * 2 <= st.raw_len, "{st:?}");
     assert_eq!(decode_all(&out).unwrap(), vec![text]);
 }
+
+/// Decodes `bytes` the way the link receives: whenever the decoder offers a bulk payload, it
+/// is read into a buffer of its own; `chunk` bytes are pushed at a time otherwise.
+fn decode_all_bulk(bytes: &[u8], chunk: usize) -> Result<Vec<Message>, WireError> {
+    let mut d = FrameDecoder::new(MAX).unwrap();
+    let (mut out, mut pos) = (vec![], 0);
+    loop {
+        while let Some(m) = d.pop()? {
+            out.push(m);
+        }
+        if let Some(plan) = d.bulk_pending() {
+            let mut buf = vec![0u8; plan.wire_len];
+            let got = d.take_buffered(&mut buf);
+            let rest = plan.wire_len - got;
+            assert!(
+                pos + rest <= bytes.len(),
+                "stream ends inside a bulk payload"
+            );
+            buf[got..].copy_from_slice(&bytes[pos..pos + rest]);
+            pos += rest;
+            out.push(d.finish_bulk(Bytes::from(buf))?);
+            continue;
+        }
+        if pos == bytes.len() {
+            assert!(d.is_idle(), "stream ends inside a frame");
+            return Ok(out);
+        }
+        let n = chunk.min(bytes.len() - pos);
+        d.push(&bytes[pos..pos + n]);
+        pos += n;
+    }
+}
+
+/// Data and resync frames with payloads around and above [`frame::BULK_MIN`].
+fn bulk_messages() -> impl Strategy<Value = Vec<Message>> {
+    let data = prop_oneof![
+        (0usize..300_000).prop_map(|n| Bytes::from(json_like(n))),
+        (0usize..300_000, any::<u64>()).prop_map(|(n, seed)| {
+            let mut x = seed | 1;
+            Bytes::from(
+                (0..n)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect::<Vec<u8>>(),
+            )
+        }),
+    ];
+    proptest::collection::vec((data, any::<bool>(), any::<u32>()), 1..4).prop_map(|v| {
+        v.into_iter()
+            .enumerate()
+            .flat_map(|(i, (data, resync, seq))| {
+                let m = if resync {
+                    Message::ResyncData(ResyncData {
+                        seq: u64::from(seq),
+                        offset: 4096 * i as u64,
+                        length: data.len() as u32,
+                        payload: ResyncPayload::Bytes(data),
+                    })
+                } else {
+                    Message::Data(Data {
+                        seq: u64::from(seq),
+                        epoch: 1,
+                        offset: 4096 * i as u64,
+                        flags: DataFlags(DataFlags::FUA),
+                        data,
+                    })
+                };
+                [m, Message::Ping { nonce: i as u64 }]
+            })
+            .collect()
+    })
+}
+
+fn bulk_of(m: &Message) -> Option<&Bytes> {
+    match m {
+        Message::Data(d) => Some(&d.data),
+        Message::ResyncData(ResyncData {
+            payload: ResyncPayload::Bytes(b),
+            ..
+        }) => Some(b),
+        _ => None,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// The queue's segments are exactly the bytes `encode` produces; large raw bulk data is
+    /// queued by reference (its own memory, no copy); both receive paths decode them alike.
+    #[test]
+    fn queued_frames_equal_encoded_bytes_and_share_large_raw_data(ms in bulk_messages(), level in 0i32..=1, chunk in 1usize..100_000) {
+        let mut flat = BytesMut::new();
+        let mut enc = FrameEncoder::new(level, MAX).unwrap();
+        for m in &ms { enc.encode(m, &mut flat).unwrap(); }
+        let mut q = frame::FrameQueue::new();
+        let mut enc = FrameEncoder::new(level, MAX).unwrap();
+        let stats: Vec<FrameStats> = ms.iter().map(|m| enc.encode_into(m, &mut q).unwrap()).collect();
+        prop_assert_eq!(q.len(), flat.len());
+        let mut iov = [std::io::IoSlice::new(&[]); 64];
+        let k = q.io_slices(&mut iov);
+        let ptrs: Vec<*const u8> = iov[..k].iter().map(|s| s.as_ptr()).collect();
+        for (m, s) in ms.iter().zip(&stats) {
+            if let Some(b) = bulk_of(m) {
+                let shared = ptrs.contains(&b.as_ptr());
+                prop_assert_eq!(shared, !s.compressed && b.len() >= frame::BULK_MIN, "bulk of {} bytes", b.len());
+            }
+        }
+        let queued = q.into_contiguous();
+        prop_assert_eq!(&queued[..], &flat[..]);
+        prop_assert_eq!(&decode_all(&flat).unwrap(), &ms);
+        prop_assert_eq!(&decode_all_bulk(&flat, chunk).unwrap(), &ms);
+    }
+
+    /// Partial writes: advancing the queue by any amounts leaves exactly the unsent tail.
+    #[test]
+    fn the_queue_advances_across_segments(ms in bulk_messages(), steps in proptest::collection::vec(1usize..200_000, 1..20)) {
+        let mut q = frame::FrameQueue::new();
+        let mut enc = FrameEncoder::new(0, MAX).unwrap();
+        let mut flat = BytesMut::new();
+        let mut enc2 = FrameEncoder::new(0, MAX).unwrap();
+        for m in &ms {
+            enc.encode_into(m, &mut q).unwrap();
+            enc2.encode(m, &mut flat).unwrap();
+        }
+        let mut sent = 0;
+        for s in steps {
+            let n = s.min(q.len());
+            q.advance(n);
+            sent += n;
+            prop_assert_eq!(q.len(), flat.len() - sent);
+            let mut iov = [std::io::IoSlice::new(&[]); 64];
+            let k = q.io_slices(&mut iov);
+            let first = iov[..k].iter().find(|s| !s.is_empty());
+            if let Some(f) = first {
+                prop_assert_eq!(&f[..], &flat[sent..sent + f.len()]);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_corrupted_bulk_payload_is_refused_and_the_decoder_stays_failed() {
+    let data = Bytes::from(
+        (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let m = Message::Data(Data {
+        seq: 9,
+        epoch: 1,
+        offset: 1 << 20,
+        flags: DataFlags(0),
+        data,
+    });
+    let bytes = encode(0, &m);
+    let mut d = FrameDecoder::new(MAX).unwrap();
+    d.push(&bytes[..HEADER_LEN + 100]);
+    assert_eq!(d.pop().unwrap(), None);
+    let plan = d.bulk_pending().expect("a raw 200 KB Data frame is bulk");
+    assert_eq!(plan.lead, 16);
+    assert_eq!(plan.wire_len, bytes.len() - HEADER_LEN);
+    let mut buf = vec![0u8; plan.wire_len];
+    assert_eq!(d.take_buffered(&mut buf), 100);
+    buf[100..].copy_from_slice(&bytes[HEADER_LEN + 100..]);
+    buf[150_000] ^= 0x10;
+    let e = d.finish_bulk(Bytes::from(buf)).unwrap_err();
+    assert!(
+        matches!(e, WireError::PayloadCrc { seq: 9, offset, .. } if offset == 1 << 20),
+        "{e}"
+    );
+    assert_eq!(d.pop().unwrap_err(), WireError::Poisoned);
+    assert!(d.bulk_pending().is_none());
+}
+
+#[test]
+fn a_bulk_payload_of_the_wrong_length_is_refused() {
+    let m = Message::Data(Data {
+        seq: 1,
+        epoch: 1,
+        offset: 0,
+        flags: DataFlags(0),
+        data: Bytes::from(vec![0x5a; frame::BULK_MIN]),
+    });
+    let bytes = encode(0, &m);
+    let mut d = FrameDecoder::new(MAX).unwrap();
+    d.push(&bytes[..HEADER_LEN]);
+    assert_eq!(d.pop().unwrap(), None);
+    assert!(d.bulk_pending().is_some());
+    let e = d.finish_bulk(Bytes::from(vec![0; 10])).unwrap_err();
+    assert!(matches!(e, WireError::BadLengths { .. }), "{e}");
+    // Small and compressed frames are never offered as bulk.
+    let mut d = FrameDecoder::new(MAX).unwrap();
+    d.push(&encode(1, &m)[..HEADER_LEN]);
+    assert_eq!(d.pop().unwrap(), None);
+    assert!(
+        d.bulk_pending().is_none(),
+        "a compressed frame is decoded from the buffer"
+    );
+}
+
+#[test]
+fn the_gate_closes_after_a_window_that_saved_under_an_eighth_and_reopens_after_the_skip() {
+    use super::frame::{CompressGate, GATE_SKIP, GATE_WINDOW};
+    let mut g = CompressGate::default();
+    for _ in 0..GATE_WINDOW {
+        assert!(g.admit());
+        g.record(4096, 3900);
+    }
+    for _ in 0..GATE_SKIP {
+        assert!(!g.admit(), "payloads after a poor window go raw untried");
+    }
+    assert!(g.admit(), "a new window tries again");
+    // A window that saves at least 1/8 keeps compression on.
+    let mut g = CompressGate::default();
+    for _ in 0..3 * GATE_WINDOW {
+        assert!(g.admit());
+        g.record(4096, 3584);
+    }
+}
+
+#[test]
+fn short_payloads_that_barely_compress_go_raw_and_text_stays_compressed() {
+    use super::frame::{GATE_SKIP, GATE_WINDOW};
+    // Bytes in 0..160: about 7.3 bits of entropy each, so zstd saves a little under 1/8.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut barely = |n: usize| {
+        Bytes::from(
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % 160) as u8
+                })
+                .collect::<Vec<u8>>(),
+        )
+    };
+    let data = |seq: u64, data: Bytes| {
+        Message::Data(Data {
+            seq,
+            epoch: 1,
+            offset: 0,
+            flags: DataFlags(0),
+            data,
+        })
+    };
+    let mut enc = FrameEncoder::new(1, MAX).unwrap();
+    let mut out = BytesMut::new();
+    let total = GATE_WINDOW + GATE_SKIP + 1;
+    let compressed: Vec<bool> = (0..total)
+        .map(|i| {
+            enc.encode(&data(u64::from(i), barely(4096)), &mut out)
+                .unwrap()
+                .compressed
+        })
+        .collect();
+    let w = GATE_WINDOW as usize;
+    assert!(
+        compressed[..w].iter().all(|&c| c),
+        "each attempt saves a little"
+    );
+    assert!(
+        compressed[w..w + GATE_SKIP as usize].iter().all(|&c| !c),
+        "then the gate sends them raw"
+    );
+    assert!(
+        compressed[w + GATE_SKIP as usize],
+        "and tries again after the skip"
+    );
+    // Everything still decodes.
+    assert_eq!(decode_all(&out).unwrap().len(), total as usize);
+    // JSON-like text saves far more than 1/8: never gated.
+    let mut enc = FrameEncoder::new(1, MAX).unwrap();
+    let mut out = BytesMut::new();
+    for i in 0..3 * GATE_WINDOW {
+        let s = enc
+            .encode(&data(u64::from(i), Bytes::from(json_like(4096))), &mut out)
+            .unwrap();
+        assert!(s.compressed && s.wire_len * 2 <= s.raw_len, "{s:?}");
+    }
+}

@@ -1,0 +1,164 @@
+//! The sending half of a replication connection on a thread of its own.
+//!
+//! Encoding (payload CRC, zstd) and the socket writes (on loopback or a fast ENI, the kernel's
+//! copy and TCP processing) cost as much CPU as the rest of a write's path. On the volume's
+//! data-path thread they would share one core with the NBD server and the local I/O; here they
+//! run beside it. The thread owns a duplicate of the connection's socket, registered with a
+//! small runtime of its own, and writes the messages of a channel in order: the channel's
+//! order is the wire order, exactly as with an in-thread writer.
+//!
+//! Invariants: messages are written in the order they were sent to the channel; the thread
+//! ends when every sender is dropped and the queue is written, when a write fails (then the
+//! socket is shut down in both directions so the reader ends the session at once), or when
+//! [`WriterThread::finish`] runs out of patience.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::framed::{FrameWriter, SendState, Traffic};
+use super::LinkError;
+use crate::repl::wire::Message;
+
+/// Bytes batched into one vectored write at most.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Frames and bytes sent, shared with whoever reports them (cumulative over connections when
+/// the same handle is passed to every connection's writer).
+pub type SentTraffic = Arc<Mutex<Traffic>>;
+
+/// Handle of a connection's writer thread.
+#[derive(Debug)]
+pub struct WriterThread {
+    tx: Option<mpsc::UnboundedSender<Message>>,
+    done: oneshot::Receiver<()>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl WriterThread {
+    /// Starts the writer for the connection whose receiving side keeps `stream`; messages sent
+    /// to [`WriterThread::sender`] are written in order, and `total` grows by what is sent.
+    pub fn spawn(
+        stream: &TcpStream,
+        state: SendState,
+        total: SentTraffic,
+    ) -> Result<Self, LinkError> {
+        let peer = stream
+            .peer_addr()
+            .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        let io_err = |source: std::io::Error| LinkError::Io { peer, source };
+        let dup: std::net::TcpStream = socket2::SockRef::from(stream)
+            .try_clone()
+            .map_err(io_err)?
+            .into();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (done_tx, done) = oneshot::channel();
+        let (stop, stop_rx) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("twinvol-repl-tx".into())
+            .spawn(move || {
+                run(dup, state, rx, stop_rx, total);
+                let _ = done_tx.send(());
+            })
+            .map_err(io_err)?;
+        Ok(Self {
+            tx: Some(tx),
+            done,
+            stop: Some(stop),
+        })
+    }
+
+    /// A sender for messages to the peer.
+    pub fn sender(&self) -> Option<mpsc::UnboundedSender<Message>> {
+        self.tx.clone()
+    }
+
+    /// Lets the writer push what is queued (a final Disconnect, acks) for up to `grace` once
+    /// every sender is gone, then stops it.
+    pub async fn finish(mut self, grace: Duration) {
+        drop(self.tx.take());
+        if tokio::time::timeout(grace, &mut self.done).await.is_err() {
+            if let Some(s) = self.stop.take() {
+                let _ = s.send(());
+            }
+        }
+    }
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+fn run(
+    dup: std::net::TcpStream,
+    state: SendState,
+    rx: mpsc::UnboundedReceiver<Message>,
+    stop: oneshot::Receiver<()>,
+    total: SentTraffic,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the replication writer's runtime; closing the connection");
+            let _ = dup.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let io = match TcpStream::from_std(dup) {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot register the replication socket with the writer; closing the connection");
+                return;
+            }
+        };
+        let mut w = state.attach(io);
+        tokio::select! {
+            r = write_loop(&mut w, rx, &total) => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "replication write failed; closing the connection");
+                    let _ = socket2::SockRef::from(w.get_ref()).shutdown(std::net::Shutdown::Both);
+                }
+            }
+            _ = stop => {}
+        }
+    });
+}
+
+/// Writes the channel's messages in order, batching whatever is ready up to [`BATCH_BYTES`]
+/// into one vectored write; adds what was sent to `total` after every write.
+async fn write_loop(
+    w: &mut FrameWriter<TcpStream>,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    total: &SentTraffic,
+) -> Result<(), LinkError> {
+    // What this connection had counted at the last write: only the delta is added.
+    let mut seen = Traffic::default();
+    while let Some(m) = rx.recv().await {
+        w.queue(&m)?;
+        while w.queued_bytes() < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(m) => w.queue(&m)?,
+                Err(_) => break,
+            }
+        }
+        w.flush().await?;
+        let now = w.sent();
+        if let Ok(mut t) = total.lock() {
+            t.frames += now.frames - seen.frames;
+            t.payload_bytes += now.payload_bytes - seen.payload_bytes;
+            t.wire_bytes += now.wire_bytes - seen.wire_bytes;
+        }
+        seen = now;
+    }
+    Ok(())
+}
