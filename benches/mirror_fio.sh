@@ -74,6 +74,12 @@ for mode in $MODES; do
   for _ in $(seq 100); do grep -q '"connected"' "$W/a.json" 2>/dev/null && break; sleep 0.1; done
   jobs_run "$mode mirror" "$W/a.sock"
   for _ in $(seq 600); do grep -q '"rpo_bytes": 0' "$W/a.json" && break; sleep 0.1; done
-  python3 -c "import json,sys; c=json.load(open(sys.argv[1]))[\"counters\"]; print(\"# %s: wire/payload %.3f\" % (sys.argv[2], c[\"wire_bytes_sent\"]/max(1,c[\"payload_bytes_sent\"])))" "$W/a.json" "$mode" || true
+  python3 - "$W/a.json" "$mode" <<'PY' || true
+import json, sys
+c = json.load(open(sys.argv[1]))["counters"]
+print("# %s: Data bytes sent %d, went ahead %d times (then resynced %d bytes), wire/payload %.3f"
+      % (sys.argv[2], c["data_bytes_sent"], c["ahead_events"], c["resync_bytes_sent"],
+         c["wire_bytes_sent"] / max(1, c["payload_bytes_sent"])))
+PY
   kill $PA $PB; wait $PA $PB 2>/dev/null || true
 done

@@ -41,34 +41,55 @@ pub const PROBE_LEN: usize = 4096;
 pub const BULK_MIN: usize = 64 * 1024;
 /// Alignment of received bulk data: direct I/O on any device takes it without a copy.
 pub const BULK_ALIGN: usize = 4096;
-/// Payloads too short to probe ([`PROBE_FROM_LEN`]) are judged in windows of this many
-/// compression attempts ([`CompressGate`]).
-pub const GATE_WINDOW: u32 = 64;
-/// After a window whose attempts saved less than 1/8 of their bytes, this many short payloads
-/// go raw without an attempt before the next window.
-pub const GATE_SKIP: u32 = 1024;
+/// Compression attempts are judged in windows of at least this many payload bytes
+/// ([`CompressGate`]).
+pub const GATE_WINDOW_BYTES: u64 = 4 << 20;
+/// After a window whose attempts saved less than 1/8 of their bytes, this many payload bytes
+/// go raw without an attempt (and without a probe) before the next window.
+pub const GATE_SKIP_BYTES: u64 = 256 << 20;
 
-/// Whether compressing short payloads pays: zstd's fixed cost per frame (building its tables)
-/// dominates a 4 KiB payload, and data that saves under 1/8 (fio's buffers save 9%) is not
-/// worth it on a replication link. Counts attempts in windows of [`GATE_WINDOW`]; a window
-/// that saved less than 1/8 makes the next [`GATE_SKIP`] short payloads go raw untried; then
-/// a new window tries again, so a workload that turns compressible is noticed.
+/// Whether compressing pays: zstd costs about 2 ms of CPU per MiB, and data that saves less
+/// than 1/8 (fio's buffers save 9%) is not worth it on a replication link. Short payloads are
+/// compressed without a probe, and a long one whose sample happened to compress is compressed
+/// whole, so both are judged by their outcome: attempts are summed in windows of
+/// [`GATE_WINDOW_BYTES`]; a window that saved less than 1/8 makes the next
+/// [`GATE_SKIP_BYTES`] go raw untried (under 2% of the bytes are then tried); then a new
+/// window tries again, so a workload that turns compressible is noticed.
 ///
-/// Invariant: `skip > 0` only right after a window that saved less than 1/8; the counts
-/// describe the current window's attempts.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// Invariant: `skip > 0` only after a window that saved less than 1/8; `raw` and `wire` sum
+/// the current window's attempts.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompressGate {
-    skip: u32,
-    tried: u32,
+    window: u64,
+    skip_after_poor: u64,
+    skip: u64,
     raw: u64,
     wire: u64,
 }
 
+impl Default for CompressGate {
+    fn default() -> Self {
+        Self::new(GATE_WINDOW_BYTES, GATE_SKIP_BYTES)
+    }
+}
+
 impl CompressGate {
-    /// Whether the next short payload should be compressed (consumes one skipped turn when not).
-    pub fn admit(&mut self) -> bool {
+    /// A gate judging windows of `window` bytes and skipping `skip` bytes after a poor one.
+    pub fn new(window: u64, skip: u64) -> Self {
+        Self {
+            window,
+            skip_after_poor: skip,
+            skip: 0,
+            raw: 0,
+            wire: 0,
+        }
+    }
+
+    /// Whether a payload of `len` bytes may be compressed (or probed); a refused one counts
+    /// against the bytes to skip.
+    pub fn admit(&mut self, len: usize) -> bool {
         if self.skip > 0 {
-            self.skip -= 1;
+            self.skip = self.skip.saturating_sub(len as u64);
             return false;
         }
         true
@@ -76,14 +97,13 @@ impl CompressGate {
 
     /// Records one attempt: `raw` payload bytes became `wire` bytes (`raw` when it went raw).
     pub fn record(&mut self, raw: usize, wire: usize) {
-        self.tried += 1;
         self.raw += raw as u64;
         self.wire += wire as u64;
-        if self.tried >= GATE_WINDOW {
+        if self.raw >= self.window {
             if self.wire * 8 > self.raw * 7 {
-                self.skip = GATE_SKIP;
+                self.skip = self.skip_after_poor;
             }
-            (self.tried, self.raw, self.wire) = (0, 0, 0);
+            (self.raw, self.wire) = (0, 0);
         }
     }
 }
@@ -414,6 +434,11 @@ impl FrameEncoder {
         })
     }
 
+    /// Replaces the compression gate (tests use small windows).
+    pub fn set_gate(&mut self, gate: CompressGate) {
+        self.gate = gate;
+    }
+
     /// Appends one frame carrying `msg` to `out`. On error `out` is left as it was.
     pub fn encode(&mut self, msg: &Message, out: &mut BytesMut) -> Result<FrameStats, EncodeError> {
         let mut q = FrameQueue {
@@ -465,8 +490,10 @@ impl FrameEncoder {
         if let Some(b) = bulk.take() {
             if b.len() >= BULK_MIN {
                 probed = match self.compressor.as_mut() {
-                    Some(c) => probe_compresses(c, &mut self.scratch, &b),
-                    None => false,
+                    Some(c) if self.gate.admit(raw_len) => {
+                        probe_compresses(c, &mut self.scratch, &b)
+                    }
+                    _ => false,
                 };
             }
             if b.len() < BULK_MIN || probed {
@@ -479,10 +506,11 @@ impl FrameEncoder {
         if let (Some(c), None) = (self.compressor.as_mut(), &bulk) {
             let src = &out[start + HEADER_LEN..];
             let short = raw_len < PROBE_FROM_LEN;
+            // A bulk payload that passed the gate and its probe above is compressed as is.
             if raw_len >= MIN_COMPRESS_LEN
-                && ((short && self.gate.admit())
-                    || probed
-                    || (!short && probe_compresses(c, &mut self.scratch, src)))
+                && (probed
+                    || (self.gate.admit(raw_len)
+                        && (short || probe_compresses(c, &mut self.scratch, src))))
             {
                 self.scratch.clear();
                 // Room for one byte less than the raw payload: if zstd cannot fit, it fails
@@ -498,9 +526,7 @@ impl FrameEncoder {
                         sent = n;
                     }
                 }
-                if short {
-                    self.gate.record(raw_len, sent);
-                }
+                self.gate.record(raw_len, sent);
             }
         }
         let wire_len = match &bulk {

@@ -897,81 +897,117 @@ fn a_bulk_payload_of_the_wrong_length_is_refused() {
 
 #[test]
 fn the_gate_closes_after_a_window_that_saved_under_an_eighth_and_reopens_after_the_skip() {
-    use super::frame::{CompressGate, GATE_SKIP, GATE_WINDOW};
+    use super::frame::{CompressGate, GATE_SKIP_BYTES, GATE_WINDOW_BYTES};
     let mut g = CompressGate::default();
-    for _ in 0..GATE_WINDOW {
-        assert!(g.admit());
+    for _ in 0..GATE_WINDOW_BYTES / 4096 {
+        assert!(g.admit(4096));
         g.record(4096, 3900);
     }
-    for _ in 0..GATE_SKIP {
-        assert!(!g.admit(), "payloads after a poor window go raw untried");
+    for _ in 0..GATE_SKIP_BYTES / (1 << 20) {
+        assert!(
+            !g.admit(1 << 20),
+            "payloads after a poor window go raw untried"
+        );
     }
-    assert!(g.admit(), "a new window tries again");
-    // A window that saves at least 1/8 keeps compression on.
+    assert!(g.admit(4096), "a new window tries again");
+    // Windows that save at least 1/8 keep compression on.
     let mut g = CompressGate::default();
-    for _ in 0..3 * GATE_WINDOW {
-        assert!(g.admit());
+    for _ in 0..3 * GATE_WINDOW_BYTES / 4096 {
+        assert!(g.admit(4096));
         g.record(4096, 3584);
     }
 }
 
+/// Random bytes with a run of 12 zeroes in every 128: zstd saves a few percent (the runs),
+/// reliably less than 1/8.
+fn barely_compressible(seed: u64, n: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    Bytes::from(
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if i % 128 >= 116 {
+                    0
+                } else {
+                    (x >> 24) as u8
+                }
+            })
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn data_msg(seq: u64, data: Bytes) -> Message {
+    Message::Data(Data {
+        seq,
+        epoch: 1,
+        offset: 0,
+        flags: DataFlags(0),
+        data,
+    })
+}
+
+/// Random bytes except 8 KiB of zeroes in the middle: the probe's sample compresses, the
+/// whole saves about 3%.
+fn compressible_middle_only(seed: u64, n: usize) -> Bytes {
+    let mut b = barely_compressible(seed, n).to_vec();
+    for (i, x) in b.iter_mut().enumerate() {
+        if i % 128 >= 116 {
+            *x = (i as u8).wrapping_mul(151) ^ 0x5a;
+        }
+    }
+    let mid = n / 2 - 4096;
+    b[mid..mid + 8192].fill(0);
+    Bytes::from(b)
+}
+
 #[test]
-fn short_payloads_that_barely_compress_go_raw_and_text_stays_compressed() {
-    use super::frame::{GATE_SKIP, GATE_WINDOW};
-    // Bytes in 0..160: about 7.3 bits of entropy each, so zstd saves a little under 1/8.
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut barely = |n: usize| {
-        Bytes::from(
-            (0..n)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x % 160) as u8
-                })
-                .collect::<Vec<u8>>(),
-        )
-    };
-    let data = |seq: u64, data: Bytes| {
-        Message::Data(Data {
-            seq,
-            epoch: 1,
-            offset: 0,
-            flags: DataFlags(0),
-            data,
-        })
-    };
+fn payloads_that_barely_compress_go_raw_after_a_window_short_or_long() {
+    use super::frame::CompressGate;
+    let cases: [(usize, u64, u64, fn(u64, usize) -> Bytes); 2] = [
+        (4096, 64 * 4096, 256 * 4096, barely_compressible),
+        (256 << 10, 1 << 20, 8 << 20, compressible_middle_only),
+    ];
+    for (len, window, skip, make) in cases {
+        let mut enc = FrameEncoder::new(1, MAX).unwrap();
+        enc.set_gate(CompressGate::new(window, skip));
+        let mut out = BytesMut::new();
+        let tried = (window / len as u64) as usize;
+        let skipped = (skip / len as u64) as usize;
+        let total = tried + skipped + 1;
+        let compressed: Vec<bool> = (0..total)
+            .map(|i| {
+                enc.encode(&data_msg(i as u64, make(i as u64, len)), &mut out)
+                    .unwrap()
+                    .compressed
+            })
+            .collect();
+        assert_eq!(
+            compressed[..tried].iter().position(|c| !c),
+            None,
+            "{len}: each attempt saves a little"
+        );
+        assert!(
+            compressed[tried..tried + skipped].iter().all(|&c| !c),
+            "{len}: then the gate sends them raw"
+        );
+        assert!(
+            compressed[tried + skipped],
+            "{len}: and tries again after the skip"
+        );
+        assert_eq!(decode_all(&out).unwrap().len(), total);
+    }
+}
+
+#[test]
+fn json_like_text_is_never_gated() {
     let mut enc = FrameEncoder::new(1, MAX).unwrap();
     let mut out = BytesMut::new();
-    let total = GATE_WINDOW + GATE_SKIP + 1;
-    let compressed: Vec<bool> = (0..total)
-        .map(|i| {
-            enc.encode(&data(u64::from(i), barely(4096)), &mut out)
-                .unwrap()
-                .compressed
-        })
-        .collect();
-    let w = GATE_WINDOW as usize;
-    assert!(
-        compressed[..w].iter().all(|&c| c),
-        "each attempt saves a little"
-    );
-    assert!(
-        compressed[w..w + GATE_SKIP as usize].iter().all(|&c| !c),
-        "then the gate sends them raw"
-    );
-    assert!(
-        compressed[w + GATE_SKIP as usize],
-        "and tries again after the skip"
-    );
-    // Everything still decodes.
-    assert_eq!(decode_all(&out).unwrap().len(), total as usize);
-    // JSON-like text saves far more than 1/8: never gated.
-    let mut enc = FrameEncoder::new(1, MAX).unwrap();
-    let mut out = BytesMut::new();
-    for i in 0..3 * GATE_WINDOW {
+    for i in 0..1200u64 {
+        let len = if i % 100 == 0 { 256 << 10 } else { 4096 };
         let s = enc
-            .encode(&data(u64::from(i), Bytes::from(json_like(4096))), &mut out)
+            .encode(&data_msg(i, Bytes::from(json_like(len))), &mut out)
             .unwrap();
         assert!(s.compressed && s.wire_len * 2 <= s.raw_len, "{s:?}");
     }
