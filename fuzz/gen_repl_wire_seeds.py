@@ -45,6 +45,10 @@ seeds = {
     "ping-pong-disconnect": frame(0x50, struct.pack(">Q", 42)) + frame(0x51, struct.pack(">Q", 42))
     + frame(0x7F, struct.pack(">HH", 1, 3) + b"bye"),
 }
+# Bulk payloads (64 KiB of data or more, raw): the receiver reads them into an aligned buffer.
+noise = bytes((i * 2654435761 >> 13) & 0xFF for i in range(70000))
+seeds["data-bulk"] = frame(0x10, data(3, 0, noise), seq=9, offset=2 << 20) + frame(0x50, struct.pack(">Q", 9))
+seeds["resync-bulk"] = frame(0x31, struct.pack(">IB", len(noise), 0) + noise, seq=10, offset=3 << 20)
 if shutil.which("zstd"):
     seeds["data-zstd"] = frame(0x10, data(2, 0, text), seq=8, offset=1 << 20, compress=True)
 

@@ -634,6 +634,15 @@ fn documented_layout_seeds_decode() {
                 };
                 assert!(d.data.starts_with(b"{\"id\":0,") && d.offset == 1 << 20);
             }
+            "data-bulk" | "resync-bulk" => {
+                let b = bulk_of(&msgs[0]).unwrap_or_else(|| panic!("{msgs:?}"));
+                assert_eq!(b.len(), 70000);
+                assert!(b.len() >= frame::BULK_MIN);
+                // Received the way the link does it: into a buffer of its own.
+                for chunk in [1, 4096, bytes.len()] {
+                    assert_eq!(decode_all_bulk(&bytes, chunk).unwrap(), msgs);
+                }
+            }
             "bitmap-two-chunks" => {
                 let mut a = bitmap::BitmapAssembler::new(100);
                 let Message::BitmapChunk(c0) = &msgs[0] else {
