@@ -23,7 +23,7 @@ use crate::config::VolumeConfig;
 use crate::engine::{self, Engine, EngineKind};
 use crate::meta::device::FileDevice;
 use crate::nbd::export::{choose_engine, Listener};
-use crate::nbd::server::{serve_connection, ServerConfig, Shared};
+use crate::nbd::server::{ServerConfig, Shared};
 use crate::volume::{self, MirroredVolume};
 
 /// How long a command may take before the caller gives up (a promotion writes metadata; a
@@ -447,36 +447,15 @@ async fn start_export(vol: Rc<Vol>, cfg: &VolumeConfig) -> Result<Export, String
     };
     let grace = server_cfg.shutdown_grace;
     let shared = Shared::new(vol, cfg.export.name.clone(), &server_cfg, stop_rx.clone());
-    let task = tokio::task::spawn_local(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                _ = stop_rx.changed() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((r, w, peer)) => {
-                        let s = shared.clone();
-                        conns.spawn_local(async move {
-                            if let Err(e) = serve_connection(s, r, w).await {
-                                tracing::debug!(%peer, error = %e, "NBD connection ended");
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            }
-        }
-        listener.cleanup();
-        if tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} })
-            .await
-            .is_err()
-        {
-            conns.shutdown().await;
-        }
-    });
+    let task = tokio::task::spawn_local(crate::nbd::export::serve_on(
+        listener,
+        shared,
+        grace,
+        async move {
+            let _ = stop_rx.changed().await;
+        },
+        || {},
+    ));
     Ok(Export { stop, task, uri })
 }
 

@@ -21,7 +21,7 @@ use super::heartbeat::{DiskState, Role};
 use crate::config::VolumeConfig;
 use crate::engine::{Engine, OpenOptions};
 use crate::nbd::export::{choose_engine, Endpoint, Listener};
-use crate::nbd::server::{serve_connection, ServerConfig, Shared};
+use crate::nbd::server::{ServerConfig, Shared};
 
 /// A volume step that failed; the message names the volume and the cause.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -190,34 +190,16 @@ async fn serve_until(
         stop.clone(),
     );
     let _ = ready.send(Ok(listener.uri(&cfg.export.name)));
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stop.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((r, w, _peer)) => {
-                    let s = shared.clone();
-                    conns.spawn_local(async move {
-                        if let Err(e) = serve_connection(s, r, w).await {
-                            tracing::debug!(error = %e, "NBD connection ended");
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-        }
-    }
-    listener.cleanup();
-    if tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} })
-        .await
-        .is_err()
-    {
-        conns.shutdown().await;
-    }
+    crate::nbd::export::serve_on(
+        listener,
+        shared,
+        grace,
+        async move {
+            let _ = stop.changed().await;
+        },
+        || {},
+    )
+    .await;
     crate::block::BlockTarget::flush(&*engine)
         .await
         .map_err(|e| format!("final flush failed: {e}"))

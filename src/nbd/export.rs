@@ -486,3 +486,47 @@ impl Listener {
         }
     }
 }
+
+/// Serves every client `listener` accepts with `shared`, on the calling thread, until `stop`
+/// completes. Then removes the listener's socket, calls `closing` (which must make `shared`'s
+/// shutdown signal true, if `stop` did not already), waits up to `grace` for the open
+/// connections to finish their requests, and cuts the rest. Returns when no connection task is
+/// left: a final flush after this covers every acknowledged write.
+pub async fn serve_on<T: BlockTarget + 'static>(
+    listener: Listener,
+    shared: Shared<T>,
+    grace: Duration,
+    stop: impl std::future::Future<Output = ()>,
+    closing: impl FnOnce(),
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((r, w, peer)) => {
+                    let s = shared.clone();
+                    conns.spawn_local(async move {
+                        if let Err(e) = serve_connection(s, r, w).await {
+                            tracing::debug!(%peer, error = %e, "NBD connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    listener.cleanup();
+    closing();
+    if tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        conns.shutdown().await;
+    }
+}

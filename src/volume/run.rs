@@ -18,8 +18,8 @@ use crate::config::{Config, MetadataPlacement, VolumeConfig};
 use crate::engine::{self, Engine, OpenOptions};
 use crate::meta::device::{FileDevice, MetaDevice};
 use crate::meta::store::MetaStore;
-use crate::nbd::export::{choose_engine, Endpoint, Listener};
-use crate::nbd::server::{serve_connection, ServerConfig, Shared};
+use crate::nbd::export::{choose_engine, serve_on, Endpoint, Listener};
+use crate::nbd::server::{ServerConfig, Shared};
 use crate::repl::link::{load_key_file, LinkConfig};
 
 /// Arguments of `twinvol mirror`.
@@ -390,37 +390,29 @@ where
         );
         let (conn_stop_tx, conn_stop_rx) = watch::channel(false);
         let shared = Shared::new(vol.clone(), name.clone(), &cfg, conn_stop_rx);
-        let mut conns = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                _ = stop.changed() => break,
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                    if vol.role() != Role::Primary { break; }
+        // Until stopped, or until this node is no longer Primary.
+        let mut until = stop.clone();
+        let primary_ended = async {
+            loop {
+                tokio::select! {
+                    _ = until.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                        if vol.role() != Role::Primary {
+                            return;
+                        }
+                    }
                 }
-                accepted = listener.accept() => match accepted {
-                    Ok((r, w, peer)) => {
-                        let s = shared.clone();
-                        conns.spawn_local(async move {
-                            if let Err(e) = serve_connection(s, r, w).await {
-                                tracing::info!(%peer, error = %e, "NBD connection ended");
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
             }
-        }
-        let _ = conn_stop_tx.send(true);
-        let _ = tokio::time::timeout(cfg.shutdown_grace, async {
-            while conns.join_next().await.is_some() {}
-        })
+        };
+        serve_on(
+            listener,
+            shared,
+            cfg.shutdown_grace,
+            primary_ended,
+            move || {
+                let _ = conn_stop_tx.send(true);
+            },
+        )
         .await;
-        conns.shutdown().await;
-        listener.cleanup();
-        drop(shared);
     }
 }
