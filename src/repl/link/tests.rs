@@ -356,22 +356,12 @@ async fn bulk_payloads_survive_partial_io_and_cancelled_receives_and_arrive_alig
         FrameEncoder::new(1, crate::repl::wire::DEFAULT_MAX_PAYLOAD).unwrap(),
         FrameDecoder::new(crate::repl::wire::DEFAULT_MAX_PAYLOAD).unwrap(),
     );
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut noise = |n: usize| {
-        Bytes::from(
-            (0..n)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect::<Vec<u8>>(),
-        )
-    };
     let mut msgs = vec![];
     for i in 0..12u64 {
-        let data = noise(64 * 1024 + 4096 * (i as usize % 5) * 17);
+        let data = Bytes::from(crate::repl::wire::tests::noise(
+            i,
+            64 * 1024 + 4096 * (i as usize % 5) * 17,
+        ));
         msgs.push(if i % 3 == 2 {
             Message::ResyncData(ResyncData {
                 seq: i,

@@ -39,6 +39,19 @@ pub(crate) fn json_like(n: usize) -> Vec<u8> {
     out
 }
 
+/// `n` pseudo-random (incompressible) bytes from `seed` (xorshift64).
+pub(crate) fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 fn node_id() -> impl Strategy<Value = String> {
     "[a-z0-9_-]{1,64}"
 }
@@ -737,19 +750,7 @@ fn decode_all_bulk(bytes: &[u8], chunk: usize) -> Result<Vec<Message>, WireError
 fn bulk_messages() -> impl Strategy<Value = Vec<Message>> {
     let data = prop_oneof![
         (0usize..300_000).prop_map(|n| Bytes::from(json_like(n))),
-        (0usize..300_000, any::<u64>()).prop_map(|(n, seed)| {
-            let mut x = seed | 1;
-            Bytes::from(
-                (0..n)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x as u8
-                    })
-                    .collect::<Vec<u8>>(),
-            )
-        }),
+        (0usize..300_000, any::<u64>()).prop_map(|(n, seed)| Bytes::from(noise(seed, n))),
     ];
     proptest::collection::vec((data, any::<bool>(), any::<u32>()), 1..4).prop_map(|v| {
         v.into_iter()
@@ -930,21 +931,13 @@ fn the_gate_closes_after_a_window_that_saved_under_an_eighth_and_reopens_after_t
 /// Random bytes with a run of 12 zeroes in every 128: zstd saves a few percent (the runs),
 /// reliably less than 1/8.
 fn barely_compressible(seed: u64, n: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    Bytes::from(
-        (0..n)
-            .map(|i| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                if i % 128 >= 116 {
-                    0
-                } else {
-                    (x >> 24) as u8
-                }
-            })
-            .collect::<Vec<u8>>(),
-    )
+    let mut b = noise(seed, n);
+    for (i, x) in b.iter_mut().enumerate() {
+        if i % 128 >= 116 {
+            *x = 0;
+        }
+    }
+    Bytes::from(b)
 }
 
 fn data_msg(seq: u64, data: Bytes) -> Message {
@@ -960,12 +953,7 @@ fn data_msg(seq: u64, data: Bytes) -> Message {
 /// Random bytes except 8 KiB of zeroes in the middle: the probe's sample compresses, the
 /// whole saves about 3%.
 fn compressible_middle_only(seed: u64, n: usize) -> Bytes {
-    let mut b = barely_compressible(seed, n).to_vec();
-    for (i, x) in b.iter_mut().enumerate() {
-        if i % 128 >= 116 {
-            *x = (i as u8).wrapping_mul(151) ^ 0x5a;
-        }
-    }
+    let mut b = noise(seed, n);
     let mid = n / 2 - 4096;
     b[mid..mid + 8192].fill(0);
     Bytes::from(b)
