@@ -430,3 +430,47 @@ async fn bulk_payloads_survive_partial_io_and_cancelled_receives_and_arrive_alig
     assert_eq!(rx.traffic().1.wire_bytes, sent.wire_bytes);
     assert_eq!(rx.traffic().1.frames, sent.frames);
 }
+
+/// The threaded writer keeps the channel's order and counts what it sent; a message it cannot
+/// encode stops it, and it shuts the socket down so both ends see the connection end at once
+/// (the session then resyncs what was outstanding) instead of waiting for a ping timeout.
+#[tokio::test]
+async fn the_writer_thread_keeps_order_counts_and_closes_the_connection_when_it_fails() {
+    let (listener, cb) = pair_configs(KEY_A, KEY_A);
+    let (a, b) = tokio::join!(listener.accept(), connect(&cb));
+    let sent = SentTraffic::default();
+    let (_, mut a_rx, a_w) = a.unwrap().into_threaded(sent.clone()).unwrap();
+    let (_, mut b_rx, _b_tx) = b.unwrap().into_split();
+    let tx = a_w.sender().unwrap();
+    for nonce in 0..100 {
+        tx.send(Message::Ping { nonce }).unwrap();
+    }
+    for nonce in 0..100 {
+        assert_eq!(b_rx.recv().await.unwrap(), Message::Ping { nonce });
+    }
+    // Hello, AuthChallenge and AuthResponse of the handshake are counted too.
+    let t0 = std::time::Instant::now();
+    while sent.lock().unwrap().frames < 103 && t0.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let t = *sent.lock().unwrap();
+    assert_eq!(t.frames, 103);
+    assert_eq!(t.wire_bytes, b_rx.received().wire_bytes);
+    tx.send(Message::Data(Data {
+        seq: 1,
+        epoch: 1,
+        offset: 0,
+        flags: DataFlags(1 << 31),
+        data: Bytes::from_static(b"reserved flag: cannot be encoded"),
+    }))
+    .unwrap();
+    let peer = tokio::time::timeout(Duration::from_secs(5), b_rx.recv())
+        .await
+        .expect("the peer sees the connection end");
+    assert!(peer.is_err(), "{peer:?}");
+    let own = tokio::time::timeout(Duration::from_secs(5), a_rx.recv())
+        .await
+        .expect("this side's reader sees it too");
+    assert!(own.is_err(), "{own:?}");
+    a_w.finish(Duration::from_millis(100)).await;
+}
