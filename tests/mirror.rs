@@ -7,37 +7,22 @@ mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{bin, scratch, sh, sparse_file};
+use common::mirror_node::{pattern, write_key, Client, MirrorNode};
+use common::{bin, scratch, sh};
 
 const MIB: u64 = 1024 * 1024;
 const DEV: u64 = 64 * MIB;
 
-/// One node's files and process.
-struct Node {
-    name: &'static str,
-    device: PathBuf,
-    config: PathBuf,
-    socket: PathBuf,
-    status: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
+type Node = MirrorNode;
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+/// How long a pair may take to connect and settle.
+const IN_SYNC: Duration = Duration::from_secs(60);
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -47,238 +32,38 @@ fn free_port() -> u16 {
         .port()
 }
 
-impl Node {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        dir: &Path,
-        name: &'static str,
-        peer: &'static str,
-        address: SocketAddr,
-        peer_addr: SocketAddr,
-        key: &Path,
-        extra: &str,
-    ) -> Node {
-        let device = sparse_file(dir, &format!("{name}.img"), DEV);
-        let socket = dir.join(format!("{name}.sock"));
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                r#"[node]
-id = "{name}"
-
-[[volume]]
-name = "data"
-device = "{dev}"
-engine = "sync"
-[volume.export]
-socket = "{sock}"
-[volume.replication]
-address = "{address}"
+/// Node `name` on 127.0.0.x (`address`), replicating with `peer` at `peer_addr`.
+fn node(
+    dir: &Path,
+    (name, peer): (&'static str, &'static str),
+    (address, peer_addr): (SocketAddr, SocketAddr),
+    key: &Path,
+    extra: &str,
+) -> Node {
+    let replication = format!(
+        r#"address = "{address}"
 peer = "{peer_addr}"
 peer_id = "{peer}"
 key_file = "{key}"
 ping_timeout_secs = 2
-{extra}
-"#,
-                dev = device.display(),
-                sock = socket.display(),
-                key = key.display(),
-            ),
-        )
-        .unwrap();
-        sh(&format!(
-            "{} create-md --device {} --granularity 64K --al-extents 16 --al-extent-size 1M",
-            bin().display(),
-            device.display()
-        ));
-        Node {
-            name,
-            device,
-            socket,
-            status: dir.join(format!("{name}.json")),
-            log: dir.join(format!("{name}.log")),
-            config,
-            child: None,
-        }
-    }
-
-    fn start(&mut self, role: &[&str]) {
-        let _ = std::fs::remove_file(&self.status);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(bin())
-            .arg("mirror")
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--status-file")
-            .arg(&self.status)
-            .args(role)
-            .env("TWINVOL_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        // The first status snapshot is written after the signal handlers are installed.
-        self.wait_for("started", Duration::from_secs(20), |s| !s.is_null());
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap();
-            let st = c.wait().unwrap();
-            assert!(
-                !self.log_text().contains("volume still in use"),
-                "{} did not close its metadata cleanly:\n{}",
-                self.name,
-                self.log_text()
-            );
-            assert!(
-                st.success(),
-                "{} did not stop cleanly: {st}\n{}",
-                self.name,
-                self.log_text()
-            );
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let text = std::fs::read_to_string(&self.status).unwrap_or_else(|_| "null".into());
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
-    }
-
-    fn wait_for(
-        &self,
-        what: &str,
-        timeout: Duration,
-        ok: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let t0 = Instant::now();
-        loop {
-            let s = self.status();
-            if ok(&s) {
-                return s;
-            }
-            assert!(
-                t0.elapsed() < timeout,
-                "{}: {what} not reached in {timeout:?}; status {s:#}\nlog:\n{}",
-                self.name,
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_connected_in_sync(&self) -> serde_json::Value {
-        self.wait_for("connected, in sync", Duration::from_secs(60), |s| {
-            s["connection"]["state"] == "connected"
-                && s["resync"].is_null()
-                && s["disk"] == "up-to-date"
-                && s["rpo_bytes"] == 0
-        })
-    }
-
-    /// The data region (the metadata sits at the tail).
-    fn data(&self, size: u64) -> Vec<u8> {
-        let mut f = std::fs::File::open(&self.device).unwrap();
-        let mut v = vec![0u8; size as usize];
-        f.read_exact(&mut v).unwrap();
-        v
-    }
-}
-
-fn key(dir: &Path) -> PathBuf {
-    let p = dir.join("key");
-    std::fs::write(&p, [0x5au8; 32]).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    p
+{extra}"#,
+        key = key.display()
+    );
+    MirrorNode::create(dir, name, DEV, &replication, None)
 }
 
 /// Two nodes "a" (127.0.0.1, listens) and "b" (127.0.0.2, connects) on fresh devices that
 /// skip the initial sync (both zero, same generation).
 fn pair(dir: &Path, extra_a: &str, extra_b: &str) -> (Node, Node) {
-    let k = key(dir);
+    let k = write_key(dir);
     let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
-    let a = Node::new(dir, "a", "b", a_addr, b_addr, &k, extra_a);
-    let b = Node::new(dir, "b", "a", b_addr, a_addr, &k, extra_b);
+    let a = node(dir, ("a", "b"), (a_addr, b_addr), &k, extra_a);
+    let b = node(dir, ("b", "a"), (b_addr, a_addr), &k, extra_b);
     for n in [&a, &b] {
-        sh(&format!(
-            "{} new-current-uuid --clear-bitmap --uuid 1234abcd --device {}",
-            bin().display(),
-            n.device.display()
-        ));
+        n.skip_initial_sync();
     }
     (a, b)
-}
-
-/// A connected NBD client on the primary's socket.
-struct Client {
-    s: std::os::unix::net::UnixStream,
-    export: nbd::Export,
-}
-
-impl Client {
-    fn connect(node: &Node) -> Client {
-        let t0 = Instant::now();
-        loop {
-            if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&node.socket) {
-                if let Ok(export) = nbd::client::handshake(&mut s, b"") {
-                    return Client { s, export };
-                }
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "no NBD export on {}:\n{}",
-                node.name,
-                node.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let mut c = nbd::client::NbdClient::new(&mut self.s, &self.export);
-        c.seek(SeekFrom::Start(offset))?;
-        c.write_all(data)?;
-        Ok(())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        let mut c = nbd::client::NbdClient::new(&mut self.s, &self.export);
-        c.flush()
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn data_size(node: &Node) -> u64 {
@@ -292,7 +77,7 @@ fn every_acknowledged_sync_write_is_on_the_secondary_after_the_primary_is_sigkil
     let (mut a, mut b) = pair(dir.path(), "", "");
     b.start(&["--secondary"]);
     a.start(&["--primary"]);
-    a.wait_connected_in_sync();
+    a.wait_connected_in_sync(IN_SYNC);
     let size = data_size(&a);
     let slots = size / 4096;
     let mut rng = 0x1234_5678u64;
@@ -352,7 +137,7 @@ fn every_acknowledged_sync_write_is_on_the_secondary_after_the_primary_is_sigkil
         );
         // Bring the primary back (it crashed as primary: its activity-log extents resync).
         a.start(&["--primary"]);
-        a.wait_connected_in_sync();
+        a.wait_connected_in_sync(IN_SYNC);
     }
     a.stop();
     b.stop();
@@ -369,7 +154,7 @@ fn reconnect_sends_only_the_dirty_regions_and_images_end_identical() {
     let (mut a, mut b) = pair(dir.path(), "", "");
     b.start(&["--secondary"]);
     a.start(&["--primary"]);
-    a.wait_connected_in_sync();
+    a.wait_connected_in_sync(IN_SYNC);
     let size = data_size(&a);
     let mut c = Client::connect(&a);
     c.write(0, &pattern(7, 65536)).unwrap();
@@ -395,7 +180,7 @@ fn reconnect_sends_only_the_dirty_regions_and_images_end_identical() {
         "dirty bytes {dirty}"
     );
     b.start(&["--secondary"]);
-    let s = a.wait_connected_in_sync();
+    let s = a.wait_connected_in_sync(IN_SYNC);
     let sent = s["counters"]["resync_bytes_sent"].as_u64().unwrap() - before;
     eprintln!("dirty {dirty} bytes, resync sent {sent} bytes of a {size} byte device");
     assert!(
@@ -472,13 +257,13 @@ fn bit_flip_proxy(
 #[test]
 fn bit_flips_on_the_link_never_reach_a_disk_and_the_stream_recovers() {
     let dir = scratch();
-    let k = key(dir.path());
+    let k = write_key(dir.path());
     let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
     let proxy: SocketAddr = format!("127.0.0.3:{}", free_port()).parse().unwrap();
     // b connects to the proxy, which connects to a from b's IP (a accepts only its peer's IP).
-    let mut a = Node::new(dir.path(), "a", "b", a_addr, b_addr, &k, "");
-    let mut b = Node::new(dir.path(), "b", "a", b_addr, proxy, &k, "");
+    let mut a = node(dir.path(), ("a", "b"), (a_addr, b_addr), &k, "");
+    let mut b = node(dir.path(), ("b", "a"), (b_addr, proxy), &k, "");
     for n in [&a, &b] {
         sh(&format!(
             "{} new-current-uuid --clear-bitmap --uuid 1234abcd --device {}",
@@ -558,7 +343,7 @@ fn split_brain(dir: &Path, policy: &str) -> (Node, Node, u64) {
     let (mut a, mut b) = pair(dir, &extra, &extra);
     b.start(&["--secondary"]);
     a.start(&["--primary"]);
-    a.wait_connected_in_sync();
+    a.wait_connected_in_sync(IN_SYNC);
     let size = data_size(&a);
     a.stop();
     b.stop();
@@ -609,7 +394,7 @@ fn split_brain_discard_node_resyncs_the_named_node_from_the_other() {
     let img_a = a.data(size);
     a.start(&["--primary"]);
     b.start(&["--secondary"]);
-    a.wait_connected_in_sync();
+    a.wait_connected_in_sync(IN_SYNC);
     b.wait_for("resynced", Duration::from_secs(30), |s| {
         s["disk"] == "up-to-date"
             && s["resync"].is_null()
@@ -631,7 +416,7 @@ fn split_brain_discard_zero_changes_resyncs_the_node_that_wrote_nothing() {
     let img_a = a.data(size);
     a.start(&["--primary"]);
     b.start(&["--secondary"]);
-    a.wait_connected_in_sync();
+    a.wait_connected_in_sync(IN_SYNC);
     a.stop();
     b.stop();
     assert!(
@@ -647,7 +432,7 @@ fn async_mode_never_holds_writes_for_a_stalled_peer_and_rpo_returns_to_zero() {
     let (mut a, mut b) = pair(dir.path(), extra, extra);
     b.start(&["--secondary"]);
     a.start(&["--primary"]);
-    a.wait_connected_in_sync();
+    a.wait_connected_in_sync(IN_SYNC);
     let size = data_size(&a);
     let mut c = Client::connect(&a);
     // Stall the peer: it reads nothing, so nothing is acknowledged.
@@ -687,7 +472,7 @@ fn async_mode_never_holds_writes_for_a_stalled_peer_and_rpo_returns_to_zero() {
         "RPO age not reported"
     );
     nix::sys::signal::kill(bpid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    let s = a.wait_connected_in_sync();
+    let s = a.wait_connected_in_sync(IN_SYNC);
     assert_eq!(s["rpo_seconds"].as_f64().unwrap(), 0.0);
     drop(c);
     a.stop();
@@ -706,14 +491,14 @@ fn online_verify_finds_exactly_the_corrupted_block_and_repairs_it_while_serving(
     let (actl_s, bctl_s) = (actl.display().to_string(), bctl.display().to_string());
     b.start(&["--secondary", "--control-socket", &bctl_s]);
     a.start(&["--primary", "--control-socket", &actl_s]);
-    a.wait_connected_in_sync();
+    a.wait_connected_in_sync(IN_SYNC);
     let size = data_size(&a);
     let mut c = Client::connect(&a);
     for i in 0..64u64 {
         c.write(i * MIB, &pattern(300 + i, 65536)).unwrap();
     }
     c.flush().unwrap();
-    a.wait_connected_in_sync();
+    a.wait_connected_in_sync(IN_SYNC);
     // Corrupt one 4 KiB block of the secondary's image behind its back.
     let bad = 37 * MIB + 8192;
     {
@@ -814,7 +599,7 @@ fn checksum_resync_after_a_crash_sends_only_the_chunk_that_differs() {
     let (mut a, mut b) = pair(dir.path(), "checksum_resync = true", "");
     b.start(&["--secondary"]);
     a.start(&["--primary"]);
-    a.wait_connected_in_sync();
+    a.wait_connected_in_sync(IN_SYNC);
     let size = data_size(&a);
     let mut c = Client::connect(&a);
     // 40 writes 1 MiB apart: the last 16 activity-log extents stay hot.
@@ -822,7 +607,7 @@ fn checksum_resync_after_a_crash_sends_only_the_chunk_that_differs() {
         c.write(i * MIB + 4096, &pattern(700 + i, 65536)).unwrap();
     }
     c.flush().unwrap();
-    a.wait_connected_in_sync();
+    a.wait_connected_in_sync(IN_SYNC);
     drop(c);
     // Crash while idle: every acknowledged write is on both copies, but the restarted Primary
     // must resync its hot activity-log extents.
@@ -841,7 +626,7 @@ fn checksum_resync_after_a_crash_sends_only_the_chunk_that_differs() {
         .as_u64()
         .unwrap();
     a.start(&["--primary"]);
-    let s = a.wait_connected_in_sync();
+    let s = a.wait_connected_in_sync(IN_SYNC);
     let sent = s["counters"]["resync_bytes_sent"].as_u64().unwrap();
     let in_sync = s["counters"]["resync_bytes_in_sync"].as_u64().unwrap();
     let dirty = sent + in_sync;
@@ -867,7 +652,7 @@ fn checksum_resync_after_a_crash_sends_only_the_chunk_that_differs() {
     let mut c = Client::connect(&a);
     c.write(3 * MIB, &pattern(77, 8192)).unwrap();
     c.flush().unwrap();
-    a.wait_connected_in_sync();
+    a.wait_connected_in_sync(IN_SYNC);
     drop(c);
     a.stop();
     b.stop();

@@ -9,15 +9,15 @@
 
 mod common;
 
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{bin, require, scratch, sh, sh_out, sparse_file};
+use common::mirror_node::{pattern, write_key, Client, MirrorNode};
+use common::{require, scratch, sh, sh_out};
 
 const MIB: u64 = 1024 * 1024;
 const SERVICE: usize = 0;
@@ -126,248 +126,36 @@ impl Drop for Lab {
 }
 
 /// One node: its files and its `twinvol mirror` process inside its namespace.
-struct Node {
-    name: &'static str,
-    ns: String,
-    device: PathBuf,
-    config: PathBuf,
-    socket: PathBuf,
-    status: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
+type Node = MirrorNode;
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Node {
-    fn new(dir: &Path, lab: &Lab, n: usize, dev_size: u64, extra: &str) -> Node {
-        let (name, peer) = if n == A { ("a", "b") } else { ("b", "a") };
-        let key = dir.join("key");
-        std::fs::write(&key, [0x5au8; 32]).unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let device = sparse_file(dir, &format!("{name}.img"), dev_size);
-        let socket = dir.join(format!("{name}.sock"));
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                r#"[node]
-id = "{name}"
-
-[[volume]]
-name = "data"
-device = "{dev}"
-engine = "sync"
-[volume.export]
-socket = "{sock}"
-[volume.replication]
-address = "{address}:{PORT}"
+/// Node `n` of the lab: replication on its replication-pair address, pinned to that veth; a
+/// fresh device that skips the initial sync.
+fn node(dir: &Path, lab: &Lab, n: usize, dev_size: u64, extra: &str) -> Node {
+    let (name, peer) = if n == A { ("a", "b") } else { ("b", "a") };
+    let key = write_key(dir);
+    let replication = format!(
+        r#"address = "{address}:{PORT}"
 peer = "{peer_addr}:{PORT}"
 peer_id = "{peer}"
 interface = "{veth}"
 key_file = "{key}"
-{extra}
-"#,
-                dev = device.display(),
-                sock = socket.display(),
-                key = key.display(),
-                address = lab.addr[REPLICATION][n],
-                peer_addr = lab.addr[REPLICATION][1 - n],
-                veth = lab.veth[REPLICATION][n],
-            ),
-        )
-        .unwrap();
-        sh(&format!(
-            "{} create-md --device {} --granularity 64K --al-extents 16 --al-extent-size 1M",
-            bin().display(),
-            device.display()
-        ));
-        // Fresh pair, both zero: skip the initial sync.
-        sh(&format!(
-            "{} new-current-uuid --clear-bitmap --uuid 1234abcd --device {}",
-            bin().display(),
-            device.display()
-        ));
-        Node {
-            name,
-            ns: lab.ns[n].clone(),
-            device,
-            socket,
-            status: dir.join(format!("{name}.json")),
-            log: dir.join(format!("{name}.log")),
-            config,
-            child: None,
-        }
-    }
-
-    fn start(&mut self, role: &str) {
-        let _ = std::fs::remove_file(&self.status);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        // `ip netns exec` execs the command: the child's pid is twinvol's.
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns])
-            .arg(bin())
-            .arg("mirror")
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--status-file")
-            .arg(&self.status)
-            .arg(role)
-            .env("TWINVOL_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        self.wait_for("started", Duration::from_secs(20), |s| !s.is_null());
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap();
-            let st = c.wait().unwrap();
-            assert!(
-                st.success(),
-                "{} did not stop cleanly: {st}\n{}",
-                self.name,
-                self.log_text()
-            );
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let text = std::fs::read_to_string(&self.status).unwrap_or_else(|_| "null".into());
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
-    }
-
-    fn counter(&self, name: &str) -> u64 {
-        self.status()["counters"][name]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{}: no counter {name}", self.name))
-    }
-
-    fn wait_for(
-        &self,
-        what: &str,
-        timeout: Duration,
-        ok: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let t0 = Instant::now();
-        loop {
-            let s = self.status();
-            if ok(&s) {
-                return s;
-            }
-            assert!(
-                t0.elapsed() < timeout,
-                "{}: {what} not reached in {timeout:?}; status {s:#}\nlog:\n{}",
-                self.name,
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_connected_in_sync(&self, timeout: Duration) -> serde_json::Value {
-        self.wait_for("connected, in sync", timeout, |s| {
-            s["connection"]["state"] == "connected"
-                && s["resync"].is_null()
-                && s["disk"] == "up-to-date"
-                && s["rpo_bytes"] == 0
-        })
-    }
-
-    /// CRC32 (crc32fast, built optimised in dev profile) of the data area (the metadata sits
-    /// at the tail), with its length so that a short read cannot compare equal.
-    fn data_checksum(&self, size: u64) -> (u64, u32) {
-        let mut f = std::fs::File::open(&self.device).unwrap();
-        let mut h = crc32fast::Hasher::new();
-        let mut buf = vec![0u8; 4 * MIB as usize];
-        let mut left = size;
-        while left > 0 {
-            let n = left.min(4 * MIB) as usize;
-            f.read_exact(&mut buf[..n]).unwrap();
-            h.update(&buf[..n]);
-            left -= n as u64;
-        }
-        (size, h.finalize())
-    }
-}
-
-/// An NBD client on the primary's Unix socket (in the shared filesystem).
-struct Client {
-    s: std::os::unix::net::UnixStream,
-    export: nbd::Export,
-}
-
-impl Client {
-    fn connect(node: &Node) -> Client {
-        let t0 = Instant::now();
-        loop {
-            if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&node.socket) {
-                if let Ok(export) = nbd::client::handshake(&mut s, b"") {
-                    return Client { s, export };
-                }
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "no NBD export on {}:\n{}",
-                node.name,
-                node.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let mut c = nbd::client::NbdClient::new(&mut self.s, &self.export);
-        c.seek(SeekFrom::Start(offset))?;
-        c.write_all(data)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        nbd::client::NbdClient::new(&mut self.s, &self.export).flush()
-    }
-}
-
-/// Incompressible bytes (xorshift), different per seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+{extra}"#,
+        key = key.display(),
+        address = lab.addr[REPLICATION][n],
+        peer_addr = lab.addr[REPLICATION][1 - n],
+        veth = lab.veth[REPLICATION][n],
+    );
+    let node = MirrorNode::create(dir, name, dev_size, &replication, Some(lab.ns[n].clone()));
+    node.skip_initial_sync();
+    node
 }
 
 /// A started, connected pair: a Primary, b Secondary.
 fn pair(dir: &Path, lab: &Lab, dev_size: u64, extra: &str) -> (Node, Node) {
-    let mut a = Node::new(dir, lab, A, dev_size, extra);
-    let mut b = Node::new(dir, lab, B, dev_size, extra);
-    b.start("--secondary");
-    a.start("--primary");
+    let mut a = node(dir, lab, A, dev_size, extra);
+    let mut b = node(dir, lab, B, dev_size, extra);
+    b.start(&["--secondary"]);
+    a.start(&["--primary"]);
     a.wait_connected_in_sync(Duration::from_secs(30));
     (a, b)
 }

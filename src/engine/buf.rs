@@ -116,12 +116,15 @@ static POOL: std::sync::Mutex<Pool> = std::sync::Mutex::new(Pool {
     bytes: 0,
 });
 
+/// (capacity, alignment) of pooled buffers.
+type SizeClass = (usize, usize);
+
 /// Freed buffers, by (capacity, alignment) (a handful of size classes: a linear search).
 ///
 /// Invariant: every pointer was allocated by `AlignedBuf::new` with layout (cap, align), is
 /// owned by the pool alone, and all its `cap` bytes are initialised; `bytes` is their total size.
 struct Pool {
-    free: Vec<((usize, usize), Vec<NonNull<u8>>)>,
+    free: Vec<(SizeClass, Vec<NonNull<u8>>)>,
     bytes: usize,
 }
 

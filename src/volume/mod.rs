@@ -681,6 +681,8 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         let range = offset..offset + len;
         self.wait_until(|v| {
             let st = v.st.borrow();
+            // Bound first: the iterator borrows `st`, which must outlive it.
+            #[allow(clippy::let_and_return)]
             let free = [&st.resync_lock, &st.verify_lock]
                 .into_iter()
                 .flatten()

@@ -1,6 +1,8 @@
 //! Shared harness for tests that run the real `twinvol` binary against real NBD clients.
 #![allow(dead_code)]
 
+pub mod mirror_node;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};

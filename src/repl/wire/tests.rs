@@ -962,7 +962,8 @@ fn compressible_middle_only(seed: u64, n: usize) -> Bytes {
 #[test]
 fn payloads_that_barely_compress_go_raw_after_a_window_short_or_long() {
     use super::frame::CompressGate;
-    let cases: [(usize, u64, u64, fn(u64, usize) -> Bytes); 2] = [
+    type Make = fn(u64, usize) -> Bytes;
+    let cases: [(usize, u64, u64, Make); 2] = [
         (4096, 64 * 4096, 256 * 4096, barely_compressible),
         (256 << 10, 1 << 20, 8 << 20, compressible_middle_only),
     ];

@@ -1,0 +1,305 @@
+//! One `twinvol mirror` node as the mirror suites (tests/mirror.rs, tests/mirror_netns.rs) run
+//! it: its device, config, status and log files, its process (optionally inside a network
+//! namespace), and an NBD client on its export socket.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{bin, sh, sparse_file};
+
+const MIB: u64 = 1024 * 1024;
+
+/// One node's files and process; the process is killed on drop.
+pub struct MirrorNode {
+    /// `node.id`.
+    pub name: &'static str,
+    /// Volume device (a sparse file with internal metadata at its tail).
+    pub device: PathBuf,
+    /// Configuration file.
+    pub config: PathBuf,
+    /// NBD export socket (while Primary).
+    pub socket: PathBuf,
+    /// `--status-file`.
+    pub status: PathBuf,
+    /// stderr of every run, appended.
+    pub log: PathBuf,
+    /// The running process.
+    pub child: Option<Child>,
+    /// Network namespace the process runs in (`ip netns exec`), if any.
+    pub netns: Option<String>,
+}
+
+impl Drop for MirrorNode {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Writes the pre-shared key file both nodes use (mode 0600).
+pub fn write_key(dir: &Path) -> PathBuf {
+    let p = dir.join("key");
+    std::fs::write(&p, [0x5au8; 32]).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+impl MirrorNode {
+    /// Node `name` in `dir`: a `dev_size` device with metadata (64 KiB granularity, a small
+    /// activity log) and a config for volume "data" (sync engine, export on `<name>.sock`)
+    /// whose `[volume.replication]` table is `replication`.
+    pub fn create(
+        dir: &Path,
+        name: &'static str,
+        dev_size: u64,
+        replication: &str,
+        netns: Option<String>,
+    ) -> MirrorNode {
+        let device = sparse_file(dir, &format!("{name}.img"), dev_size);
+        let socket = dir.join(format!("{name}.sock"));
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"[node]
+id = "{name}"
+
+[[volume]]
+name = "data"
+device = "{dev}"
+engine = "sync"
+[volume.export]
+socket = "{sock}"
+[volume.replication]
+{replication}
+"#,
+                dev = device.display(),
+                sock = socket.display(),
+            ),
+        )
+        .unwrap();
+        sh(&format!(
+            "{} create-md --device {} --granularity 64K --al-extents 16 --al-extent-size 1M",
+            bin().display(),
+            device.display()
+        ));
+        MirrorNode {
+            name,
+            device,
+            socket,
+            status: dir.join(format!("{name}.json")),
+            log: dir.join(format!("{name}.log")),
+            config,
+            child: None,
+            netns,
+        }
+    }
+
+    /// Marks the device as one of a fresh pair that skips the initial sync (both zero, same
+    /// generation id).
+    pub fn skip_initial_sync(&self) {
+        sh(&format!(
+            "{} new-current-uuid --clear-bitmap --uuid 1234abcd --device {}",
+            bin().display(),
+            self.device.display()
+        ));
+    }
+
+    /// Starts `twinvol mirror` with `role` (e.g. `--primary`) and waits for its first status
+    /// snapshot (written after the signal handlers are installed).
+    pub fn start(&mut self, role: &[&str]) {
+        let _ = std::fs::remove_file(&self.status);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        // `ip netns exec` execs the command: the child's pid is twinvol's.
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = cmd
+            .arg("mirror")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--status-file")
+            .arg(&self.status)
+            .args(role)
+            .env("TWINVOL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_for("started", Duration::from_secs(20), |s| !s.is_null());
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM; the process must exit successfully with its metadata closed.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap();
+            let st = c.wait().unwrap();
+            assert!(
+                !self.log_text().contains("volume still in use"),
+                "{} did not close its metadata cleanly:\n{}",
+                self.name,
+                self.log_text()
+            );
+            assert!(
+                st.success(),
+                "{} did not stop cleanly: {st}\n{}",
+                self.name,
+                self.log_text()
+            );
+        }
+    }
+
+    /// Everything the process logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The latest status snapshot (`null` before the first).
+    pub fn status(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(&self.status).unwrap_or_else(|_| "null".into());
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// A counter of the status snapshot.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.status()["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{}: no counter {name}", self.name))
+    }
+
+    /// Polls the status until `ok`; fails with the status and the log after `timeout`.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let t0 = Instant::now();
+        loop {
+            let s = self.status();
+            if ok(&s) {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "{}: {what} not reached in {timeout:?}; status {s:#}\nlog:\n{}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until connected, not resyncing, up to date and with nothing unreplicated.
+    pub fn wait_connected_in_sync(&self, timeout: Duration) -> serde_json::Value {
+        self.wait_for("connected, in sync", timeout, |s| {
+            s["connection"]["state"] == "connected"
+                && s["resync"].is_null()
+                && s["disk"] == "up-to-date"
+                && s["rpo_bytes"] == 0
+        })
+    }
+
+    /// The data region (the metadata sits at the tail).
+    pub fn data(&self, size: u64) -> Vec<u8> {
+        let mut f = std::fs::File::open(&self.device).unwrap();
+        let mut v = vec![0u8; size as usize];
+        f.read_exact(&mut v).unwrap();
+        v
+    }
+
+    /// CRC32 of the data region, with its length so that a short read cannot compare equal.
+    pub fn data_checksum(&self, size: u64) -> (u64, u32) {
+        let mut f = std::fs::File::open(&self.device).unwrap();
+        let mut h = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 4 * MIB as usize];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(4 * MIB) as usize;
+            f.read_exact(&mut buf[..n]).unwrap();
+            h.update(&buf[..n]);
+            left -= n as u64;
+        }
+        (size, h.finalize())
+    }
+}
+
+/// A connected NBD client on a node's Unix export socket.
+pub struct Client {
+    s: std::os::unix::net::UnixStream,
+    /// What the handshake announced.
+    pub export: nbd::Export,
+}
+
+impl Client {
+    /// Connects and negotiates, retrying for up to 20 s while the export comes up.
+    pub fn connect(node: &MirrorNode) -> Client {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&node.socket) {
+                if let Ok(export) = nbd::client::handshake(&mut s, b"") {
+                    return Client { s, export };
+                }
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "no NBD export on {}:\n{}",
+                node.name,
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Writes `data` at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut c = nbd::client::NbdClient::new(&mut self.s, &self.export);
+        c.seek(SeekFrom::Start(offset))?;
+        c.write_all(data)
+    }
+
+    /// NBD FLUSH.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        nbd::client::NbdClient::new(&mut self.s, &self.export).flush()
+    }
+}
+
+/// Incompressible bytes (xorshift), different per seed.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
