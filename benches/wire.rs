@@ -4,6 +4,7 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use twinvol::repl::wire::frame::FrameQueue;
 use twinvol::repl::wire::{
     Data, DataFlags, FrameDecoder, FrameEncoder, Message, DEFAULT_MAX_PAYLOAD,
 };
@@ -100,6 +101,31 @@ fn frame_round_trip(c: &mut Criterion) {
     g.finish();
 }
 
+/// Sending one raw 1 MiB Data frame: encoded into one contiguous buffer (a copy of the
+/// payload) against queued by reference for a vectored write (`FrameQueue`, what the link
+/// does); both compute the payload CRC.
+fn frame_encode_send_side(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frame_encode_1MiB_raw");
+    let msg = data_msg(noise(1 << 20));
+    let mut enc = FrameEncoder::new(0, DEFAULT_MAX_PAYLOAD).expect("encoder");
+    g.throughput(Throughput::Bytes(1 << 20));
+    let mut out = BytesMut::with_capacity((1 << 20) + 64);
+    g.bench_function("copied_into_buffer", |b| {
+        b.iter(|| {
+            out.clear();
+            black_box(enc.encode(&msg, &mut out).expect("encode"))
+        })
+    });
+    let mut q = FrameQueue::new();
+    g.bench_function("queued_by_reference", |b| {
+        b.iter(|| {
+            q.clear();
+            black_box(enc.encode_into(&msg, &mut q).expect("encode"))
+        })
+    });
+    g.finish();
+}
+
 /// Not a timing: prints wire bytes / payload bytes for JSON-like data frames at level 1.
 fn wire_ratio(_c: &mut Criterion) {
     let mut enc = FrameEncoder::new(1, DEFAULT_MAX_PAYLOAD).expect("encoder");
@@ -116,5 +142,12 @@ fn wire_ratio(_c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, wire_ratio, crc32, zstd_level1, frame_round_trip);
+criterion_group!(
+    benches,
+    wire_ratio,
+    crc32,
+    zstd_level1,
+    frame_round_trip,
+    frame_encode_send_side
+);
 criterion_main!(benches);
