@@ -100,6 +100,19 @@ impl BlockError {
 /// Result of target operations.
 pub type BlockResult<T> = Result<T, BlockError>;
 
+/// [`BlockTarget::write_bytes`] through a copy into one of the target's own buffers (for
+/// targets, or requests, that cannot be written from shared memory as it is).
+pub async fn write_copied<T: BlockTarget + ?Sized>(
+    t: &T,
+    offset: u64,
+    data: &[u8],
+    fua: bool,
+) -> BlockResult<()> {
+    let mut buf = t.alloc_buf_for_overwrite(data.len());
+    buf.copy_from_slice(data);
+    t.write(offset, buf, fua).await.0
+}
+
 /// A block device as the NBD server sees it. Every range passed in is already checked by the
 /// caller to lie within `info().size`; implementations may rely on that.
 ///
@@ -130,9 +143,7 @@ pub trait BlockTarget {
     /// other holders (a replication frame) may read at the same time. Targets that can write
     /// straight from it (an aligned buffer for direct I/O) avoid the copy this default makes.
     async fn write_bytes(&self, offset: u64, data: bytes::Bytes, fua: bool) -> BlockResult<()> {
-        let mut buf = self.alloc_buf_for_overwrite(data.len());
-        buf.copy_from_slice(&data);
-        self.write(offset, buf, fua).await.0
+        write_copied(self, offset, &data, fua).await
     }
 
     /// Makes every completed write durable.

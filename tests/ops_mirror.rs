@@ -9,11 +9,11 @@ mod openmetrics;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{bin, sh, sparse_file};
+use common::bin;
+use common::mirror_node::{write_key, MirrorNode};
 use openmetrics::value;
 
 fn free_port() -> u16 {
@@ -37,76 +37,27 @@ fn scrape(port: u16) -> Option<String> {
     .then(|| body.to_string())
 }
 
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_disconnected_primary_reports_its_rpo_on_the_metrics_endpoint_and_in_status() {
     let dir = common::scratch();
     let d = dir.path();
-    let key = d.join("repl.key");
-    std::fs::write(&key, b"twinvol-test-replication-key-0123456789").unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let device = sparse_file(d, "a.img", 64 << 20);
-    let socket = d.join("a.sock");
-    let config = d.join("a.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[node]
-id = "node-a"
-
-[[volume]]
-name = "data"
-device = "{dev}"
-engine = "sync"
-[volume.export]
-socket = "{sock}"
-[volume.replication]
-address = "127.0.0.1:{port}"
+    let key = write_key(d);
+    let replication = format!(
+        r#"address = "127.0.0.1:{port}"
 peer = "127.0.0.1:{peer_port}"
 peer_id = "node-b"
 key_file = "{key}"
-ping_timeout_secs = 2
-"#,
-            dev = device.display(),
-            sock = socket.display(),
-            key = key.display(),
-            port = free_port(),
-            peer_port = free_port(),
-        ),
-    )
-    .unwrap();
-    sh(&format!(
-        "{} create-md --device {} --granularity 64K --al-extents 16 --al-extent-size 1M",
-        bin().display(),
-        device.display()
-    ));
-    let status_file = d.join("a.json");
-    let metrics_port = free_port();
-    let log = d.join("a.log");
-    let _child = Killed(
-        Command::new(bin())
-            .arg("mirror")
-            .arg("--config")
-            .arg(&config)
-            .arg("--status-file")
-            .arg(&status_file)
-            .arg("--metrics-listen")
-            .arg(format!("127.0.0.1:{metrics_port}"))
-            .args(["--primary", "--force"])
-            .env("TWINVOL_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+ping_timeout_secs = 2"#,
+        key = key.display(),
+        port = free_port(),
+        peer_port = free_port(),
     );
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut node = MirrorNode::create(d, "node-a", 64 << 20, &replication, None);
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    node.start(&["--metrics-listen", &metrics, "--primary", "--force"]);
+    let (socket, status_file) = (node.socket.clone(), node.status.clone());
+    let log_text = || node.log_text();
     let t0 = Instant::now();
     while !socket.exists() {
         assert!(

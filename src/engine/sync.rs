@@ -48,6 +48,15 @@ impl SyncFile {
         }
     }
 
+    /// The file a write goes through: the O_DSYNC one for FUA.
+    fn for_write(&self, fua: bool) -> Arc<File> {
+        if fua {
+            self.fua.clone()
+        } else {
+            self.main.clone()
+        }
+    }
+
     pub async fn read_exact_at(
         &self,
         offset: u64,
@@ -71,11 +80,7 @@ impl SyncFile {
         buf: AlignedBuf,
         fua: bool,
     ) -> (io::Result<()>, AlignedBuf) {
-        let f = if fua {
-            self.fua.clone()
-        } else {
-            self.main.clone()
-        };
+        let f = self.for_write(fua);
         let r = blocking(move || {
             let r = f.write_all_at(&buf, offset);
             (r, buf)
@@ -94,11 +99,7 @@ impl SyncFile {
         data: bytes::Bytes,
         fua: bool,
     ) -> io::Result<()> {
-        let f = if fua {
-            self.fua.clone()
-        } else {
-            self.main.clone()
-        };
+        let f = self.for_write(fua);
         blocking(move || f.write_all_at(&data, offset)).await?
     }
 

@@ -223,9 +223,7 @@ impl BlockTarget for Engine {
                 && (data.as_ptr() as usize) % (self.align() as usize) == 0);
         if self.read_only || !direct_ok {
             // Refusal and read-modify-write are the owned-buffer path's business.
-            let mut buf = self.alloc_buf_for_overwrite(data.len());
-            buf.copy_from_slice(&data);
-            return self.write(offset, buf, fua).await.0;
+            return crate::block::write_copied(self, offset, &data, fua).await;
         }
         // Like `write`: an aligned direct write shares the lock read-modify-writes take alone.
         let _shared = if self.cache == CacheMode::None {

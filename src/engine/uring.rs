@@ -25,6 +25,15 @@ impl UringFile {
         })
     }
 
+    /// The descriptor a write goes through: the O_DSYNC one for FUA.
+    fn for_write(&self, fua: bool) -> &tokio_uring::fs::File {
+        if fua {
+            &self.fua
+        } else {
+            &self.main
+        }
+    }
+
     /// Reads exactly `buf.len()` bytes; bytes past the end of file read as zeroes.
     pub async fn read_exact_at(
         &self,
@@ -64,7 +73,7 @@ impl UringFile {
         buf: AlignedBuf,
         fua: bool,
     ) -> (io::Result<()>, AlignedBuf) {
-        let file = if fua { &self.fua } else { &self.main };
+        let file = self.for_write(fua);
         let (r, slice) = file.write_all_at(buf.slice(..), offset).await;
         (r, slice.into_inner())
     }
@@ -76,7 +85,7 @@ impl UringFile {
         data: bytes::Bytes,
         fua: bool,
     ) -> io::Result<()> {
-        let file = if fua { &self.fua } else { &self.main };
+        let file = self.for_write(fua);
         let (r, _) = file.write_all_at(data, offset).await;
         r
     }

@@ -220,7 +220,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         let Some(tx) = writer.sender() else {
             return SessionEnd::Lost("replication writer has no channel".into());
         };
-        let end = self.session_body(&mut reader, tx, &info.hello, sent).await;
+        let end = self.session_body(&mut reader, tx, info.hello, sent).await;
         // Give the writer a moment to push a final Disconnect or acks, then stop it.
         writer.finish(Duration::from_millis(100)).await;
         end
@@ -230,10 +230,9 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         self: &Rc<Self>,
         reader: &mut ThreadedReader,
         tx: mpsc::UnboundedSender<Message>,
-        peer_hello: &Hello,
+        peer_hello: Hello,
         sent: &Hello,
     ) -> SessionEnd {
-        let peer_hello = peer_hello.clone();
         let ours = self.hello();
         let vol = &self.settings.volume;
         if peer_hello.device_size != ours.device_size
@@ -488,7 +487,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     let (vol, tx) = (self.clone(), tx.clone());
                     tokio::task::spawn_local(async move {
                         let len = d.data.len() as u64;
-                        let status = vol.apply(d.offset, d.data, d.flags.fua(), false).await;
+                        let status = vol.apply(d.offset, d.data, d.flags.fua()).await;
                         vol.st.borrow_mut().counters.data_bytes_applied += len;
                         let _ = tx.send(Message::Ack { seq: d.seq, status });
                         drop(slot);
@@ -513,7 +512,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     let (vol, tx) = (self.clone(), tx.clone());
                     tokio::task::spawn_local(async move {
                         let len = b.len() as u64;
-                        let s = vol.apply(r.offset, b, false, false).await;
+                        let s = vol.apply(r.offset, b, false).await;
                         if s == 0 {
                             // This copy now holds the region: a later connection must not ask
                             // for it again.
@@ -630,18 +629,13 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
 
     /// Writes one received region; returns the Ack status (0 or errno). A payload the link
     /// received aligned goes to the disk without a copy.
-    async fn apply(&self, offset: u64, data: Bytes, fua: bool, flush_first: bool) -> u32 {
+    async fn apply(&self, offset: u64, data: Bytes, fua: bool) -> u32 {
         if offset
             .checked_add(data.len() as u64)
             .is_none_or(|e| e > self.info.size)
         {
             tracing::error!(volume = %self.settings.volume, offset, len = data.len(), "peer wrote beyond the device; refused");
             return libc::EINVAL as u32;
-        }
-        if flush_first {
-            if let Err(e) = self.local.flush().await {
-                return e.raw_errno() as u32;
-            }
         }
         match self.local.write_bytes(offset, data, fua).await {
             Ok(()) => 0,

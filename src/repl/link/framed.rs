@@ -1,9 +1,9 @@
 //! Replication frames over async byte streams: [`Framed`] over one stream (the handshake, where
-//! turns alternate), or split into a [`FrameWriter`] and a [`FrameReader`] (a sender task and an
-//! ack-reader task on one connection).
+//! turns alternate), then a [`FrameReader`] that keeps the stream and a [`FrameWriter`] over a
+//! duplicate of it on the writer thread ([`Framed::detach_sender`], [`SendState::attach`]).
 //!
 //! Invariant: `recv` returns only messages the decoder fully verified; after an error the
-//! connection must be dropped (the decoder stays poisoned). Splitting keeps bytes already
+//! connection must be dropped (the decoder stays poisoned). Detaching keeps bytes already
 //! received. Counters count what crossed the socket, headers included.
 //!
 //! No copies of write data in user space: frames go out with vectored writes whose bulk
@@ -246,19 +246,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 rx: self.rx,
             },
             SendState(self.tx),
-        )
-    }
-
-    /// Splits into halves with `split_io` (e.g. `TcpStream::into_split`), keeping buffered
-    /// bytes and counters.
-    pub fn split_with<R, W>(
-        self,
-        split_io: impl FnOnce(S) -> (R, W),
-    ) -> (FrameReader<R>, FrameWriter<W>) {
-        let (r, w) = split_io(self.io);
-        (
-            FrameReader { io: r, rx: self.rx },
-            FrameWriter { io: w, tx: self.tx },
         )
     }
 }

@@ -26,7 +26,6 @@ mod tests;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
 pub use backoff::{Backoff, BackoffPolicy};
@@ -110,10 +109,6 @@ impl LinkConfig {
     }
 }
 
-/// The receiving half of a split [`Link`].
-pub type LinkReader = FrameReader<OwnedReadHalf>;
-/// The sending half of a split [`Link`].
-pub type LinkWriter = FrameWriter<OwnedWriteHalf>;
 /// The receiving side of a [`Link`] whose sending side is a [`WriterThread`].
 pub type ThreadedReader = FrameReader<TcpStream>;
 
@@ -154,13 +149,6 @@ impl Link {
     /// Traffic `(sent, received)` so far, handshake included.
     pub fn traffic(&self) -> (Traffic, Traffic) {
         self.io.traffic()
-    }
-
-    /// Splits into a reader and a writer that can live in different tasks (e.g. a sender
-    /// and an ack collector). Bytes already received stay with the reader.
-    pub fn into_split(self) -> (PeerInfo, LinkReader, LinkWriter) {
-        let (r, w) = self.io.split_with(TcpStream::into_split);
-        (self.info, r, w)
     }
 
     /// Splits into a reader on this thread and a writer on a thread of its own (encoding and

@@ -281,8 +281,10 @@ async fn connect_retrying_reaches_a_peer_that_starts_late() {
 async fn split_halves_stream_writes_and_acks_concurrently_and_count_compressed_bytes() {
     let (listener, cb) = pair_configs(KEY_A, KEY_A);
     let (a, b) = tokio::join!(listener.accept(), connect(&cb));
-    let (_, mut a_rx, mut a_tx) = a.unwrap().into_split();
-    let (_, mut b_rx, mut b_tx) = b.unwrap().into_split();
+    let (_, mut a_rx, a_w) = a.unwrap().into_threaded(SentTraffic::default()).unwrap();
+    let b_sent = SentTraffic::default();
+    let (_, mut b_rx, b_w) = b.unwrap().into_threaded(b_sent.clone()).unwrap();
+    let (a_tx, b_tx) = (a_w.sender().unwrap(), b_w.sender().unwrap());
     let n = 64u64;
     let payload = Bytes::from(json_like(64 * 1024));
     let p2 = payload.clone();
@@ -292,11 +294,10 @@ async fn split_halves_stream_writes_and_acks_concurrently_and_count_compressed_b
             match a_rx.recv().await.unwrap() {
                 Message::Data(d) => {
                     assert_eq!((d.seq, d.offset, &d.data), (seq, seq * 65536, &p2));
-                    a_tx.send(&Message::Ack {
+                    a_tx.send(Message::Ack {
                         seq: d.seq,
                         status: 0,
                     })
-                    .await
                     .unwrap();
                 }
                 m => panic!("unexpected {m:?}"),
@@ -304,24 +305,27 @@ async fn split_halves_stream_writes_and_acks_concurrently_and_count_compressed_b
         }
         a_rx.received()
     });
-    let sender = tokio::spawn(async move {
-        for seq in 0..n {
-            let m = Message::Data(Data {
-                seq,
-                epoch: 0,
-                offset: seq * 65536,
-                flags: DataFlags::default(),
-                data: payload.clone(),
-            });
-            b_tx.send(&m).await.unwrap();
-        }
-        b_tx.sent()
-    });
+    for seq in 0..n {
+        b_tx.send(Message::Data(Data {
+            seq,
+            epoch: 0,
+            offset: seq * 65536,
+            flags: DataFlags::default(),
+            data: payload.clone(),
+        }))
+        .unwrap();
+    }
     for seq in 0..n {
         assert_eq!(b_rx.recv().await.unwrap(), Message::Ack { seq, status: 0 });
     }
-    let sent = sender.await.unwrap();
+    // The writer thread adds what it sent after each write.
+    let t0 = std::time::Instant::now();
+    while b_sent.lock().unwrap().frames < n + 3 && t0.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sent = *b_sent.lock().unwrap();
     let received = secondary.await.unwrap();
+    drop((a_w, b_w));
     // Handshake frames are counted too: Hello, AuthChallenge, AuthResponse.
     assert_eq!(sent.frames, n + 3);
     assert_eq!(received.frames, n + 3);
@@ -440,7 +444,7 @@ async fn the_writer_thread_keeps_order_counts_and_closes_the_connection_when_it_
     let (a, b) = tokio::join!(listener.accept(), connect(&cb));
     let sent = SentTraffic::default();
     let (_, mut a_rx, a_w) = a.unwrap().into_threaded(sent.clone()).unwrap();
-    let (_, mut b_rx, _b_tx) = b.unwrap().into_split();
+    let (_, mut b_rx, _b_w) = b.unwrap().into_threaded(SentTraffic::default()).unwrap();
     let tx = a_w.sender().unwrap();
     for nonce in 0..100 {
         tx.send(Message::Ping { nonce }).unwrap();

@@ -728,10 +728,18 @@ impl FrameDecoder {
     /// The next complete message, `Ok(None)` if more bytes are needed, or the first error
     /// (after which every call returns [`WireError::Poisoned`]).
     pub fn pop(&mut self) -> Result<Option<Message>, WireError> {
+        self.poisoning(Self::pop_inner)
+    }
+
+    /// Runs `step` unless an earlier error poisoned the decoder; an error poisons it.
+    fn poisoning<T>(
+        &mut self,
+        step: impl FnOnce(&mut Self) -> Result<T, WireError>,
+    ) -> Result<T, WireError> {
         if self.failed {
             return Err(WireError::Poisoned);
         }
-        let r = self.pop_inner();
+        let r = step(self);
         if r.is_err() {
             self.failed = true;
         }
@@ -795,11 +803,8 @@ impl FrameDecoder {
     /// Completes the pending frame with its whole wire payload, received by the caller:
     /// checked exactly like a frame received through [`FrameDecoder::push`].
     pub fn finish_bulk(&mut self, wire: Bytes) -> Result<Message, WireError> {
-        if self.failed {
-            return Err(WireError::Poisoned);
-        }
-        let r = match self.pending.take() {
-            Some(h) if h.wire_len as usize == wire.len() => self.finish(h, wire),
+        self.poisoning(|d| match d.pending.take() {
+            Some(h) if h.wire_len as usize == wire.len() => d.finish(h, wire),
             Some(h) => Err(WireError::BadLengths {
                 problem: format!(
                     "bulk payload of {} bytes for a frame of {}",
@@ -810,11 +815,7 @@ impl FrameDecoder {
             None => Err(WireError::BadLengths {
                 problem: "bulk payload without a pending frame".into(),
             }),
-        };
-        if r.is_err() {
-            self.failed = true;
-        }
-        r
+        })
     }
 
     /// CRC check (after decompression) and decoding of one frame's wire payload.
