@@ -794,36 +794,29 @@ fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, DaemonError> {
 }
 
 fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
-    use std::os::unix::fs::PermissionsExt;
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::Setup {
-                what: format!("control socket {}", path.display()),
-                source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
-                fix: "another twinvol daemon uses it; stop it or set cluster.control_socket",
-            });
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(setup_err(
-            format!("cannot create {}", dir.display()),
-            "check permissions",
-        ))?;
-    }
-    // Created under a restrictive umask so there is no moment where others may connect.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let l = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let l = l.map_err(setup_err(
-        format!("cannot bind control socket {}", path.display()),
-        "check the directory exists and is writable",
-    ))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(setup_err(
-        format!("cannot chmod 0600 {}", path.display()),
-        "check permissions",
-    ))?;
-    Ok(l)
+    use crate::ops::private_socket::{bind_private, BindError};
+    bind_private(path).map_err(|e| match e {
+        BindError::InUse => DaemonError::Setup {
+            what: format!("control socket {}", path.display()),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+            fix: "another twinvol daemon uses it; stop it or set cluster.control_socket",
+        },
+        BindError::CreateDir(source) => DaemonError::Setup {
+            what: format!("cannot create {}", path.parent().unwrap_or(path).display()),
+            source,
+            fix: "check permissions",
+        },
+        BindError::Bind(source) => DaemonError::Setup {
+            what: format!("cannot bind control socket {}", path.display()),
+            source,
+            fix: "check the directory exists and is writable",
+        },
+        BindError::Chmod(source) => DaemonError::Setup {
+            what: format!("cannot chmod 0600 {}", path.display()),
+            source,
+            fix: "check permissions",
+        },
+    })
 }
 
 async fn build_cloud(cfg: &Config, cl: &ClusterConfig) -> Result<ClusterCloud, DaemonError> {

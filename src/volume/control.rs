@@ -58,27 +58,16 @@ pub enum ControlError {
 
 /// Binds the control socket (a stale file nobody listens on is replaced; mode 0600).
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
-    use std::os::unix::fs::PermissionsExt;
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(ControlError::InUse(path.into()));
+    use crate::ops::private_socket::{bind_private, BindError};
+    bind_private(path).map_err(|e| match e {
+        BindError::InUse => ControlError::InUse(path.into()),
+        BindError::CreateDir(source) | BindError::Bind(source) | BindError::Chmod(source) => {
+            ControlError::Bind {
+                path: path.into(),
+                source,
+            }
         }
-        let _ = std::fs::remove_file(path);
-    }
-    let bind_err = |source| ControlError::Bind {
-        path: path.into(),
-        source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(bind_err)?;
-    }
-    // Created under a restrictive umask so there is no moment where others may connect.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let l = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let l = l.map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-    Ok(l)
+    })
 }
 
 /// Serves requests on `listener` forever (call on the volume's data-path thread).

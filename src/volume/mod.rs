@@ -498,6 +498,27 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         a.start < b.end && b.start < a.end
     }
 
+    /// Waits until no application write to `range` is in progress (the caller has locked the
+    /// range against new ones: `resync_lock` or `verify_lock`).
+    async fn wait_app_writes_clear(&self, range: &Range<u64>) {
+        self.wait_until(|v| {
+            v.st.borrow()
+                .app_ranges
+                .values()
+                .all(|r| !Self::overlaps(r, range))
+        })
+        .await;
+    }
+
+    /// A resync run in `role` over the bytes the bitmap holds dirty now.
+    fn resync_run(&self, role: ResyncRole) -> ResyncRun {
+        let total = self.meta.borrow().bitmap().dirty_bytes();
+        ResyncRun {
+            role,
+            progress: Progress::new(total, Instant::now()),
+        }
+    }
+
     /// Queues `msg` on the session; returns its seq and a receiver for the peer's verdict.
     fn send_tracked(
         st: &mut State,

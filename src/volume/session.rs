@@ -344,15 +344,11 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             st.ahead = false;
             st.unsent.clear_all();
             if let Some((source, _)) = resync {
-                let total = self.meta.borrow().bitmap().dirty_bytes();
-                st.resync = Some(ResyncRun {
-                    role: if source {
-                        ResyncRole::Source
-                    } else {
-                        ResyncRole::Target
-                    },
-                    progress: Progress::new(total, Instant::now()),
-                });
+                st.resync = Some(self.resync_run(if source {
+                    ResyncRole::Source
+                } else {
+                    ResyncRole::Target
+                }));
             }
             id
         };
@@ -700,11 +696,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             {
                 let mut st = self.st.borrow_mut();
                 st.ahead = false;
-                let total = self.meta.borrow().bitmap().dirty_bytes();
-                st.resync = Some(ResyncRun {
-                    role: ResyncRole::Source,
-                    progress: Progress::new(total, Instant::now()),
-                });
+                st.resync = Some(self.resync_run(ResyncRole::Source));
             }
             tracing::info!(volume = %self.settings.volume, "link caught up: resyncing what was left behind");
             self.clone().resync_source(session_id, false, false).await;
@@ -751,13 +743,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 .await;
                 // Lock the piece against new application writes, wait for those in flight.
                 self.st.borrow_mut().resync_lock = Some(piece.clone());
-                self.wait_until(|v| {
-                    v.st.borrow()
-                        .app_ranges
-                        .values()
-                        .all(|r| !Self::overlaps(r, &piece))
-                })
-                .await;
+                self.wait_app_writes_clear(&piece).await;
                 let buf = self.local.alloc_buf_for_overwrite(len as usize);
                 let (r, buf) = self.local.read(piece.start, buf).await;
                 if let Err(e) = r {

@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::{MirroredVolume, ResyncRole, ResyncRun, VerifyStatus};
+use super::{MirroredVolume, ResyncRole, VerifyStatus};
 use crate::block::BlockTarget;
 use crate::meta::device::MetaDevice;
-use crate::repl::resync::Progress;
 use crate::repl::verify::{
     block_crcs, block_range, differing_blocks, regions, VERIFY_BLOCK, VERIFY_REGION,
 };
@@ -117,13 +116,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         for region in regions(self.info.size, VERIFY_REGION) {
             // Hold new application writes to the region; wait for those in progress.
             self.st.borrow_mut().verify_lock = Some(region.clone());
-            self.wait_until(|v| {
-                v.st.borrow()
-                    .app_ranges
-                    .values()
-                    .all(|r| !Self::overlaps(r, &region))
-            })
-            .await;
+            self.wait_app_writes_clear(&region).await;
             let r = self.verify_region(session_id, region.clone()).await;
             self.st.borrow_mut().verify_lock = None;
             self.wake.notify_waiters();
@@ -294,14 +287,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         if !self.session_is(session_id) {
             return;
         }
-        {
-            let mut st = self.st.borrow_mut();
-            let total = self.meta.borrow().bitmap().dirty_bytes();
-            st.resync = Some(ResyncRun {
-                role: ResyncRole::Source,
-                progress: Progress::new(total, Instant::now()),
-            });
-        }
+        self.st.borrow_mut().resync = Some(self.resync_run(ResyncRole::Source));
         tracing::info!(volume = %self.settings.volume, "online verify: resyncing the differing blocks");
         tokio::task::spawn_local(self.clone().resync_source(session_id, false, false));
     }
