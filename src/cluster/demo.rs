@@ -184,6 +184,13 @@ fn nft_apply(ns: &str, rules: &str, what: &str) -> std::io::Result<()> {
     }
 }
 
+/// Removes the nftables table `table` (family inet) in namespace `ns`.
+fn nft_delete_table(ns: &str, table: &str) -> std::io::Result<()> {
+    sh(&[
+        "ip", "netns", "exec", ns, "nft", "delete", "table", "inet", table,
+    ])
+}
+
 fn free_udp_port(ip: &str) -> std::io::Result<u16> {
     Ok(UdpSocket::bind((ip, 0))?.local_addr()?.port())
 }
@@ -302,17 +309,7 @@ impl Netns {
                 );
                 nft_apply(&self.names[n], &rules, "the drop rule")?;
             } else {
-                sh(&[
-                    "ip",
-                    "netns",
-                    "exec",
-                    &self.names[n],
-                    "nft",
-                    "delete",
-                    "table",
-                    "inet",
-                    &table,
-                ])?;
+                nft_delete_table(&self.names[n], &table)?;
             }
         }
         Ok(())
@@ -340,17 +337,7 @@ impl Netns {
             nft_apply(&self.names[n], &rules, "the isolation rule")?;
             Ok(())
         } else {
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &self.names[n],
-                "nft",
-                "delete",
-                "table",
-                "inet",
-                "tviso",
-            ])
+            nft_delete_table(&self.names[n], "tviso")
         }
     }
 }
@@ -699,17 +686,7 @@ record = "db.lab.internal."
             nft_apply(&ns.names[n], rules, "the replication drop rule")?;
             Ok(())
         } else {
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &ns.names[n],
-                "nft",
-                "delete",
-                "table",
-                "inet",
-                "tvrepl",
-            ])
+            nft_delete_table(&ns.names[n], "tvrepl")
         }
     }
 
