@@ -12,7 +12,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::proto::consts::{cmd, err, BASE_ALLOCATION_ID};
@@ -31,6 +31,10 @@ pub const DEFAULT_BUDGET_BYTES: usize = 48 * 1024 * 1024;
 const DIRECT_WRITE_THRESHOLD: usize = 64 * 1024;
 /// Read buffer of a connection.
 const READ_BUFFER: usize = 256 * 1024;
+/// Write payloads at least this large are read straight from the socket into their own buffer
+/// (after what the read buffer already holds), and the request header after one is read without
+/// read-ahead, so the bulk of a large write is never copied through the read buffer.
+const DIRECT_READ_THRESHOLD: u32 = 64 * 1024;
 
 /// Settings of a server, the same for every connection.
 #[derive(Debug, Clone)]
@@ -200,8 +204,16 @@ where
     let writer_task = tokio::task::spawn_local(write_replies(writer, rx));
     let n = Rc::new(n);
     let mut header = [0u8; REQUEST_HEADER_LEN];
+    // After a large write the next request is probably one too: its header is read without
+    // read-ahead so that its payload lands in its own buffer and not in the read buffer.
+    let mut after_large_write = false;
     let result: Result<(), ConnError> = loop {
-        match reader.read_exact(&mut header).await {
+        let got = if after_large_write {
+            read_exact_direct(&mut reader, &mut header).await
+        } else {
+            reader.read_exact(&mut header).await.map(|_| ())
+        };
+        match got {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(e) => break Err(e.into()),
@@ -250,11 +262,18 @@ where
         };
         let payload = if let Command::Write { len, .. } = cmd {
             let mut buf = shared.target.alloc_buf_for_overwrite(len as usize);
-            if let Err(e) = reader.read_exact(&mut buf).await {
+            after_large_write = len >= DIRECT_READ_THRESHOLD;
+            let got = if after_large_write {
+                read_exact_direct(&mut reader, &mut buf).await
+            } else {
+                reader.read_exact(&mut buf).await.map(|_| ())
+            };
+            if let Err(e) = got {
                 break Err(e.into());
             }
             Some(buf)
         } else {
+            after_large_write = false;
             None
         };
         let task_shared = shared.clone();
@@ -277,6 +296,22 @@ where
         }
     }
     result
+}
+
+/// Fills `out` with what `reader` has buffered and then straight from the underlying stream,
+/// without read-ahead: the buffer is empty afterwards unless it held more than `out.len()`.
+/// Fails with `UnexpectedEof` if the stream ends first (what `read_exact` does).
+async fn read_exact_direct<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    out: &mut [u8],
+) -> std::io::Result<()> {
+    let held = reader.buffer().len().min(out.len());
+    out[..held].copy_from_slice(&reader.buffer()[..held]);
+    reader.consume(held);
+    if held < out.len() {
+        reader.get_mut().read_exact(&mut out[held..]).await?;
+    }
+    Ok(())
 }
 
 /// Reads and discards `len` payload bytes of a refused request.
