@@ -47,6 +47,8 @@ pub const GATE_WINDOW_BYTES: u64 = 4 << 20;
 /// After a window whose attempts saved less than 1/8 of their bytes, this many payload bytes
 /// go raw without an attempt (and without a probe) before the next window.
 pub const GATE_SKIP_BYTES: u64 = 256 << 20;
+/// How many times poor windows in a row may double [`GATE_SKIP_BYTES`].
+pub const GATE_MAX_BACKOFF: u32 = 4;
 
 /// Whether compressing pays: zstd costs about 2 ms of CPU per MiB, and data that saves less
 /// than 1/8 (fio's buffers save 9%) is not worth it on a replication link. Short payloads are
@@ -54,14 +56,18 @@ pub const GATE_SKIP_BYTES: u64 = 256 << 20;
 /// whole, so both are judged by their outcome: attempts are summed in windows of
 /// [`GATE_WINDOW_BYTES`]; a window that saved less than 1/8 makes the next
 /// [`GATE_SKIP_BYTES`] go raw untried (under 2% of the bytes are then tried); then a new
-/// window tries again, so a workload that turns compressible is noticed.
+/// window tries again, so a workload that turns compressible is noticed. Each further poor
+/// window in a row doubles the skip, up to [`GATE_MAX_BACKOFF`] doublings (4 GiB with the
+/// defaults: under 0.1% of incompressible bytes tried); a window that saves resets it.
 ///
-/// Invariant: `skip > 0` only after a window that saved less than 1/8; `raw` and `wire` sum
-/// the current window's attempts.
+/// Invariant: `skip > 0` only after a window that saved less than 1/8; `poor_streak` counts
+/// the poor windows since the last one that saved; `raw` and `wire` sum the current window's
+/// attempts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompressGate {
     window: u64,
     skip_after_poor: u64,
+    poor_streak: u32,
     skip: u64,
     raw: u64,
     wire: u64,
@@ -74,11 +80,13 @@ impl Default for CompressGate {
 }
 
 impl CompressGate {
-    /// A gate judging windows of `window` bytes and skipping `skip` bytes after a poor one.
+    /// A gate judging windows of `window` bytes and skipping `skip` bytes after a poor one
+    /// (doubled for each further poor window in a row, at most [`GATE_MAX_BACKOFF`] times).
     pub fn new(window: u64, skip: u64) -> Self {
         Self {
             window,
             skip_after_poor: skip,
+            poor_streak: 0,
             skip: 0,
             raw: 0,
             wire: 0,
@@ -101,7 +109,10 @@ impl CompressGate {
         self.wire += wire as u64;
         if self.raw >= self.window {
             if self.wire * 8 > self.raw * 7 {
-                self.skip = self.skip_after_poor;
+                self.skip = self.skip_after_poor << self.poor_streak.min(GATE_MAX_BACKOFF);
+                self.poor_streak = self.poor_streak.saturating_add(1);
+            } else {
+                self.poor_streak = 0;
             }
             (self.raw, self.wire) = (0, 0);
         }

@@ -928,6 +928,47 @@ fn the_gate_closes_after_a_window_that_saved_under_an_eighth_and_reopens_after_t
     }
 }
 
+#[test]
+fn poor_windows_in_a_row_double_the_skip_up_to_the_cap_and_a_saving_window_resets_it() {
+    use super::frame::{CompressGate, GATE_MAX_BACKOFF};
+    const WINDOW: u64 = 4096;
+    const SKIP: u64 = 16 * 4096;
+    /// One window of attempts saving `wire`/4096, then how many 4 KiB payloads go untried.
+    fn window_then_skipped(g: &mut CompressGate, wire: usize) -> u64 {
+        assert!(g.admit(4096), "a window starts with an attempt");
+        g.record(4096, wire);
+        let mut skipped = 0;
+        while !g.admit(4096) {
+            skipped += 1;
+        }
+        // That admit opened the next window: give it back as part of the next call's window.
+        g.record(0, 0);
+        skipped
+    }
+    let mut g = CompressGate::new(WINDOW, SKIP);
+    let mut seen = Vec::new();
+    for _ in 0..GATE_MAX_BACKOFF + 3 {
+        seen.push(window_then_skipped(&mut g, 4000));
+    }
+    let want: Vec<u64> = (0..GATE_MAX_BACKOFF + 3)
+        .map(|i| (SKIP << i.min(GATE_MAX_BACKOFF)) / 4096)
+        .collect();
+    assert_eq!(
+        seen, want,
+        "each poor window doubles the skip, then it stays capped"
+    );
+    assert_eq!(
+        window_then_skipped(&mut g, 1024),
+        0,
+        "a saving window opens the gate"
+    );
+    assert_eq!(
+        window_then_skipped(&mut g, 4000),
+        SKIP / 4096,
+        "and the next poor window starts from the base skip again"
+    );
+}
+
 /// Random bytes with a run of 12 zeroes in every 128: zstd saves a few percent (the runs),
 /// reliably less than 1/8.
 fn barely_compressible(seed: u64, n: usize) -> Bytes {
