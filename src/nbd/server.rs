@@ -208,12 +208,7 @@ where
     // read-ahead so that its payload lands in its own buffer and not in the read buffer.
     let mut after_large_write = false;
     let result: Result<(), ConnError> = loop {
-        let got = if after_large_write {
-            read_exact_direct(&mut reader, &mut header).await
-        } else {
-            reader.read_exact(&mut header).await.map(|_| ())
-        };
-        match got {
+        match read_request_bytes(&mut reader, &mut header, after_large_write).await {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(e) => break Err(e.into()),
@@ -263,12 +258,7 @@ where
         let payload = if let Command::Write { len, .. } = cmd {
             let mut buf = shared.target.alloc_buf_for_overwrite(len as usize);
             after_large_write = len >= DIRECT_READ_THRESHOLD;
-            let got = if after_large_write {
-                read_exact_direct(&mut reader, &mut buf).await
-            } else {
-                reader.read_exact(&mut buf).await.map(|_| ())
-            };
-            if let Err(e) = got {
+            if let Err(e) = read_request_bytes(&mut reader, &mut buf, after_large_write).await {
                 break Err(e.into());
             }
             Some(buf)
@@ -298,13 +288,18 @@ where
     result
 }
 
-/// Fills `out` with what `reader` has buffered and then straight from the underlying stream,
-/// without read-ahead: the buffer is empty afterwards unless it held more than `out.len()`.
-/// Fails with `UnexpectedEof` if the stream ends first (what `read_exact` does).
-async fn read_exact_direct<R: AsyncRead + Unpin>(
+/// Fills `out` from `reader`; fails with `UnexpectedEof` if the stream ends first. With
+/// `direct`, what the buffer holds is taken and the rest is read straight from the underlying
+/// stream without read-ahead (the buffer is empty afterwards unless it held more than
+/// `out.len()`); otherwise through the buffer, which reads ahead.
+async fn read_request_bytes<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     out: &mut [u8],
+    direct: bool,
 ) -> std::io::Result<()> {
+    if !direct {
+        return reader.read_exact(out).await.map(|_| ());
+    }
     let held = reader.buffer().len().min(out.len());
     out[..held].copy_from_slice(&reader.buffer()[..held]);
     reader.consume(held);

@@ -95,6 +95,15 @@ struct BulkRead {
     len: usize,
 }
 
+/// The byte count of a read from `peer`, with the end of the stream as [`LinkError::Closed`].
+fn read_count(peer: SocketAddr, r: std::io::Result<usize>) -> Result<usize, LinkError> {
+    match r {
+        Ok(0) => Err(LinkError::Closed { peer }),
+        Ok(n) => Ok(n),
+        Err(source) => Err(LinkError::Io { peer, source }),
+    }
+}
+
 /// Receiving state independent of the stream.
 #[derive(Debug)]
 struct Rx {
@@ -112,13 +121,7 @@ impl Rx {
             if let Some(b) = self.bulk.as_mut() {
                 while b.filled < b.len {
                     let dst = &mut b.buf[b.at + b.filled..b.at + b.len];
-                    let n = io
-                        .read(dst)
-                        .await
-                        .map_err(|source| LinkError::Io { peer, source })?;
-                    if n == 0 {
-                        return Err(LinkError::Closed { peer });
-                    }
+                    let n = read_count(peer, io.read(dst).await)?;
                     b.filled += n;
                     self.received.wire_bytes += n as u64;
                 }
@@ -155,13 +158,7 @@ impl Rx {
             }
             let buf = self.dec.buffer_mut();
             buf.reserve(READ_CHUNK);
-            let n = io
-                .read_buf(buf)
-                .await
-                .map_err(|source| LinkError::Io { peer, source })?;
-            if n == 0 {
-                return Err(LinkError::Closed { peer });
-            }
+            let n = read_count(peer, io.read_buf(buf).await)?;
             self.received.wire_bytes += n as u64;
         }
     }
