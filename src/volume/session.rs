@@ -879,7 +879,9 @@ pub async fn keep_connected<T: BlockTarget + 'static, D: MetaDevice + 'static>(
             l.set_hello(sent.clone());
             match l.accept().await {
                 Ok(link) => {
+                    tracing::debug!(volume = %vol.settings.volume, peer = %link.peer_addr(), "replication connection accepted and authenticated");
                     let end = vol.run_session(link, &sent).await;
+                    tracing::debug!(volume = %vol.settings.volume, end = ?end, "replication session ended");
                     tokio::time::sleep(after(&end)).await;
                 }
                 Err(e) => {
@@ -894,9 +896,11 @@ pub async fn keep_connected<T: BlockTarget + 'static, D: MetaDevice + 'static>(
             cfg.hello = vol.hello();
             match link::connect(&cfg).await {
                 Ok(l) => {
+                    tracing::debug!(volume = %vol.settings.volume, peer = %l.peer_addr(), "replication connection made and authenticated");
                     backoff = link::Backoff::new(link::BackoffPolicy::default());
                     let sent = cfg.hello.clone();
                     let end = vol.run_session(l, &sent).await;
+                    tracing::debug!(volume = %vol.settings.volume, end = ?end, "replication session ended");
                     tokio::time::sleep(after(&end)).await;
                 }
                 Err(e) => {
