@@ -4,35 +4,71 @@
 #
 # Usage: benches/mirror_fio.sh DEV_A DEV_B ADDR_A ADDR_B [RUNTIME_SECS]
 #   DEV_A/DEV_B: files or block devices (overwritten!), ADDR_A/ADDR_B: replication IP:port of
-#   each node. On one machine: /var/tmp/a.img /var/tmp/b.img 127.0.0.1:7789 127.0.0.2:7790.
-#   On two EC2 instances run node b by hand with the printed config and give its address.
-# Env: TWINVOL (binary, default target/release/twinvol), SIZE (file size, default 1G),
+#   each node. Node a (the Primary, with fio) runs here; DEV_B is a path on node b.
+#   One machine: /var/tmp/a.img /var/tmp/b.img 127.0.0.1:7789 127.0.0.2:7790.
+#   Two machines (e.g. EC2 instances with an EBS volume and a replication ENI each):
+#     RUN_B="ssh ec2-user@10.0.1.20 sudo" TWINVOL_B=/usr/local/bin/twinvol \
+#       benches/mirror_fio.sh /dev/nvme1n1 /dev/nvme1n1 10.0.1.10:7789 10.0.1.20:7789 30
+#   RUN_B is a command prefix to which one argument, a shell command line, is appended, and
+#   which runs that line on node b with stdin passed through: "ssh HOST [sudo]", or
+#   "ip netns exec NS sh -c" (benches/mirror_fio_netns.sh runs node b in a namespace so).
+# Env: TWINVOL (binary, default target/release/twinvol), TWINVOL_B (binary on node b, default
+#      TWINVOL), RUN_B (default: node b runs here), SIZE (file size, default 1G),
 #      LEVEL (zstd level on the wire, default 1; 0 = off), JOBS (job names to run, default
 #      both: "4k-randwrite-qd32 1m-seqwrite-qd8"), MODES (default "sync async"),
 #      ROUNDS (default 1): repeat no-peer + each mode this many times, alternating, and print
 #      every round's ratios and their medians (a machine whose disk or CPU drifts between runs
-#      then still compares each mirror run with a no-peer run taken next to it).
+#      then still compares each mirror run with a no-peer run taken next to it),
+#      ALLOW_STALE=1: measure a binary older than the checkout's sources (refused otherwise).
 set -euo pipefail
 A=$1 B=$2 ADDR_A=$3 ADDR_B=$4 RUNTIME=${5:-10}
 TWINVOL=${TWINVOL:-target/release/twinvol}
+TWINVOL_B=${TWINVOL_B:-$TWINVOL}
+RUN_B=${RUN_B:-}
 SIZE=${SIZE:-1G}
 LEVEL=${LEVEL:-1}
 JOBS=${JOBS:-4k-randwrite-qd32 1m-seqwrite-qd8}
 MODES=${MODES:-sync async}
 ROUNDS=${ROUNDS:-1}
-W=$(mktemp -d /var/tmp/twinvol-bench-XXXX)
-trap 'kill $(jobs -p) 2>/dev/null || true; sleep 0.5; rm -rf "$W"' EXIT
 command -v fio >/dev/null || { echo "fio missing: run scripts/test-deps.sh" >&2; exit 1; }
-for d in "$A" "$B"; do [ -b "$d" ] || { rm -f "$d"; truncate -s "$SIZE" "$d"; }; done
+[ -x "$TWINVOL" ] || { echo "no twinvol binary at $TWINVOL: cargo build --release, or set TWINVOL" >&2; exit 1; }
+# A binary built from other sources measures other code: figures from it would be reported
+# against this checkout. Refuse one older than any source file of the checkout it sits beside.
+src=$(cd "$(dirname "$0")/.." && pwd)
+if [ -z "${ALLOW_STALE:-}" ] && [ -d "$src/src" ]; then
+  newer=$(find "$src/src" "$src/Cargo.toml" "$src/Cargo.lock" -newer "$TWINVOL" -type f 2>/dev/null | head -3)
+  if [ -n "$newer" ]; then
+    echo "$TWINVOL is older than $(echo $newer | tr ' ' ',') : rebuild it (cargo build --release) or set ALLOW_STALE=1" >&2
+    exit 1
+  fi
+fi
+# on_b CMD...: runs CMD on node b (stdin passed through): the words go to RUN_B as one quoted
+# command line, which a remote shell splits back into exactly these words.
+on_b() { if [ -n "$RUN_B" ]; then $RUN_B "$(printf '%q ' "$@")"; else "$@"; fi; }
+W=$(mktemp -d /var/tmp/twinvol-bench-XXXX)
+WB=$W
+[ -z "$RUN_B" ] || WB=$(on_b mktemp -d /var/tmp/twinvol-bench-b-XXXX)
+stop_b() { on_b sh -c 'p=$(cat "$1" 2>/dev/null) && kill "$p" 2>/dev/null; while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; rm -f "$1"' sh "$WB/b.pid" || true; }
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  stop_b
+  sleep 0.5
+  rm -rf "$W"
+  [ -z "$RUN_B" ] || on_b rm -rf "$WB" || true
+}
+trap cleanup EXIT
+for d in "$A"; do [ -b "$d" ] || { rm -f "$d"; truncate -s "$SIZE" "$d"; }; done
+on_b sh -c '[ -b "$1" ] || { rm -f "$1"; truncate -s "$2" "$1"; }' sh "$B" "$SIZE"
 # Write the region the jobs use once before any is measured: the first write into a sparse
 # file (or a fresh EBS volume) allocates and is several times slower than the next one, and
 # whichever setup ran first would pay for it.
-for d in "$A" "$B"; do
-  dd if=/dev/zero of="$d" bs=1M count=256 oflag=direct conv=notrunc status=none
-done
+dd if=/dev/zero of="$A" bs=1M count=256 oflag=direct conv=notrunc status=none
+on_b dd if=/dev/zero of="$B" bs=1M count=256 oflag=direct conv=notrunc status=none
 head -c 32 /dev/urandom >"$W/key"; chmod 600 "$W/key"
+[ -z "$RUN_B" ] || on_b sh -c 'umask 077; cat >"$1"' sh "$WB/key" <"$W/key"
+echo "# binary: $("$TWINVOL" --version) ($TWINVOL, built $(date -r "$TWINVOL" -u +%FT%TZ)); node b: ${RUN_B:-this machine}"
 
-conf() { # name peer dev addr peer_addr mode
+conf() { # name peer dev addr peer_addr mode dir
   cat >"$W/$1.toml" <<EOF
 [node]
 id = "$1"
@@ -41,12 +77,12 @@ name = "bench"
 device = "$3"
 engine = "uring"
 [volume.export]
-socket = "$W/$1.sock"
+socket = "$7/$1.sock"
 [volume.replication]
 address = "$4"
 peer = "$5"
 peer_id = "$2"
-key_file = "$W/key"
+key_file = "$7/key"
 mode = "$6"
 compression_level = $LEVEL
 EOF
@@ -64,9 +100,12 @@ jobs_run() { # label socket round
   done
 }
 
-mkmd() { for d in "$A" "$B"; do
-  "$TWINVOL" create-md --device "$d" --force >/dev/null
-  "$TWINVOL" new-current-uuid --clear-bitmap --uuid 5eed --device "$d" >/dev/null; done; }
+mkmd() {
+  "$TWINVOL" create-md --device "$A" --force >/dev/null
+  "$TWINVOL" new-current-uuid --clear-bitmap --uuid 5eed --device "$A" >/dev/null
+  on_b "$TWINVOL_B" create-md --device "$B" --force >/dev/null
+  on_b "$TWINVOL_B" new-current-uuid --clear-bitmap --uuid 5eed --device "$B" >/dev/null
+}
 
 echo "| setup | job | bandwidth | IOPS |"
 echo "|---|---|---|---|"
@@ -78,12 +117,22 @@ sleep 1; jobs_run "no peer (twinvol export)" "$W/plain.sock" "$round"; kill $P; 
 
 for mode in $MODES; do
   mkmd
-  conf a b "$A" "$ADDR_A" "$ADDR_B" "$mode"; conf b a "$B" "$ADDR_B" "$ADDR_A" "$mode"
-  "$TWINVOL" mirror --config "$W/b.toml" --secondary --status-file "$W/b.json" 2>"$W/b.log" &
-  PB=$!
+  conf a b "$A" "$ADDR_A" "$ADDR_B" "$mode" "$W"; conf b a "$B" "$ADDR_B" "$ADDR_A" "$mode" "$WB"
+  [ -z "$RUN_B" ] || on_b sh -c 'cat >"$1"' sh "$WB/b.toml" <"$W/b.toml"
+  # Node b records its pid so that it can be stopped there (killing a local ssh would not).
+  on_b sh -c 'echo $$ >"$1"; exec "$2" mirror --config "$3" --secondary 2>"$4"' sh \
+    "$WB/b.pid" "$TWINVOL_B" "$WB/b.toml" "$WB/b.log" </dev/null &
+  # The previous mode's status file says "connected": it must not satisfy the wait below.
+  rm -f "$W/a.json"
   "$TWINVOL" mirror --config "$W/a.toml" --primary --status-file "$W/a.json" 2>"$W/a.log" &
   PA=$!
-  for _ in $(seq 100); do grep -q '"connected"' "$W/a.json" 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 300); do grep -q '"connected"' "$W/a.json" 2>/dev/null && break; sleep 0.1; done
+  if ! grep -q '"connected"' "$W/a.json" 2>/dev/null; then
+    echo "node a never connected to node b ($ADDR_B) in 30 s; node a's log:" >&2
+    tail -20 "$W/a.log" >&2; echo "node b's log:" >&2; on_b tail -20 "$WB/b.log" >&2 || true
+    on_b sh -c 'p=$(cat "$1") && ps -o pid,stat,wchan:20,args -p "$p"' sh "$WB/b.pid" >&2 || true
+    exit 1
+  fi
   jobs_run "$mode mirror" "$W/a.sock" "$round"
   for _ in $(seq 600); do grep -q '"rpo_bytes": 0' "$W/a.json" && break; sleep 0.1; done
   python3 - "$W/a.json" "$mode" <<'PY' || true
@@ -93,7 +142,8 @@ print("# %s: Data bytes sent %d, went ahead %d times (then resynced %d bytes), w
       % (sys.argv[2], c["data_bytes_sent"], c["ahead_events"], c["resync_bytes_sent"],
          c["wire_bytes_sent"] / max(1, c["payload_bytes_sent"])))
 PY
-  kill $PA $PB; wait $PA $PB 2>/dev/null || true
+  kill $PA; wait $PA 2>/dev/null || true
+  stop_b; wait 2>/dev/null || true
 done
 done
 

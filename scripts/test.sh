@@ -18,3 +18,13 @@ cargo test --all-targets
 echo "== cargo test --doc"
 cargo test --doc
 echo "== kernel NBD attach: opt-in (TWINVOL_KERNEL_NBD=1); this kernel has no nbd module, see docs/KERNEL.md"
+echo "== benches/mirror_fio_netns.sh smoke run (node b in a namespace via RUN_B; figures not asserted)"
+smoke=$(mktemp -d /var/tmp/twinvol-smoke-XXXX)
+out=$(TWINVOL="$CARGO_TARGET_DIR/debug/twinvol" SIZE=300M JOBS=4k-randwrite-qd32 MODES=sync \
+  bash benches/mirror_fio_netns.sh "$smoke/a.img" "$smoke/b.img" 1)
+rm -rf "$smoke"
+echo "$out"
+echo "$out" | grep -q '^| sync mirror | 4k-randwrite-qd32 | .* | \*\*' \
+  || { echo "mirror_fio_netns.sh printed no sync ratio" >&2; exit 1; }
+echo "$out" | grep -Eq '^# sync: Data bytes sent [1-9]' \
+  || { echo "mirror_fio_netns.sh: node a sent no Data to node b" >&2; exit 1; }
