@@ -42,19 +42,13 @@ if [ -z "${ALLOW_STALE:-}" ] && [ -d "$src/src" ]; then
     exit 1
   fi
 fi
-# on_b CMD...: runs CMD on node b (stdin passed through): the words go to RUN_B as one quoted
-# command line, which a remote shell splits back into exactly these words.
-on_b() { if [ -n "$RUN_B" ]; then $RUN_B "$(printf '%q ' "$@")"; else "$@"; fi; }
 W=$(mktemp -d /var/tmp/twinvol-bench-XXXX)
-WB=$W
-[ -z "$RUN_B" ] || WB=$(on_b mktemp -d /var/tmp/twinvol-bench-b-XXXX)
-stop_b() { on_b sh -c 'p=$(cat "$1" 2>/dev/null) && kill "$p" 2>/dev/null; while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; rm -f "$1"' sh "$WB/b.pid" || true; }
+. "$(dirname "$0")/node_b.sh"
 cleanup() {
   kill $(jobs -p) 2>/dev/null || true
-  stop_b
+  cleanup_b
   sleep 0.5
   rm -rf "$W"
-  [ -z "$RUN_B" ] || on_b rm -rf "$WB" || true
 }
 trap cleanup EXIT
 for d in "$A"; do [ -b "$d" ] || { rm -f "$d"; truncate -s "$SIZE" "$d"; }; done
@@ -65,7 +59,7 @@ on_b sh -c '[ -b "$1" ] || { rm -f "$1"; truncate -s "$2" "$1"; }' sh "$B" "$SIZ
 dd if=/dev/zero of="$A" bs=1M count=256 oflag=direct conv=notrunc status=none
 on_b dd if=/dev/zero of="$B" bs=1M count=256 oflag=direct conv=notrunc status=none
 head -c 32 /dev/urandom >"$W/key"; chmod 600 "$W/key"
-[ -z "$RUN_B" ] || on_b sh -c 'umask 077; cat >"$1"' sh "$WB/key" <"$W/key"
+put_b "$W/key" "$WB/key"
 echo "# binary: $("$TWINVOL" --version) ($TWINVOL, built $(date -r "$TWINVOL" -u +%FT%TZ)); node b: ${RUN_B:-this machine}"
 
 conf() { # name peer dev addr peer_addr mode dir
@@ -118,10 +112,8 @@ sleep 1; jobs_run "no peer (twinvol export)" "$W/plain.sock" "$round"; kill $P; 
 for mode in $MODES; do
   mkmd
   conf a b "$A" "$ADDR_A" "$ADDR_B" "$mode" "$W"; conf b a "$B" "$ADDR_B" "$ADDR_A" "$mode" "$WB"
-  [ -z "$RUN_B" ] || on_b sh -c 'cat >"$1"' sh "$WB/b.toml" <"$W/b.toml"
-  # Node b records its pid so that it can be stopped there (killing a local ssh would not).
-  on_b sh -c 'echo $$ >"$1"; exec "$2" mirror --config "$3" --secondary 2>"$4"' sh \
-    "$WB/b.pid" "$TWINVOL_B" "$WB/b.toml" "$WB/b.log" </dev/null &
+  put_b "$W/b.toml" "$WB/b.toml"
+  start_b "$WB/b.toml" "$WB/b.log"
   # The previous mode's status file says "connected": it must not satisfy the wait below.
   rm -f "$W/a.json"
   "$TWINVOL" mirror --config "$W/a.toml" --primary --status-file "$W/a.json" 2>"$W/a.log" &

@@ -7,25 +7,34 @@
 # Usage: benches/resync_rate.sh DEV_A DEV_B ADDR_A ADDR_B [IFACE_A IFACE_B]
 #   DEV_A/DEV_B: files or block devices (overwritten!). ADDR_A/ADDR_B: replication IP:port of
 #   each node. IFACE_A/IFACE_B: replication interfaces (SO_BINDTODEVICE; IFACE_A's tx_bytes
-#   gives the wire bytes). On two EC2 instances: run node b by hand with the config in $W.
+#   gives the wire bytes). Node a (the resync source) runs here; DEV_B and IFACE_B are node b's.
+#   Two machines: RUN_B="ssh ec2-user@10.0.1.20 sudo" TWINVOL_B=/usr/local/bin/twinvol \
+#     benches/resync_rate.sh /dev/nvme1n1 /dev/nvme1n1 10.0.1.10:7789 10.0.1.20:7789 ens6 ens6
 # Env: TWINVOL (binary, default target/release/twinvol), SIZE (file size, default 1G),
 #      DATA (random | text: JSON-like lines, compressible; default random), LEVEL (zstd level,
 #      default 1), RATE_MAX (resync_rate_max bytes/s, default 4 GiB/s so the link is the limit),
 #      CAP_BYTES (link cap in bytes/s, to print the fraction reached), NS_A/NS_B (run each node
-#      inside this network namespace: `ip netns exec`).
+#      inside this network namespace: `ip netns exec`), RUN_B and TWINVOL_B (node b on another
+#      host: see benches/node_b.sh; NS_B is RUN_B="ip netns exec NS_B sh -c").
 set -euo pipefail
 A=$1 B=$2 ADDR_A=$3 ADDR_B=$4 IFACE_A=${5:-} IFACE_B=${6:-}
 TWINVOL=${TWINVOL:-target/release/twinvol}
+TWINVOL_B=${TWINVOL_B:-$TWINVOL}
+RUN_B=${RUN_B:-}
+if [ -z "$RUN_B" ] && [ -n "${NS_B:-}" ]; then RUN_B="ip netns exec $NS_B sh -c"; fi
 SIZE=${SIZE:-1G}
 DATA=${DATA:-random}
 LEVEL=${LEVEL:-1}
 RATE_MAX=${RATE_MAX:-4294967296}
 W=$(mktemp -d /var/tmp/twinvol-resync-XXXX)
-trap 'kill $(jobs -p) 2>/dev/null; sleep 0.5; rm -rf "$W"' EXIT
+. "$(dirname "$0")/node_b.sh"
+trap 'kill $(jobs -p) 2>/dev/null; cleanup_b; sleep 0.5; rm -rf "$W"' EXIT
 # Runs a command in namespace $1 (or here when empty); exec so that `kill $(jobs -p)` reaches it.
 inns() { local ns=$1; shift; if [ -n "$ns" ]; then exec ip netns exec "$ns" "$@"; else exec "$@"; fi; }
-for d in "$A" "$B"; do [ -b "$d" ] || { rm -f "$d"; truncate -s "$SIZE" "$d"; }; done
+[ -b "$A" ] || { rm -f "$A"; truncate -s "$SIZE" "$A"; }
+on_b sh -c '[ -b "$1" ] || { rm -f "$1"; truncate -s "$2" "$1"; }' sh "$B" "$SIZE"
 head -c 32 /dev/urandom >"$W/key"; chmod 600 "$W/key"
+put_b "$W/key" "$WB/key"
 
 # Fill A (create-md then writes the metadata at the tail).
 bytes=$(python3 - "$A" "$DATA" <<'PY'
@@ -53,22 +62,24 @@ os.close(fd)
 print(size)
 PY
 )
-for d in "$A" "$B"; do "$TWINVOL" create-md --device "$d" --force >/dev/null; done
+"$TWINVOL" create-md --device "$A" --force >/dev/null
+on_b "$TWINVOL_B" create-md --device "$B" --force >/dev/null
 
-conf() { # name peer dev addr peer_addr iface
+conf() { # name peer dev addr peer_addr iface dir
   {
     printf '[node]\nid = "%s"\n[[volume]]\nname = "bench"\ndevice = "%s"\nengine = "sync"\n' "$1" "$3"
-    printf '[volume.export]\nsocket = "%s"\n' "$W/$1.sock"
-    printf '[volume.replication]\naddress = "%s"\npeer = "%s"\npeer_id = "%s"\nkey_file = "%s"\n' "$4" "$5" "$2" "$W/key"
+    printf '[volume.export]\nsocket = "%s"\n' "$7/$1.sock"
+    printf '[volume.replication]\naddress = "%s"\npeer = "%s"\npeer_id = "%s"\nkey_file = "%s"\n' "$4" "$5" "$2" "$7/key"
     printf 'compression_level = %s\nresync_rate_max = %s\n' "$LEVEL" "$RATE_MAX"
     [ -z "$6" ] || printf 'interface = "%s"\n' "$6"
   } >"$W/$1.toml"
 }
-conf a b "$A" "$ADDR_A" "$ADDR_B" "$IFACE_A"
-conf b a "$B" "$ADDR_B" "$ADDR_A" "$IFACE_B"
+conf a b "$A" "$ADDR_A" "$ADDR_B" "$IFACE_A" "$W"
+conf b a "$B" "$ADDR_B" "$ADDR_A" "$IFACE_B" "$WB"
+put_b "$W/b.toml" "$WB/b.toml"
 txb() { if [ -n "$IFACE_A" ]; then (inns "${NS_A:-}" cat "/sys/class/net/$IFACE_A/statistics/tx_bytes"); else echo 0; fi; }
 tx0=$(txb)
-(inns "${NS_B:-}" "$TWINVOL" mirror --config "$W/b.toml" --secondary --status-file "$W/b.json" 2>"$W/b.log") &
+start_b "$WB/b.toml" "$WB/b.log"
 (inns "${NS_A:-}" "$TWINVOL" mirror --config "$W/a.toml" --primary --force --status-file "$W/a.json" 2>"$W/a.log") &
 for _ in $(seq 1000); do grep -q '"connected"' "$W/a.json" 2>/dev/null && break; sleep 0.02; done
 t0=$(date +%s.%N)
