@@ -51,7 +51,7 @@ cleanup() {
   rm -rf "$W"
 }
 trap cleanup EXIT
-for d in "$A"; do [ -b "$d" ] || { rm -f "$d"; truncate -s "$SIZE" "$d"; }; done
+[ -b "$A" ] || { rm -f "$A"; truncate -s "$SIZE" "$A"; }
 on_b sh -c '[ -b "$1" ] || { rm -f "$1"; truncate -s "$2" "$1"; }' sh "$B" "$SIZE"
 # Write the region the jobs use once before any is measured: the first write into a sparse
 # file (or a fresh EBS volume) allocates and is several times slower than the next one, and
