@@ -51,8 +51,8 @@ cleanup() {
   rm -rf "$W"
 }
 trap cleanup EXIT
-[ -b "$A" ] || { rm -f "$A"; truncate -s "$SIZE" "$A"; }
-on_b sh -c '[ -b "$1" ] || { rm -f "$1"; truncate -s "$2" "$1"; }' sh "$B" "$SIZE"
+sized "$A" "$SIZE"
+sized_b "$B" "$SIZE"
 # Write the region the jobs use once before any is measured: the first write into a sparse
 # file (or a fresh EBS volume) allocates and is several times slower than the next one, and
 # whichever setup ran first would pay for it.

@@ -14,6 +14,12 @@ on_b() { if [ -n "$RUN_B" ]; then $RUN_B "$(printf '%q ' "$@")"; else "$@"; fi; 
 WB=$W
 [ -z "$RUN_B" ] || WB=$(on_b mktemp -d /var/tmp/twinvol-bench-b-XXXX)
 
+# sized DEV SIZE / sized_b DEV SIZE: a block device is left as it is; anything else becomes a
+# fresh sparse file of SIZE, here or on node b.
+SIZED_SH='[ -b "$1" ] || { rm -f "$1"; truncate -s "$2" "$1"; }'
+sized() { sh -c "$SIZED_SH" sh "$1" "$2"; }
+sized_b() { on_b sh -c "$SIZED_SH" sh "$1" "$2"; }
+
 # put_b LOCAL REMOTE: copies a file of this machine to node b (mode 600).
 put_b() {
   if [ -z "$RUN_B" ] && [ "$1" = "$2" ]; then return 0; fi

@@ -31,8 +31,8 @@ W=$(mktemp -d /var/tmp/twinvol-resync-XXXX)
 trap 'kill $(jobs -p) 2>/dev/null; cleanup_b; sleep 0.5; rm -rf "$W"' EXIT
 # Runs a command in namespace $1 (or here when empty); exec so that `kill $(jobs -p)` reaches it.
 inns() { local ns=$1; shift; if [ -n "$ns" ]; then exec ip netns exec "$ns" "$@"; else exec "$@"; fi; }
-[ -b "$A" ] || { rm -f "$A"; truncate -s "$SIZE" "$A"; }
-on_b sh -c '[ -b "$1" ] || { rm -f "$1"; truncate -s "$2" "$1"; }' sh "$B" "$SIZE"
+sized "$A" "$SIZE"
+sized_b "$B" "$SIZE"
 head -c 32 /dev/urandom >"$W/key"; chmod 600 "$W/key"
 put_b "$W/key" "$WB/key"
 

@@ -212,6 +212,15 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
     /// the connection was being made), the peer decided on stale facts, so the session ends at
     /// once and the next connection carries the current Hello.
     pub async fn run_session(self: &Rc<Self>, link: Link, sent: &Hello) -> SessionEnd {
+        let vol = &self.settings.volume;
+        tracing::debug!(volume = %vol, peer = %link.peer_addr(), "replication link authenticated; session starting");
+        let end = self.threaded_session(link, sent).await;
+        tracing::debug!(volume = %vol, end = ?end, "replication session ended");
+        end
+    }
+
+    /// [`Self::run_session`] on a link split into this thread's reader and a writer thread.
+    async fn threaded_session(self: &Rc<Self>, link: Link, sent: &Hello) -> SessionEnd {
         let (info, mut reader, writer) = match link.into_threaded(self.sent_traffic.clone()) {
             Ok(parts) => parts,
             Err(e) => return SessionEnd::Lost(e.to_string()),
@@ -879,9 +888,7 @@ pub async fn keep_connected<T: BlockTarget + 'static, D: MetaDevice + 'static>(
             l.set_hello(sent.clone());
             match l.accept().await {
                 Ok(link) => {
-                    tracing::debug!(volume = %vol.settings.volume, peer = %link.peer_addr(), "replication connection accepted and authenticated");
                     let end = vol.run_session(link, &sent).await;
-                    tracing::debug!(volume = %vol.settings.volume, end = ?end, "replication session ended");
                     tokio::time::sleep(after(&end)).await;
                 }
                 Err(e) => {
@@ -896,11 +903,9 @@ pub async fn keep_connected<T: BlockTarget + 'static, D: MetaDevice + 'static>(
             cfg.hello = vol.hello();
             match link::connect(&cfg).await {
                 Ok(l) => {
-                    tracing::debug!(volume = %vol.settings.volume, peer = %l.peer_addr(), "replication connection made and authenticated");
                     backoff = link::Backoff::new(link::BackoffPolicy::default());
                     let sent = cfg.hello.clone();
                     let end = vol.run_session(l, &sent).await;
-                    tracing::debug!(volume = %vol.settings.volume, end = ?end, "replication session ended");
                     tokio::time::sleep(after(&end)).await;
                 }
                 Err(e) => {
