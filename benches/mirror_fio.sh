@@ -16,10 +16,15 @@
 #      TWINVOL), RUN_B (default: node b runs here), SIZE (file size, default 1G),
 #      LEVEL (zstd level on the wire, default 1; 0 = off), JOBS (job names to run, default
 #      both: "4k-randwrite-qd32 1m-seqwrite-qd8"), MODES (default "sync async"),
-#      ROUNDS (default 1): repeat no-peer + each mode this many times, alternating, and print
-#      every round's ratios and their medians (a machine whose disk or CPU drifts between runs
-#      then still compares each mirror run with a no-peer run taken next to it),
-#      ALLOW_STALE=1: measure a binary older than the checkout's sources (refused otherwise).
+#      ROUNDS (default 1): repeat no-peer + each mode this many times, alternating (each round
+#      starts one setup further along, so none always runs first or after the same job), and
+#      print every round's ratios and their medians (a machine whose disk or CPU drifts
+#      between runs then still compares each mirror run with a no-peer run taken next to it),
+#      ALLOW_STALE=1: measure a binary older than the checkout's sources (refused otherwise),
+#      CPUS_A / CPUS_B (default unset: no pinning): taskset CPU lists for node a with fio, and
+#      for node b. On one machine "CPUS_A=0 CPUS_B=1" gives each node a core of its own, as two
+#      instances would have, instead of fio and both nodes sharing every core; the no-peer run
+#      gets CPUS_A too, so each ratio compares like with like.
 set -euo pipefail
 A=$1 B=$2 ADDR_A=$3 ADDR_B=$4 RUNTIME=${5:-10}
 TWINVOL=${TWINVOL:-target/release/twinvol}
@@ -30,18 +35,15 @@ LEVEL=${LEVEL:-1}
 JOBS=${JOBS:-4k-randwrite-qd32 1m-seqwrite-qd8}
 MODES=${MODES:-sync async}
 ROUNDS=${ROUNDS:-1}
+CPUS_A=${CPUS_A:-}
+CPUS_B=${CPUS_B:-}
+# A prefix that runs a command on CPUS_A when it is set (an array, not a function: a command
+# started in the background with it keeps its pid, which the script kills).
+PIN_A=()
+[ -z "$CPUS_A" ] || PIN_A=(taskset -c "$CPUS_A")
 command -v fio >/dev/null || { echo "fio missing: run scripts/test-deps.sh" >&2; exit 1; }
-[ -x "$TWINVOL" ] || { echo "no twinvol binary at $TWINVOL: cargo build --release, or set TWINVOL" >&2; exit 1; }
-# A binary built from other sources measures other code: figures from it would be reported
-# against this checkout. Refuse one older than any source file of the checkout it sits beside.
-src=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${ALLOW_STALE:-}" ] && [ -d "$src/src" ]; then
-  newer=$(find "$src/src" "$src/Cargo.toml" "$src/Cargo.lock" -newer "$TWINVOL" -type f 2>/dev/null | head -3)
-  if [ -n "$newer" ]; then
-    echo "$TWINVOL is older than $(echo $newer | tr ' ' ',') : rebuild it (cargo build --release) or set ALLOW_STALE=1" >&2
-    exit 1
-  fi
-fi
+. "$(dirname "$0")/binary.sh"
+bin_line=$(check_binary "$TWINVOL")
 W=$(mktemp -d /var/tmp/twinvol-bench-XXXX)
 . "$(dirname "$0")/node_b.sh"
 cleanup() {
@@ -60,7 +62,8 @@ dd if=/dev/zero of="$A" bs=1M count=256 oflag=direct conv=notrunc status=none
 on_b dd if=/dev/zero of="$B" bs=1M count=256 oflag=direct conv=notrunc status=none
 head -c 32 /dev/urandom >"$W/key"; chmod 600 "$W/key"
 put_b "$W/key" "$WB/key"
-echo "# binary: $("$TWINVOL" --version) ($TWINVOL, built $(date -r "$TWINVOL" -u +%FT%TZ)); node b: ${RUN_B:-this machine}"
+echo "$bin_line; node b: ${RUN_B:-this machine}"
+echo "# CPUs: node a and fio ${CPUS_A:-any}, node b ${CPUS_B:-any} (of $(nproc) here)"
 
 conf() { # name peer dev addr peer_addr mode dir
   cat >"$W/$1.toml" <<EOF
@@ -86,7 +89,7 @@ jobs_run() { # label socket round
   for job in "4k-randwrite-qd32:randwrite:4k:32" "1m-seqwrite-qd8:write:1M:8"; do
     IFS=: read -r name rw bs qd <<<"$job"
     [[ " $JOBS " == *" $name "* ]] || continue
-    bw=$(fio --name="$name" --ioengine=nbd --uri="nbd+unix:///?socket=$2" --rw="$rw" --bs="$bs" \
+    bw=$("${PIN_A[@]}" fio --name="$name" --ioengine=nbd --uri="nbd+unix:///?socket=$2" --rw="$rw" --bs="$bs" \
       --iodepth="$qd" --size=256M --time_based --runtime="$RUNTIME" --output-format=json \
       | python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]["write"]; print("%.1f MiB/s | %.0f IOPS" % (j["bw_bytes"]/1048576, j["iops"]))')
     echo "| $1 | $name | $bw |"
@@ -103,20 +106,24 @@ mkmd() {
 
 echo "| setup | job | bandwidth | IOPS |"
 echo "|---|---|---|---|"
-for round in $(seq "$ROUNDS"); do
-mkmd
-"$TWINVOL" export "$A" --socket "$W/plain.sock" --engine uring 2>"$W/plain.log" &
-P=$!
-sleep 1; jobs_run "no peer (twinvol export)" "$W/plain.sock" "$round"; kill $P; wait $P 2>/dev/null || true
+# no_peer ROUND: the jobs against `twinvol export` on DEV_A.
+no_peer() {
+  mkmd
+  "${PIN_A[@]}" "$TWINVOL" export "$A" --socket "$W/plain.sock" --engine uring 2>"$W/plain.log" &
+  P=$!
+  sleep 1; jobs_run "no peer (twinvol export)" "$W/plain.sock" "$1"; kill $P; wait $P 2>/dev/null || true
+}
 
-for mode in $MODES; do
+# mirror MODE ROUND: the jobs against node a of a connected pair in MODE.
+mirror() {
+  local mode=$1 round=$2
   mkmd
   conf a b "$A" "$ADDR_A" "$ADDR_B" "$mode" "$W"; conf b a "$B" "$ADDR_B" "$ADDR_A" "$mode" "$WB"
   put_b "$W/b.toml" "$WB/b.toml"
   start_b "$WB/b.toml" "$WB/b.log"
   # The previous mode's status file says "connected": it must not satisfy the wait below.
   rm -f "$W/a.json"
-  "$TWINVOL" mirror --config "$W/a.toml" --primary --status-file "$W/a.json" 2>"$W/a.log" &
+  "${PIN_A[@]}" "$TWINVOL" mirror --config "$W/a.toml" --primary --status-file "$W/a.json" 2>"$W/a.log" &
   PA=$!
   for _ in $(seq 300); do grep -q '"connected"' "$W/a.json" 2>/dev/null && break; sleep 0.1; done
   if ! grep -q '"connected"' "$W/a.json" 2>/dev/null; then
@@ -136,7 +143,18 @@ print("# %s: Data bytes sent %d, went ahead %d times (then resynced %d bytes), w
 PY
   kill $PA; wait $PA 2>/dev/null || true
   stop_b; wait 2>/dev/null || true
-done
+}
+
+# Each round runs every setup once; round r starts r-1 places further along the list. A setup
+# that runs right after a 1 MiB job can pay for the writeback that job left behind (measured
+# with CPUS_A=0 CPUS_B=1: async 4k right after sync 1 MiB 0.75x and 0.76x, the same job run
+# before sync 0.83x), so no setup may always hold the same place.
+setups=(none $MODES)
+for round in $(seq "$ROUNDS"); do
+  for i in $(seq 0 $((${#setups[@]} - 1))); do
+    s=${setups[$(((i + round - 1) % ${#setups[@]}))]}
+    if [ "$s" = none ]; then no_peer "$round"; else mirror "$s" "$round"; fi
+  done
 done
 
 # Each mirror figure against the no-peer figure of its own round, then the median per row.

@@ -28,12 +28,15 @@ put_b() {
 
 # start_b CONFIG LOG [ARGS...]: starts `twinvol mirror --config CONFIG --secondary ARGS` on
 # node b in the background, stderr to LOG there; its pid is kept there so that stop_b stops
-# it (killing a local ssh client would not).
+# it (killing a local ssh client would not). CPUS_B, when set, is a taskset CPU list node b
+# runs on (the process and every thread it starts).
 start_b() {
   local cfg=$1 log=$2
   shift 2
-  on_b sh -c 'echo $$ >"$1"; b=$2 c=$3 l=$4; shift 4; exec "$b" mirror --config "$c" --secondary "$@" 2>"$l"' \
-    sh "$WB/b.pid" "$TWINVOL_B" "$cfg" "$log" "$@" </dev/null &
+  # One line: on_b quotes the script with printf %q, which would write a newline as $'\n', a
+  # form a remote POSIX sh does not read.
+  on_b sh -c 'echo $$ >"$1"; b=$2 c=$3 l=$4 p=$5; shift 5; if [ -n "$p" ]; then set -- taskset -c "$p" "$b" mirror --config "$c" --secondary "$@"; else set -- "$b" mirror --config "$c" --secondary "$@"; fi; exec "$@" 2>"$l"' \
+    sh "$WB/b.pid" "$TWINVOL_B" "$cfg" "$log" "${CPUS_B:-}" "$@" </dev/null &
 }
 
 # stop_b: stops node b's twinvol and waits until it has exited.

@@ -15,7 +15,8 @@
 #      default 1), RATE_MAX (resync_rate_max bytes/s, default 4 GiB/s so the link is the limit),
 #      CAP_BYTES (link cap in bytes/s, to print the fraction reached), NS_A/NS_B (run each node
 #      inside this network namespace: `ip netns exec`), RUN_B and TWINVOL_B (node b on another
-#      host: see benches/node_b.sh; NS_B is RUN_B="ip netns exec NS_B sh -c").
+#      host: see benches/node_b.sh; NS_B is RUN_B="ip netns exec NS_B sh -c"),
+#      ALLOW_STALE=1: measure a binary older than the checkout's sources (refused otherwise).
 set -euo pipefail
 A=$1 B=$2 ADDR_A=$3 ADDR_B=$4 IFACE_A=${5:-} IFACE_B=${6:-}
 TWINVOL=${TWINVOL:-target/release/twinvol}
@@ -26,6 +27,8 @@ SIZE=${SIZE:-1G}
 DATA=${DATA:-random}
 LEVEL=${LEVEL:-1}
 RATE_MAX=${RATE_MAX:-4294967296}
+. "$(dirname "$0")/binary.sh"
+check_binary "$TWINVOL"
 W=$(mktemp -d /var/tmp/twinvol-resync-XXXX)
 . "$(dirname "$0")/node_b.sh"
 trap 'kill $(jobs -p) 2>/dev/null; cleanup_b; sleep 0.5; rm -rf "$W"' EXIT
