@@ -221,10 +221,14 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
 
     /// [`Self::run_session`] on a link split into this thread's reader and a writer thread.
     async fn threaded_session(self: &Rc<Self>, link: Link, sent: &Hello) -> SessionEnd {
-        let (info, mut reader, writer) = match link.into_threaded(self.sent_traffic.clone()) {
-            Ok(parts) => parts,
-            Err(e) => return SessionEnd::Lost(e.to_string()),
-        };
+        // Async mode: no application write waits for the link, so its sender yields the CPU
+        // to the data path.
+        let background = self.settings.mode == ReplicationMode::Async;
+        let (info, mut reader, writer) =
+            match link.into_threaded(self.sent_traffic.clone(), background) {
+                Ok(parts) => parts,
+                Err(e) => return SessionEnd::Lost(e.to_string()),
+            };
         // Everything this session sends goes through the writer thread's channel, in order.
         let Some(tx) = writer.sender() else {
             return SessionEnd::Lost("replication writer has no channel".into());

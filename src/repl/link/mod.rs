@@ -152,13 +152,15 @@ impl Link {
     }
 
     /// Splits into a reader on this thread and a writer on a thread of its own (encoding and
-    /// socket writes beside the caller's work); `sent` grows by what the writer sends.
+    /// socket writes beside the caller's work); `sent` grows by what the writer sends;
+    /// `background`: the writer yields the CPU to the caller's work (see [`WriterThread::spawn`]).
     pub fn into_threaded(
         self,
         sent: SentTraffic,
+        background: bool,
     ) -> Result<(PeerInfo, ThreadedReader, WriterThread), LinkError> {
         let (reader, state) = self.io.detach_sender();
-        let writer = WriterThread::spawn(reader.get_ref(), state, sent)?;
+        let writer = WriterThread::spawn(reader.get_ref(), state, sent, background)?;
         Ok((self.info, reader, writer))
     }
 

@@ -281,9 +281,12 @@ async fn connect_retrying_reaches_a_peer_that_starts_late() {
 async fn split_halves_stream_writes_and_acks_concurrently_and_count_compressed_bytes() {
     let (listener, cb) = pair_configs(KEY_A, KEY_A);
     let (a, b) = tokio::join!(listener.accept(), connect(&cb));
-    let (_, mut a_rx, a_w) = a.unwrap().into_threaded(SentTraffic::default()).unwrap();
+    let (_, mut a_rx, a_w) = a
+        .unwrap()
+        .into_threaded(SentTraffic::default(), false)
+        .unwrap();
     let b_sent = SentTraffic::default();
-    let (_, mut b_rx, b_w) = b.unwrap().into_threaded(b_sent.clone()).unwrap();
+    let (_, mut b_rx, b_w) = b.unwrap().into_threaded(b_sent.clone(), true).unwrap();
     let (a_tx, b_tx) = (a_w.sender().unwrap(), b_w.sender().unwrap());
     let n = 64u64;
     let payload = Bytes::from(json_like(64 * 1024));
@@ -443,8 +446,11 @@ async fn the_writer_thread_keeps_order_counts_and_closes_the_connection_when_it_
     let (listener, cb) = pair_configs(KEY_A, KEY_A);
     let (a, b) = tokio::join!(listener.accept(), connect(&cb));
     let sent = SentTraffic::default();
-    let (_, mut a_rx, a_w) = a.unwrap().into_threaded(sent.clone()).unwrap();
-    let (_, mut b_rx, _b_w) = b.unwrap().into_threaded(SentTraffic::default()).unwrap();
+    let (_, mut a_rx, a_w) = a.unwrap().into_threaded(sent.clone(), false).unwrap();
+    let (_, mut b_rx, _b_w) = b
+        .unwrap()
+        .into_threaded(SentTraffic::default(), false)
+        .unwrap();
     let tx = a_w.sender().unwrap();
     for nonce in 0..100 {
         tx.send(Message::Ping { nonce }).unwrap();
@@ -477,4 +483,36 @@ async fn the_writer_thread_keeps_order_counts_and_closes_the_connection_when_it_
         .expect("this side's reader sees it too");
     assert!(own.is_err(), "{own:?}");
     a_w.finish(Duration::from_millis(100)).await;
+}
+
+/// The calling thread's nice value, from /proc (field 19 of its stat line).
+fn thread_nice() -> i32 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("/proc/thread-self/stat");
+    let after_comm = &stat[stat.rfind(')').expect("stat has a comm field") + 2..];
+    after_comm
+        .split(' ')
+        .nth(16)
+        .expect("nice field")
+        .parse()
+        .expect("nice is a number")
+}
+
+#[test]
+fn lowering_the_writer_priority_changes_only_the_calling_thread() {
+    let main_before = thread_nice();
+    let (before, returned, after) = std::thread::spawn(|| {
+        let before = thread_nice();
+        let returned = super::writer::lower_thread_priority(3).expect("nice(3)");
+        (before, returned, thread_nice())
+    })
+    .join()
+    .unwrap();
+    let expected = (before + 3).min(19);
+    assert_eq!(returned, expected);
+    assert_eq!(after, expected);
+    assert_eq!(
+        thread_nice(),
+        main_before,
+        "the rest of the process keeps its priority"
+    );
 }
