@@ -146,9 +146,10 @@ PY
 }
 
 # Each round runs every setup once; round r starts r-1 places further along the list. A setup
-# that runs right after a 1 MiB job can pay for the writeback that job left behind (measured
-# with CPUS_A=0 CPUS_B=1: async 4k right after sync 1 MiB 0.75x and 0.76x, the same job run
-# before sync 0.83x), so no setup may always hold the same place.
+# measures differently depending on what ran before it (with CPUS_A=0 CPUS_B=1: async 4k right
+# after sync 1 MiB 0.75x and 0.76x, the same job run before sync 0.83x; a no-peer 1 MiB run
+# right after an async 1 MiB run 728 MiB/s, 2,805 a round earlier), so no setup may always
+# hold the same place.
 setups=(none $MODES)
 for round in $(seq "$ROUNDS"); do
   for i in $(seq 0 $((${#setups[@]} - 1))); do
