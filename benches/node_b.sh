@@ -35,7 +35,7 @@ start_b() {
   shift 2
   # One line: on_b quotes the script with printf %q, which would write a newline as $'\n', a
   # form a remote POSIX sh does not read.
-  on_b sh -c 'echo $$ >"$1"; b=$2 c=$3 l=$4 p=$5; shift 5; if [ -n "$p" ]; then set -- taskset -c "$p" "$b" mirror --config "$c" --secondary "$@"; else set -- "$b" mirror --config "$c" --secondary "$@"; fi; exec "$@" 2>"$l"' \
+  on_b sh -c 'echo $$ >"$1"; b=$2 c=$3 l=$4 p=$5; shift 5; set -- "$b" mirror --config "$c" --secondary "$@"; [ -z "$p" ] || set -- taskset -c "$p" "$@"; exec "$@" 2>"$l"' \
     sh "$WB/b.pid" "$TWINVOL_B" "$cfg" "$log" "${CPUS_B:-}" "$@" </dev/null &
 }
 
