@@ -13,6 +13,7 @@
 
 use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -26,6 +27,80 @@ const IOV_BATCH: usize = 64;
 
 /// How much the receive buffer grows per read.
 const READ_CHUNK: usize = 64 * 1024;
+
+/// Largest receive low-water mark set while a bulk payload arrives (a quarter of the socket's
+/// receive buffer is the other bound: the sender can always fill that much, so a wait for it
+/// always ends).
+const LOW_WATER_MAX: usize = 4 << 20;
+
+/// The receive low-water mark (SO_RCVLOWAT) of a TCP socket, raised while a bulk payload
+/// arrives so the reader is woken once the rest of the payload is there, not for every
+/// segment: on loopback and veth every wake-up of the receiving thread is work (and, in a VM,
+/// an inter-processor interrupt) on the *sending* core.
+///
+/// Invariant: `set` is the value last given to the kernel (1, the kernel's default, when no
+/// bulk payload is being read); a value is always at most `cap` = min(receive buffer / 4,
+/// [`LOW_WATER_MAX`]), so the sender's window can always satisfy it. A non-blocking read still
+/// returns whatever has arrived; only the readiness wake-ups wait for the mark.
+#[derive(Debug)]
+struct LowWater {
+    fd: RawFd,
+    cap: usize,
+    set: usize,
+}
+
+impl LowWater {
+    /// For the socket `fd` (which must outlive this value); `None` when its receive buffer
+    /// cannot be read.
+    fn new(fd: RawFd) -> Option<Self> {
+        let mut v: libc::c_int = 0;
+        let mut n = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: v and n are valid for writes of the sizes given; the kernel checks fd.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut n,
+            )
+        };
+        let rcvbuf = usize::try_from(v).ok().filter(|_| r == 0)?;
+        Some(Self {
+            fd,
+            cap: (rcvbuf / 4).clamp(1, LOW_WATER_MAX),
+            set: 1,
+        })
+    }
+
+    /// Asks to be woken when `bytes` (bounded by the cap) can be read.
+    fn want(&mut self, bytes: usize) -> Result<(), LinkError> {
+        let v = bytes.clamp(1, self.cap);
+        if v == self.set {
+            return Ok(());
+        }
+        let c = libc::c_int::try_from(v).unwrap_or(libc::c_int::MAX);
+        // SAFETY: c lives across the call and the length given is its size; the kernel
+        // checks fd (owned by the stream this reader holds).
+        let r = unsafe {
+            libc::setsockopt(
+                self.fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&c as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(LinkError::SocketOption {
+                option: "SO_RCVLOWAT",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        self.set = v;
+        Ok(())
+    }
+}
 
 /// Bytes and frames that crossed one direction of a connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -112,6 +187,8 @@ struct Rx {
     received: Traffic,
     /// Kept across cancelled `recv` calls, so no received byte is lost.
     bulk: Option<BulkRead>,
+    /// Raised while a bulk payload arrives ([`FrameReader::wake_per_frame`]).
+    low_water: Option<LowWater>,
 }
 
 impl Rx {
@@ -120,10 +197,16 @@ impl Rx {
         loop {
             if let Some(b) = self.bulk.as_mut() {
                 while b.filled < b.len {
+                    if let Some(lw) = self.low_water.as_mut() {
+                        lw.want(b.len - b.filled)?;
+                    }
                     let dst = &mut b.buf[b.at + b.filled..b.at + b.len];
                     let n = read_count(peer, io.read(dst).await)?;
                     b.filled += n;
                     self.received.wire_bytes += n as u64;
+                }
+                if let Some(lw) = self.low_water.as_mut() {
+                    lw.want(1)?;
                 }
                 if let Some(b) = self.bulk.take() {
                     let wire = b.buf.into_bytes().slice(b.at..b.at + b.len);
@@ -188,6 +271,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
                 dec,
                 received: Traffic::default(),
                 bulk: None,
+                low_water: None,
             },
         }
     }
@@ -303,6 +387,17 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 pub struct FrameReader<R> {
     io: R,
     rx: Rx,
+}
+
+impl<R: AsRawFd> FrameReader<R> {
+    /// From now on, while a bulk payload (a large Data or ResyncData frame) arrives, the reader
+    /// is woken when the rest of it is there (up to a quarter of the receive buffer at a time),
+    /// not for every segment. Only for a TCP stream: SO_RCVLOWAT is a TCP option. Returns
+    /// whether it took effect (it does not when the receive buffer cannot be read).
+    pub fn wake_per_frame(&mut self) -> bool {
+        self.rx.low_water = LowWater::new(self.io.as_raw_fd());
+        self.rx.low_water.is_some()
+    }
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {

@@ -154,12 +154,17 @@ impl Link {
     /// Splits into a reader on this thread and a writer on a thread of its own (encoding and
     /// socket writes beside the caller's work); `sent` grows by what the writer sends;
     /// `background`: the writer yields the CPU to the caller's work (see [`WriterThread::spawn`]).
+    /// The reader is woken once per large frame ([`FrameReader::wake_per_frame`]).
     pub fn into_threaded(
         self,
         sent: SentTraffic,
         background: bool,
     ) -> Result<(PeerInfo, ThreadedReader, WriterThread), LinkError> {
-        let (reader, state) = self.io.detach_sender();
+        let peer = self.io.peer();
+        let (mut reader, state) = self.io.detach_sender();
+        if !reader.wake_per_frame() {
+            tracing::debug!(%peer, "cannot read the replication socket's receive buffer; the reader is woken per segment");
+        }
         let writer = WriterThread::spawn(reader.get_ref(), state, sent, background)?;
         Ok((self.info, reader, writer))
     }

@@ -516,3 +516,143 @@ fn lowering_the_writer_priority_changes_only_the_calling_thread() {
         "the rest of the process keeps its priority"
     );
 }
+
+/// SO_RCVLOWAT of `s` as the kernel holds it.
+fn rcvlowat(s: &tokio::net::TcpStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut v: libc::c_int = 0;
+    let mut n = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v and n are valid for writes of the sizes given; the fd is the stream's own.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut n,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "getsockopt(SO_RCVLOWAT): {}",
+        std::io::Error::last_os_error()
+    );
+    v
+}
+
+/// A connected loopback pair: (sending std stream, receiving reader woken per frame), the
+/// receiver's SO_RCVBUF set to `rcvbuf` first when given.
+async fn low_water_pair(
+    rcvbuf: Option<usize>,
+) -> (std::net::TcpStream, FrameReader<tokio::net::TcpStream>) {
+    use crate::repl::wire::{FrameDecoder, FrameEncoder, DEFAULT_MAX_PAYLOAD};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = l.local_addr().unwrap();
+    let tx = tokio::task::spawn_blocking(move || std::net::TcpStream::connect(to).unwrap());
+    let (rx, peer) = l.accept().await.unwrap();
+    if let Some(size) = rcvbuf {
+        SockRef::from(&rx).set_recv_buffer_size(size).unwrap();
+    }
+    let framed = Framed::new(
+        rx,
+        peer,
+        FrameEncoder::new(0, DEFAULT_MAX_PAYLOAD).unwrap(),
+        FrameDecoder::new(DEFAULT_MAX_PAYLOAD).unwrap(),
+    );
+    let (mut reader, _) = framed.detach_sender();
+    assert!(
+        reader.wake_per_frame(),
+        "the receive buffer could not be read"
+    );
+    assert_eq!(rcvlowat(reader.get_ref()), 1, "raised before any frame");
+    (tx.await.unwrap(), reader)
+}
+
+/// A 1 MiB Data frame encoded raw, and the message.
+fn big_frame(seed: u64) -> (Vec<u8>, Message) {
+    let m = Message::Data(Data {
+        seq: seed,
+        epoch: 1,
+        offset: seed << 20,
+        flags: DataFlags::default(),
+        data: Bytes::from(crate::repl::wire::tests::noise(seed, 1 << 20)),
+    });
+    let mut enc =
+        crate::repl::wire::FrameEncoder::new(0, crate::repl::wire::DEFAULT_MAX_PAYLOAD).unwrap();
+    let mut out = bytes::BytesMut::new();
+    enc.encode(&m, &mut out).unwrap();
+    (out.to_vec(), m)
+}
+
+/// While a large frame arrives, the reader asks to be woken when the rest of it is there (one
+/// wake-up per frame, not per segment); a cancelled receive keeps that; once the frame is
+/// complete the mark is back at 1, so small frames (acks, pings) wake it at once.
+#[tokio::test]
+async fn a_reader_is_woken_for_the_rest_of_a_large_frame_and_then_for_any_byte() {
+    use std::io::Write;
+    // As the link sets it (net.core.rmem_max may cap it: then so is the mark).
+    let (mut tx, mut reader) = low_water_pair(Some(4 << 20)).await;
+    let rcvbuf = SockRef::from(reader.get_ref()).recv_buffer_size().unwrap();
+    let (frame, msg) = big_frame(3);
+    let first = 300 * 1024;
+    tx.write_all(&frame[..first]).unwrap();
+    // The receive reads all that arrived, then waits for the rest: cancelled here.
+    let r = tokio::time::timeout(Duration::from_millis(200), reader.recv()).await;
+    assert!(r.is_err(), "a frame missing 700 KiB was returned");
+    assert_eq!(
+        rcvlowat(reader.get_ref()) as usize,
+        (frame.len() - first).min(rcvbuf / 4),
+        "the mark is not the rest of the frame (bounded by a quarter of the receive buffer {rcvbuf})"
+    );
+    tx.write_all(&frame[first..]).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), reader.recv())
+        .await
+        .expect("the rest of the frame never woke the reader")
+        .unwrap();
+    assert_eq!(got, msg);
+    assert_eq!(rcvlowat(reader.get_ref()), 1, "left raised after the frame");
+    // A small frame now arrives on its own.
+    let mut out = bytes::BytesMut::new();
+    crate::repl::wire::FrameEncoder::new(0, crate::repl::wire::DEFAULT_MAX_PAYLOAD)
+        .unwrap()
+        .encode(&Message::Ping { nonce: 9 }, &mut out)
+        .unwrap();
+    tx.write_all(&out).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), reader.recv())
+        .await
+        .expect("a ping after a large frame never woke the reader")
+        .unwrap();
+    assert_eq!(got, Message::Ping { nonce: 9 });
+}
+
+/// With a receive buffer far smaller than a frame, the mark stays at a quarter of the buffer
+/// (a sender can always fill that much), so frames still arrive: no wait that cannot end.
+#[tokio::test]
+async fn the_mark_is_bounded_by_the_receive_buffer_so_large_frames_still_arrive() {
+    use std::io::Write;
+    let (mut tx, mut reader) = low_water_pair(Some(32 * 1024)).await;
+    let frames: Vec<_> = (0..3).map(big_frame).collect();
+    let bytes: Vec<u8> = frames.iter().flat_map(|(f, _)| f.clone()).collect();
+    let writer = std::thread::spawn(move || tx.write_all(&bytes).map(|_| tx));
+    let mut highest = 0;
+    for (_, msg) in &frames {
+        let got = loop {
+            match tokio::time::timeout(Duration::from_millis(1), reader.recv()).await {
+                Ok(m) => break m.unwrap(),
+                Err(_) => highest = highest.max(rcvlowat(reader.get_ref())),
+            }
+        };
+        assert_eq!(&got, msg);
+    }
+    let _tx = writer.join().unwrap().unwrap();
+    let rcvbuf = SockRef::from(reader.get_ref()).recv_buffer_size().unwrap();
+    assert!(
+        highest > 1,
+        "the mark was never raised: the test proves nothing"
+    );
+    assert!(
+        highest as usize <= rcvbuf / 4,
+        "mark {highest} above a quarter of the receive buffer {rcvbuf}"
+    );
+}
