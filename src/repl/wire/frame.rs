@@ -53,7 +53,10 @@ pub const GATE_MAX_BACKOFF: u32 = 4;
 /// Whether compressing pays: zstd costs about 2 ms of CPU per MiB, and data that saves less
 /// than 1/8 (fio's buffers save 9%) is not worth it on a replication link. Short payloads are
 /// compressed without a probe, and a long one whose sample happened to compress is compressed
-/// whole, so both are judged by their outcome: attempts are summed in windows of
+/// whole, so both are judged by their outcome; a long one whose sample does not compress counts
+/// as an attempt that went raw (until it was counted, every incompressible 1 MiB write was probed:
+/// 2.8% of the Primary's core during sync 1 MiB writes at 0.7 GB/s, docs/BENCHMARKS.md session
+/// 7). Attempts are summed in windows of
 /// [`GATE_WINDOW_BYTES`]; a window that saved less than 1/8 makes the next
 /// [`GATE_SKIP_BYTES`] go raw untried (under 2% of the bytes are then tried); then a new
 /// window tries again, so a workload that turns compressible is noticed. Each further poor
@@ -500,12 +503,15 @@ impl FrameEncoder {
         let mut probed = false;
         if let Some(b) = bulk.take() {
             if b.len() >= BULK_MIN {
-                probed = match self.compressor.as_mut() {
-                    Some(c) if self.gate.admit(raw_len) => {
-                        probe_compresses(c, &mut self.scratch, &b)
+                if let Some(c) = self.compressor.as_mut() {
+                    if self.gate.admit(raw_len) {
+                        probed = probe_compresses(c, &mut self.scratch, &b);
+                        if !probed {
+                            // An attempt whose outcome is raw: the gate learns from it.
+                            self.gate.record(raw_len, raw_len);
+                        }
                     }
-                    _ => false,
-                };
+                }
             }
             if b.len() < BULK_MIN || probed {
                 out.extend_from_slice(&b);
@@ -518,11 +524,17 @@ impl FrameEncoder {
             let src = &out[start + HEADER_LEN..];
             let short = raw_len < PROBE_FROM_LEN;
             // A bulk payload that passed the gate and its probe above is compressed as is.
-            if raw_len >= MIN_COMPRESS_LEN
+            let attempt = raw_len >= MIN_COMPRESS_LEN
                 && (probed
-                    || (self.gate.admit(raw_len)
-                        && (short || probe_compresses(c, &mut self.scratch, src))))
-            {
+                    || (self.gate.admit(raw_len) && {
+                        let promising = short || probe_compresses(c, &mut self.scratch, src);
+                        if !promising {
+                            // An attempt whose outcome is raw: the gate learns from it.
+                            self.gate.record(raw_len, raw_len);
+                        }
+                        promising
+                    }));
+            if attempt {
                 self.scratch.clear();
                 // Room for one byte less than the raw payload: if zstd cannot fit, it fails
                 // with "destination too small" and the frame goes raw.

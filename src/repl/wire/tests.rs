@@ -1039,6 +1039,51 @@ fn payloads_that_barely_compress_go_raw_after_a_window_short_or_long() {
     }
 }
 
+/// Long incompressible payloads whose probes fail count as attempts: after a window of them
+/// the gate skips, so the next payloads go raw without a probe, even one whose sample would
+/// compress; after the skip it is tried again.
+#[test]
+fn failed_probes_close_the_gate_like_failed_compressions() {
+    use super::frame::CompressGate;
+    const LEN: usize = 256 << 10;
+    let (window, skip) = (1u64 << 20, 8u64 << 20);
+    let mut enc = FrameEncoder::new(1, MAX).unwrap();
+    enc.set_gate(CompressGate::new(window, skip));
+    let mut out = BytesMut::new();
+    let mut seq = 0;
+    let mut send = |data: Bytes, enc: &mut FrameEncoder| {
+        seq += 1;
+        enc.encode(&data_msg(seq, data), &mut out)
+            .unwrap()
+            .compressed
+    };
+    // Check first that the probe of this payload passes on an open gate.
+    let mut open = FrameEncoder::new(1, MAX).unwrap();
+    assert!(
+        open.encode(
+            &data_msg(0, compressible_middle_only(1, LEN)),
+            &mut BytesMut::new()
+        )
+        .unwrap()
+        .compressed,
+        "the payload's sample must compress: the test proves nothing"
+    );
+    for i in 0..window / LEN as u64 {
+        assert!(!send(Bytes::from(noise(100 + i, LEN)), &mut enc));
+    }
+    for i in 0..skip / LEN as u64 {
+        assert!(
+            !send(compressible_middle_only(i, LEN), &mut enc),
+            "payload {i} of the skip was probed after a window of failed probes"
+        );
+    }
+    assert!(
+        send(compressible_middle_only(99, LEN), &mut enc),
+        "after the skip the gate tries again"
+    );
+    assert_eq!(decode_all(&out).unwrap().len(), seq as usize);
+}
+
 #[test]
 fn json_like_text_is_never_gated() {
     let mut enc = FrameEncoder::new(1, MAX).unwrap();
