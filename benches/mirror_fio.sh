@@ -25,6 +25,9 @@
 #      for node b. On one machine "CPUS_A=0 CPUS_B=1" gives each node a core of its own, as two
 #      instances would have, instead of fio and both nodes sharing every core; the no-peer run
 #      gets CPUS_A too, so each ratio compares like with like.
+#      BW_LOG_DIR (default unset): keep fio's bandwidth every 500 ms there, one file per round,
+#      setup and job (r<round>-<setup>-<job>_bw.1.log: ms, KiB/s, ...), to tell a uniformly
+#      slower run from one with stalls.
 set -euo pipefail
 A=$1 B=$2 ADDR_A=$3 ADDR_B=$4 RUNTIME=${5:-10}
 TWINVOL=${TWINVOL:-target/release/twinvol}
@@ -37,6 +40,7 @@ MODES=${MODES:-sync async}
 ROUNDS=${ROUNDS:-1}
 CPUS_A=${CPUS_A:-}
 CPUS_B=${CPUS_B:-}
+BW_LOG_DIR=${BW_LOG_DIR:-}
 # A prefix that runs a command on CPUS_A when it is set (an array, not a function: a command
 # started in the background with it keeps its pid, which the script kills).
 PIN_A=()
@@ -89,8 +93,13 @@ jobs_run() { # label socket round
   for job in "4k-randwrite-qd32:randwrite:4k:32" "1m-seqwrite-qd8:write:1M:8"; do
     IFS=: read -r name rw bs qd <<<"$job"
     [[ " $JOBS " == *" $name "* ]] || continue
+    local bwlog=()
+    if [ -n "$BW_LOG_DIR" ]; then
+      mkdir -p "$BW_LOG_DIR"
+      bwlog=(--write_bw_log="$BW_LOG_DIR/r$3-${1//[^a-z0-9]/_}-$name" --log_avg_msec=500)
+    fi
     bw=$("${PIN_A[@]}" fio --name="$name" --ioengine=nbd --uri="nbd+unix:///?socket=$2" --rw="$rw" --bs="$bs" \
-      --iodepth="$qd" --size=256M --time_based --runtime="$RUNTIME" --output-format=json \
+      --iodepth="$qd" --size=256M --time_based --runtime="$RUNTIME" --output-format=json "${bwlog[@]}" \
       | python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]["write"]; print("%.1f MiB/s | %.0f IOPS" % (j["bw_bytes"]/1048576, j["iops"]))')
     echo "| $1 | $name | $bw |"
     echo "$3|$1|$name|${bw%% MiB/s*}" >>"$W/results"
