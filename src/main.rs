@@ -377,8 +377,10 @@ fn run_export(a: ExportArgs) -> anyhow::Result<()> {
             anyhow::bail!("say where to listen: --socket PATH, --listen HOST:PORT or --stdio")
         }
     };
-    let mut server = twinvol::nbd::server::ServerConfig::default();
-    server.shutdown_grace = std::time::Duration::from_secs(a.shutdown_grace);
+    let server = twinvol::nbd::server::ServerConfig {
+        shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
+        ..Default::default()
+    };
     export::run(ExportOptions {
         path: a.path,
         endpoint,

@@ -470,6 +470,8 @@ impl Lab {
             ])?;
             let volume = &volumes[n];
             let no = &o.nodes[n];
+            let plan_file = dir.join(format!("{}-plan.jsonl", NAMES[n]));
+            let witness_list = format!("[\"http://{}/\"]", witnesses[n].addr);
             let text = format!(
                 r#"# twinvol lab node {name} (written by `twinvol demo`)
 [node]
@@ -555,7 +557,7 @@ record = "db.lab.internal."
                 l1 = locals[n][1],
                 r0 = relay_ports[n][0],
                 r1 = relay_ports[n][1],
-                witness = format!("[\"http://{}/\"]", witnesses[n].addr),
+                witness = witness_list,
                 grace = no.isolation_grace_ms,
                 start = no
                     .start_hook
@@ -573,7 +575,7 @@ record = "db.lab.internal."
                         .replace('\'', "\"")
                 )),
                 peer_pid = dir.join(NAMES[1 - n]).join("twinvol.pid").display(),
-                plan = dir.join(format!("{}-plan.jsonl", NAMES[n])).display(),
+                plan = plan_file.display(),
             );
             configs[n] = dir.join(format!("{}.toml", NAMES[n]));
             std::fs::write(&configs[n], text)?;
