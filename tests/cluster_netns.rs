@@ -28,7 +28,11 @@ fn options() -> LabOptions {
 }
 
 fn started(dir: &Path) -> Lab {
-    let mut l = Lab::new(dir, Path::new(BIN), &options())
+    started_with(dir, &options())
+}
+
+fn started_with(dir: &Path, o: &LabOptions) -> Lab {
+    let mut l = Lab::new(dir, Path::new(BIN), o)
         .expect("network-namespace lab (needs root, iproute2, nftables)");
     l.start(A).unwrap();
     l.start(B).unwrap();
@@ -235,4 +239,42 @@ fn netns_a_standby_cut_off_from_replication_is_outdated_and_never_promoted_with_
         s["reason"].as_str().unwrap_or("").contains("Outdated"),
         "{s}"
     );
+}
+
+#[test]
+fn netns_with_outdate_wait_no_write_is_acknowledged_alone_before_the_standby_is_outdated() {
+    // replication.outdate_wait_ms closes the window the test above leaves: node-a holds the
+    // first write it cannot replicate until node-b's heartbeat says its copy is Outdated, so
+    // a write node-a acknowledged can never be missing from a copy node-b could promote.
+    let d = tempfile::tempdir().unwrap();
+    let mut o = options();
+    o.outdate_wait_ms = 8000;
+    let mut l = started_with(d.path(), &o);
+    let mut c = NbdClient::connect(&l.exports[A]).unwrap();
+    c.write(0, &[0x11; 4096]).unwrap();
+    l.cut_replication(B, true).unwrap();
+    let t0 = Instant::now();
+    c.write(4096, &[0x5A; 4096]).unwrap();
+    let took = t0.elapsed();
+    let s = l.status(B).unwrap();
+    assert_eq!(
+        s["volumes"][0]["disk"], "outdated",
+        "node-a acknowledged a write node-b lacks while node-b's copy was not outdated (after {took:?}):\n{}",
+        l.log(A)
+    );
+    assert!(
+        took < Duration::from_millis(7000),
+        "the write was released by the deadline ({took:?}), not by node-b's heartbeat:\n{}",
+        l.log(A)
+    );
+    // Once node-b is known outdated, writes complete at once.
+    let t1 = Instant::now();
+    for i in 2..34u64 {
+        c.write(i * 4096, &[0x5A; 4096]).unwrap();
+    }
+    assert!(t1.elapsed() < Duration::from_secs(2), "{:?}", t1.elapsed());
+    drop(c);
+    l.kill(A);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(role(&l, B).as_deref(), Some("secondary"), "{}", l.log(B));
 }

@@ -33,6 +33,8 @@ fn base() -> VolumeStatus {
         rpo_bytes: 0,
         rpo_seconds: 0.0,
         inflight_bytes: 128 * 1024,
+        held_writes: 0,
+        peer_outdated: false,
         resync: None,
         counters: Counters {
             data_bytes_sent: 12 * GIB,
@@ -63,6 +65,8 @@ fn disconnected() -> VolumeStatus {
         rpo_bytes: 96 * MIB,
         rpo_seconds: 42.4,
         inflight_bytes: 0,
+        held_writes: 0,
+        peer_outdated: false,
         ..base()
     }
 }
@@ -105,6 +109,8 @@ fn split_brain() -> VolumeStatus {
         rpo_bytes: 2 * GIB,
         rpo_seconds: 3725.0,
         inflight_bytes: 0,
+        held_writes: 0,
+        peer_outdated: false,
         ..base()
     }
 }
@@ -117,6 +123,8 @@ fn async_ahead() -> VolumeStatus {
         rpo_bytes: 640 * MIB,
         rpo_seconds: 3.2,
         inflight_bytes: 64 * MIB,
+        held_writes: 0,
+        peer_outdated: false,
         ..base()
     };
     s.counters.ahead_events = 2;
@@ -538,4 +546,19 @@ fn status_reads_a_mirror_status_file_as_text_json_and_watch() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn held_writes_are_shown_in_the_text_and_the_metrics() {
+    let s = VolumeStatus {
+        held_writes: 3,
+        ..disconnected()
+    };
+    let t = text(&s);
+    assert!(
+        t.contains("HOLDING 3 write(s)") && t.contains("outdate_wait_ms"),
+        "{t}"
+    );
+    assert!(!text(&disconnected()).contains("HOLDING"));
+    assert_eq!(value(&scrape(&s), "twinvol_volume_held_writes", &[V]), 3.0);
 }

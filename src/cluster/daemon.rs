@@ -305,6 +305,20 @@ impl Node {
         })
     }
 
+    /// The peer's heartbeat says its copy is not UpToDate (it cannot be promoted without
+    /// force): tell the disconnected mirrored volumes that do not know it yet, so writes they
+    /// hold (`replication.outdate_wait_ms`) complete.
+    fn peer_is_outdated(&mut self) {
+        for v in self.volumes.iter_mut() {
+            let tell = v.status().replication.is_some_and(|r| {
+                r.connection != crate::volume::Connection::Connected && !r.peer_outdated
+            });
+            if tell {
+                v.peer_outdated();
+            }
+        }
+    }
+
     /// The Primary reported writes this node lacks: outdate the mirrored copies here.
     fn peer_says_outdated(&mut self) {
         let mut changed = false;
@@ -1182,6 +1196,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 Msg::Heartbeat(i, Ok(hb)) => {
                     if hb.flags & FLAG_PEER_OUTDATED != 0 && node.role() == Role::Secondary {
                         node.peer_says_outdated();
+                    }
+                    if hb.disk != DiskState::UpToDate && node.role() == Role::Primary {
+                        node.peer_is_outdated();
                     }
                     let now = node.now();
                     for ev in node.monitor.on_heartbeat(now, i, &hb) {

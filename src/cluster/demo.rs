@@ -76,6 +76,8 @@ pub struct LabOptions {
     /// cut paths with nftables drops; each node's witness answers on the host end of its own
     /// uplink veth (needs root, iproute2, nftables).
     pub netns: bool,
+    /// `replication.outdate_wait_ms` of both nodes (0: not written, writes are not held).
+    pub outdate_wait_ms: u64,
 }
 
 impl Default for LabOptions {
@@ -94,6 +96,7 @@ impl Default for LabOptions {
             nodes: [n.clone(), n],
             volume_size: 64 << 20,
             netns: false,
+            outdate_wait_ms: 0,
         }
     }
 }
@@ -491,7 +494,7 @@ peer_id = "{peer}"
 key_file = "{key}"
 mode = "sync"
 ping_timeout_secs = 2
-
+{outdate_wait}
 [cluster]
 peer = "{peer}"
 priority = {prio}
@@ -558,6 +561,11 @@ record = "db.lab.internal."
                 r0 = relay_ports[n][0],
                 r1 = relay_ports[n][1],
                 witness = witness_list,
+                outdate_wait = if o.outdate_wait_ms > 0 {
+                    format!("outdate_wait_ms = {}\n", o.outdate_wait_ms)
+                } else {
+                    String::new()
+                },
                 grace = no.isolation_grace_ms,
                 start = no
                     .start_hook

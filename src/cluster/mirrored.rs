@@ -46,6 +46,7 @@ enum Command {
     StopExport(Reply<()>),
     StartVerify(Reply<String>),
     MarkOutdated(Reply<bool>),
+    PeerOutdated,
     Resync(bool, Reply<String>),
     Shutdown,
 }
@@ -188,6 +189,10 @@ impl VolumeControl for MirroredControl {
     }
     fn mark_outdated(&mut self) -> Result<bool, VolumeError> {
         self.call(Command::MarkOutdated)
+    }
+    fn peer_outdated(&mut self) {
+        // No reply to wait for: the heartbeat loop must not block on the data path.
+        let _ = self.commands.send(Command::PeerOutdated);
     }
     fn resync(&mut self, discard_local: bool) -> Result<String, VolumeError> {
         self.call(|r| Command::Resync(discard_local, r))
@@ -366,6 +371,10 @@ async fn data_path(
                         let r = vol.mark_outdated().map_err(|e| e.to_string());
                         publish(&export);
                         let _ = reply.send(r);
+                    }
+                    Command::PeerOutdated => {
+                        vol.peer_outdated();
+                        publish(&export);
                     }
                     Command::Resync(discard_local, reply) => {
                         let r = if discard_local {

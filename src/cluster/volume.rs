@@ -90,6 +90,10 @@ pub trait VolumeControl: Send {
     fn mark_outdated(&mut self) -> Result<bool, VolumeError> {
         Ok(false)
     }
+    /// The peer's heartbeat reports its copy not UpToDate while this node is Primary: writes
+    /// this copy completes alone can no longer be lost by a promotion of the peer (mirrored
+    /// volumes release writes held by `replication.outdate_wait_ms`; a no-op for others).
+    fn peer_outdated(&mut self) {}
     /// Starts an online verify against the peer (mirrored volumes only); the result shows in
     /// the status. Returns what was started.
     fn start_verify(&mut self) -> Result<String, VolumeError> {

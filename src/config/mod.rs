@@ -513,6 +513,30 @@ key_file = "/etc/twinvol/key"
     }
 
     #[test]
+    fn outdate_wait_parses_in_sync_mode_and_is_refused_in_async_mode() {
+        let c = Config::parse(
+            Path::new("t.toml"),
+            &format!("{GOOD}{REPL}outdate_wait_ms = 15000\n"),
+        )
+        .unwrap();
+        let r = c.volumes[0].replication.as_ref().unwrap();
+        assert_eq!(r.outdate_wait_ms, 15000);
+        let c = Config::parse(Path::new("t.toml"), &format!("{GOOD}{REPL}")).unwrap();
+        assert_eq!(
+            c.volumes[0].replication.as_ref().unwrap().outdate_wait_ms,
+            0
+        );
+        let text = format!("{GOOD}{REPL}mode = \"async\"\noutdate_wait_ms = 15000\n");
+        let e = Config::parse(Path::new("t.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("outdate_wait_ms") && e.contains("mode = \"sync\""),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn bad_split_brain_policy_names_the_choices() {
         let text = format!("{GOOD}{REPL}split_brain_policy = \"newest\"\n");
         let e = Config::parse(Path::new("t.toml"), &text)

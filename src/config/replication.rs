@@ -122,6 +122,13 @@ pub struct ReplicationConfig {
     /// Seconds of silence before the peer counts as lost.
     #[serde(default = "default_ping_timeout")]
     pub ping_timeout_secs: u64,
+    /// Sync mode, Primary, connection lost: how long a write's completion is held until the
+    /// peer's copy is known to be Outdated (its heartbeat says so; needs `twinvol run`), or the
+    /// connection is back, before it completes on this copy alone. 0 (default) holds nothing.
+    /// Set it above the peer's takeover time (heartbeat timeout + fence) so that no write is
+    /// acknowledged alone while the peer could still take over with a copy that lacks it.
+    #[serde(default)]
+    pub outdate_wait_ms: u64,
 }
 
 fn default_max_inflight() -> u64 {
@@ -212,6 +219,16 @@ impl ReplicationConfig {
                     "use discard-node:<node.id of one of the two nodes>",
                 ));
             }
+        }
+        if self.outdate_wait_ms > 0 && self.mode != ReplicationMode::Sync {
+            return Err(bad(
+                "outdate_wait_ms",
+                format!(
+                    "{} ms given in {:?} mode, where writes never wait for the peer",
+                    self.outdate_wait_ms, self.mode
+                ),
+                "remove it, or set mode = \"sync\"",
+            ));
         }
         if self.ping_timeout_secs == 0 {
             return Err(bad(

@@ -275,7 +275,7 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
         labels,
         if r["ahead"] == true { 1.0 } else { 0.0 },
     );
-    let gauges: [(&'static str, Option<&'static str>, &'static str, &str); 3] = [
+    let gauges: [(&'static str, Option<&'static str>, &'static str, &str); 4] = [
         (
             "twinvol_volume_rpo_bytes",
             Some("bytes"),
@@ -293,6 +293,12 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
             Some("bytes"),
             "Bytes sent to the peer and not yet acknowledged.",
             "inflight_bytes",
+        ),
+        (
+            "twinvol_volume_held_writes",
+            None,
+            "Writes not acknowledged until the peer's copy is outdated or the connection is back (outdate_wait_ms).",
+            "held_writes",
         ),
     ];
     for (name, unit, help, key) in gauges {
@@ -988,6 +994,8 @@ mod tests {
             rpo_bytes: 1 << 20,
             rpo_seconds: 2.5,
             inflight_bytes: 65536,
+            held_writes: 2,
+            peer_outdated: false,
             resync: Some(ResyncStatus {
                 role: ResyncRole::Source,
                 progress: ProgressReport {
@@ -1030,6 +1038,7 @@ mod tests {
         assert_eq!(v("twinvol_volume_rpo_bytes{volume=\"data\"}"), "1048576");
         assert_eq!(v("twinvol_volume_rpo_seconds{volume=\"data\"}"), "2.5");
         assert_eq!(v("twinvol_volume_inflight_bytes{volume=\"data\"}"), "65536");
+        assert_eq!(v("twinvol_volume_held_writes{volume=\"data\"}"), "2");
         assert_eq!(
             v("twinvol_volume_resync_left_bytes{volume=\"data\"}"),
             "750"

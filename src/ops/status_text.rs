@@ -161,6 +161,13 @@ pub fn render_replication(r: &Value, peer: Option<(&str, &str)>, indent: &str) -
         },
         bytes(u(&r["inflight_bytes"]))
     );
+    let held = u(&r["held_writes"]);
+    if held > 0 {
+        let _ = writeln!(
+            o,
+            "{indent}HOLDING {held} write(s): not acknowledged until the peer's copy is outdated or the connection is back (replication.outdate_wait_ms)"
+        );
+    }
     let rs = &r["resync"];
     if rs.is_object() {
         let (total, done) = (u(&rs["total_bytes"]), u(&rs["done_bytes"]));

@@ -120,6 +120,10 @@ pub struct Settings {
     /// Bitmap resyncs compare block CRCs with the peer first and send only chunks that
     /// differ (`replication.checksum_resync`).
     pub checksum_resync: bool,
+    /// Sync mode: how long a Primary without a connection holds a write's completion until
+    /// the peer is known Outdated ([`MirroredVolume::peer_outdated`]) or the connection is
+    /// back (`replication.outdate_wait_ms`; zero holds nothing).
+    pub outdate_wait: std::time::Duration,
 }
 
 /// What an outstanding sequence number stands for.
@@ -183,6 +187,15 @@ struct State {
     counters: Counters,
     oldest_unreplicated: Option<Instant>,
     peer_primary: bool,
+    /// The peer's copy is known Outdated since the connection was last lost.
+    peer_outdated: bool,
+    /// When writes first had to be held since the connection was last lost (their wait ends
+    /// at this instant + `outdate_wait`).
+    hold_since: Option<Instant>,
+    /// That wait ended without the peer outdated: writes complete alone until the next loss.
+    hold_expired: bool,
+    /// Writes whose completion is being held.
+    held_writes: u64,
 }
 
 /// A local device mirrored to a peer.
@@ -236,6 +249,10 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             counters: Counters::default(),
             oldest_unreplicated: (meta.bitmap().dirty_chunks() > 0).then_some(now),
             peer_primary: false,
+            peer_outdated: false,
+            hold_since: None,
+            hold_expired: false,
+            held_writes: 0,
         };
         Self {
             local,
@@ -450,6 +467,8 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 ReplicationMode::Async => "async",
             },
             ahead: st.ahead,
+            held_writes: st.held_writes,
+            peer_outdated: st.peer_outdated,
             rpo_bytes: m.bitmap().dirty_bytes() + st.inflight_bytes,
             rpo_seconds: st
                 .pending
@@ -752,7 +771,63 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 let _ = rx.await;
             }
         }
+        // Without the peer (never sent, or lost before its ack): with `outdate_wait`, not
+        // before the peer's copy is known outdated or the connection is back.
+        self.hold_while_peer_may_take_over().await;
         Ok(())
+    }
+
+    /// The peer reported its copy Outdated (its heartbeat says so): writes this Primary
+    /// completes alone can no longer be lost by a promotion of the peer. Releases held writes.
+    pub fn peer_outdated(&self) {
+        let mut st = self.st.borrow_mut();
+        if st.session.is_none() && !st.peer_outdated {
+            st.peer_outdated = true;
+            if st.held_writes > 0 {
+                tracing::info!(volume = %self.settings.volume, held = st.held_writes, "the peer's copy is outdated: held writes complete on this copy alone");
+            }
+        }
+        drop(st);
+        self.wake.notify_waiters();
+    }
+
+    /// Whether a write completing now would be acknowledged on this copy alone while the peer
+    /// might still be promoted with a copy that lacks it (sync mode with `outdate_wait`).
+    fn peer_may_take_over(&self, st: &State) -> bool {
+        self.settings.mode == ReplicationMode::Sync
+            && !self.settings.outdate_wait.is_zero()
+            && st.role == Role::Primary
+            && st.session.is_none()
+            && !st.peer_outdated
+    }
+
+    /// Holds a write's completion while [`Self::peer_may_take_over`], at most until
+    /// `outdate_wait` after the first write held since the connection was lost; after that
+    /// deadline writes complete alone until the connection is lost again (said once in the log;
+    /// status shows held writes).
+    async fn hold_while_peer_may_take_over(&self) {
+        let deadline = {
+            let mut st = self.st.borrow_mut();
+            if st.hold_expired || !self.peer_may_take_over(&st) {
+                return;
+            }
+            let since = *st.hold_since.get_or_insert_with(Instant::now);
+            st.held_writes += 1;
+            since + self.settings.outdate_wait
+        };
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let released = tokio::time::timeout(
+            wait,
+            self.wait_until(|v| !v.peer_may_take_over(&v.st.borrow())),
+        )
+        .await
+        .is_ok();
+        let mut st = self.st.borrow_mut();
+        st.held_writes -= 1;
+        if !released && !st.hold_expired {
+            st.hold_expired = true;
+            tracing::warn!(volume = %self.settings.volume, wait = ?self.settings.outdate_wait, "the peer's copy was not confirmed outdated in time: writes now complete on this copy alone, and a promotion of the peer would lack them");
+        }
     }
 
     fn refuse_write(&self, what: &str) -> BlockError {
@@ -881,6 +956,13 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn volume() -> MirroredVolume<MemTarget, MemDevice> {
+        volume_with(ReplicationMode::Sync, std::time::Duration::ZERO)
+    }
+
+    fn volume_with(
+        mode: ReplicationMode,
+        outdate_wait: std::time::Duration,
+    ) -> MirroredVolume<MemTarget, MemDevice> {
         let opts = CreateOptions {
             granularity: Granularity::new(4096).unwrap(),
             al: AlGeometry::new(MIB, 4).unwrap(),
@@ -892,13 +974,14 @@ mod tests {
             volume: "data".into(),
             node: "a".into(),
             peer: "b".into(),
-            mode: ReplicationMode::Sync,
+            mode,
             max_inflight_bytes: MIB,
             resync_rate_max: 100 * MIB,
             resync_rate_min: MIB,
             split_brain_policy: SplitBrainPolicy::Disconnect,
             ping_timeout: std::time::Duration::from_secs(1),
             checksum_resync: false,
+            outdate_wait,
         };
         MirroredVolume::new(MemTarget::new(8 * MIB), meta, settings)
     }
@@ -983,6 +1066,100 @@ mod tests {
                 v.write_zeroes(0, 4096, fast).await.unwrap_err().raw_errno(),
                 libc::ENOTSUP
             );
+        });
+    }
+
+    /// Writes a 4 KiB block at `block` on `v` and reports whether it completed within `ms`.
+    async fn completes_within(
+        v: &MirroredVolume<MemTarget, MemDevice>,
+        block: u64,
+        ms: u64,
+    ) -> Option<BlockResult<()>> {
+        let w = v.write_bytes(block * 4096, Bytes::from(vec![block as u8; 4096]), false);
+        tokio::time::timeout(std::time::Duration::from_millis(ms), w)
+            .await
+            .ok()
+    }
+
+    /// Sync mode with `outdate_wait`, Primary, no connection: a write lands on this copy at
+    /// once but is not acknowledged until the peer's copy is known outdated; after that,
+    /// writes complete at once until the connection is lost again.
+    #[test]
+    fn a_write_without_the_peer_waits_for_the_peer_to_be_outdated() {
+        run(async {
+            let v = volume_with(ReplicationMode::Sync, std::time::Duration::from_secs(30));
+            v.promote(true).unwrap();
+            let w = v.write_bytes(0, Bytes::from(vec![7u8; 4096]), false);
+            tokio::pin!(w);
+            let early = tokio::time::timeout(std::time::Duration::from_millis(300), &mut w).await;
+            assert!(early.is_err(), "acknowledged before the peer was outdated");
+            assert_eq!(
+                v.local().snapshot(0, 4096),
+                vec![7; 4096],
+                "not written locally"
+            );
+            let s = v.status();
+            assert_eq!(s.held_writes, 1);
+            assert!(!s.peer_outdated);
+            v.peer_outdated();
+            tokio::time::timeout(std::time::Duration::from_secs(5), &mut w)
+                .await
+                .expect("still held after the peer was outdated")
+                .unwrap();
+            assert_eq!(v.status().held_writes, 0);
+            assert!(v.status().peer_outdated);
+            completes_within(&v, 1, 100)
+                .await
+                .expect("held although the peer is outdated")
+                .unwrap();
+            // A new loss forgets the confirmation: the next write waits again.
+            v.st.borrow_mut().session = Some(SessionTx {
+                id: 7,
+                tx: tokio::sync::mpsc::unbounded_channel().0,
+                kill: Rc::new(Notify::new()),
+            });
+            v.teardown(7);
+            assert!(
+                completes_within(&v, 2, 200).await.is_none(),
+                "a new loss did not hold"
+            );
+        });
+    }
+
+    /// The wait ends at `outdate_wait` after the first held write; later writes then complete
+    /// at once. Async mode, and sync mode without the setting, never hold.
+    #[test]
+    fn the_hold_ends_at_its_deadline_and_only_sync_mode_with_the_setting_holds() {
+        run(async {
+            let v = volume_with(ReplicationMode::Sync, std::time::Duration::from_millis(400));
+            v.promote(true).unwrap();
+            let t0 = Instant::now();
+            let (a, b) = tokio::join!(completes_within(&v, 0, 5000), async {
+                tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+                completes_within(&v, 1, 5000).await
+            });
+            a.expect("never completed").unwrap();
+            b.expect("never completed").unwrap();
+            let took = t0.elapsed();
+            assert!(
+                took >= std::time::Duration::from_millis(390)
+                    && took < std::time::Duration::from_millis(2000),
+                "both writes should end at the first one's deadline, took {took:?}"
+            );
+            completes_within(&v, 2, 100)
+                .await
+                .expect("held after the deadline")
+                .unwrap();
+            for v in [
+                volume_with(ReplicationMode::Async, std::time::Duration::from_secs(30)),
+                volume_with(ReplicationMode::Sync, std::time::Duration::ZERO),
+            ] {
+                v.promote(true).unwrap();
+                completes_within(&v, 0, 100)
+                    .await
+                    .expect("held without sync mode and outdate_wait")
+                    .unwrap();
+            }
         });
     }
 }

@@ -199,6 +199,7 @@ pub fn open_volume(
         split_brain_policy: r.split_brain_policy.clone(),
         ping_timeout: Duration::from_secs(r.ping_timeout_secs),
         checksum_resync: r.checksum_resync,
+        outdate_wait: Duration::from_millis(r.outdate_wait_ms),
     };
     let vol = MirroredVolume::new(local, store, settings);
     let mut link_cfg = LinkConfig::new(r.address, r.peer, key, vol.hello());

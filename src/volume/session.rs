@@ -365,6 +365,8 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             }
             id
         };
+        // Writes held while the peer was away complete now (the peer resyncs what it lacks).
+        self.wake.notify_waiters();
         tracing::info!(volume = %vol, peer = %peer.name, session = session_id, "replication connected");
         // Checksum mode for bitmap resyncs (not full syncs) when configured here and the peer
         // answers digest requests.
@@ -394,13 +396,17 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
 
     /// Ends the session: every outstanding item stays (or becomes again) dirty; a Primary
     /// starts a new generation so a later promotion of the peer is detected as such.
-    fn teardown(&self, session_id: u64) {
+    pub(super) fn teardown(&self, session_id: u64) {
         let pendings: Vec<_> = {
             let mut st = self.st.borrow_mut();
             if st.session.as_ref().map(|s| s.id) != Some(session_id) {
                 return;
             }
             st.session = None;
+            // A new loss: the peer is not known outdated until its heartbeat says so again.
+            st.peer_outdated = false;
+            st.hold_since = None;
+            st.hold_expired = false;
             st.inflight_bytes = 0;
             st.ahead = false;
             st.resync_lock = None;

@@ -105,6 +105,12 @@ pub struct VolumeStatus {
     pub rpo_seconds: f64,
     /// Bytes sent but not yet acknowledged.
     pub inflight_bytes: u64,
+    /// Sync mode with `outdate_wait_ms`: writes whose completion waits until the peer's copy
+    /// is known outdated or the connection is back.
+    pub held_writes: u64,
+    /// The peer's copy is known outdated since the connection was lost (writes complete
+    /// alone without waiting).
+    pub peer_outdated: bool,
     /// The resync in progress, if any.
     pub resync: Option<ResyncStatus>,
     /// Counters.
