@@ -198,6 +198,24 @@ struct State {
     held_writes: u64,
 }
 
+/// One write in [`State::held_writes`] for as long as this lives.
+struct HeldWrite<'a>(&'a RefCell<State>);
+
+impl<'a> HeldWrite<'a> {
+    fn new(st: &'a RefCell<State>) -> Self {
+        st.borrow_mut().held_writes += 1;
+        Self(st)
+    }
+}
+
+impl Drop for HeldWrite<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.0.try_borrow_mut() {
+            st.held_writes = st.held_writes.saturating_sub(1);
+        }
+    }
+}
+
 /// A local device mirrored to a peer.
 ///
 /// Invariants: a chunk is clean in the bitmap only if both copies hold its data (or no write
@@ -812,9 +830,10 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 return;
             }
             let since = *st.hold_since.get_or_insert_with(Instant::now);
-            st.held_writes += 1;
             since + self.settings.outdate_wait
         };
+        // Counted while held, also when the request is dropped (its client went away).
+        let _held = HeldWrite::new(&self.st);
         let wait = deadline.saturating_duration_since(Instant::now());
         let released = tokio::time::timeout(
             wait,
@@ -823,7 +842,6 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         .await
         .is_ok();
         let mut st = self.st.borrow_mut();
-        st.held_writes -= 1;
         if !released && !st.hold_expired {
             st.hold_expired = true;
             tracing::warn!(volume = %self.settings.volume, wait = ?self.settings.outdate_wait, "the peer's copy was not confirmed outdated in time: writes now complete on this copy alone, and a promotion of the peer would lack them");
