@@ -1197,12 +1197,16 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                     if hb.flags & FLAG_PEER_OUTDATED != 0 && node.role() == Role::Secondary {
                         node.peer_says_outdated();
                     }
-                    if hb.disk != DiskState::UpToDate && node.role() == Role::Primary {
-                        node.peer_is_outdated();
-                    }
                     let now = node.now();
                     for ev in node.monitor.on_heartbeat(now, i, &hb) {
                         node.log_event(ev);
+                    }
+                    // Only the newest state counts: a stale "outdated" must not release writes.
+                    if hb.disk != DiskState::UpToDate
+                        && node.role() == Role::Primary
+                        && node.monitor.is_newest(&hb)
+                    {
+                        node.peer_is_outdated();
                     }
                 }
                 Msg::Heartbeat(i, Err(why)) => {

@@ -151,6 +151,16 @@ impl PeerMonitor {
         ev
     }
 
+    /// Whether `hb` (already fed to [`PeerMonitor::on_heartbeat`]) is the newest heartbeat of
+    /// its incarnation seen on any path: a datagram delayed on one path, older than what
+    /// another path already delivered, is not (its state is stale).
+    pub fn is_newest(&self, hb: &Heartbeat) -> bool {
+        self.paths
+            .iter()
+            .filter_map(|p| p.last)
+            .all(|(inc, seq)| inc != hb.incarnation || seq <= hb.seq)
+    }
+
     /// The peer as of the last tick.
     pub fn view(&self) -> PeerView {
         match (self.paths.iter().any(|p| p.up), self.lost, self.last_status) {
@@ -192,6 +202,23 @@ mod tests {
             incarnation: 7,
             seq,
         }
+    }
+
+    #[test]
+    fn a_heartbeat_older_than_one_another_path_delivered_is_not_the_newest() {
+        let mut m = PeerMonitor::new(2, T);
+        m.on_heartbeat(Duration::ZERO, 0, &hb(10, 0));
+        assert!(m.is_newest(&hb(10, 0)));
+        // Path 1 delivers round 8 late: accepted on its path, but older than round 10.
+        m.on_heartbeat(Duration::ZERO, 1, &hb(8, 1));
+        assert!(!m.is_newest(&hb(8, 1)));
+        m.on_heartbeat(Duration::ZERO, 1, &hb(11, 1));
+        assert!(m.is_newest(&hb(11, 1)));
+        // A new incarnation (the peer restarted) starts its own count.
+        let mut fresh = hb(1, 0);
+        fresh.incarnation = 8;
+        m.on_heartbeat(Duration::ZERO, 0, &fresh);
+        assert!(m.is_newest(&fresh));
     }
 
     #[test]
