@@ -757,6 +757,14 @@ record = "db.lab.internal."
     pub fn log(&self, n: usize) -> String {
         std::fs::read_to_string(self.dir.join(format!("{}.log", NAMES[n]))).unwrap_or_default()
     }
+
+    /// The last `lines` lines of node `n`'s log (for errors: the lab's directory may be a
+    /// temporary one that is gone by the time someone reads them).
+    pub fn log_tail(&self, n: usize, lines: usize) -> String {
+        let log = self.log(n);
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
 }
 
 impl Drop for Lab {
@@ -955,9 +963,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("   both start as zero-filled copies of one generation, so no initial sync is needed");
     lab.start(0).context("starting node-a")?;
     lab.start(1).context("starting node-b")?;
-    let s = lab
-        .wait_for(0, deadline, is_primary)
-        .context("node-a did not become Primary")?;
+    let s = lab.wait_for(0, deadline, is_primary).with_context(|| {
+        format!(
+            "node-a did not become Primary within {deadline:?}; the end of its log:\n{}",
+            lab.log_tail(0, 30)
+        )
+    })?;
     println!(
         "\n== node-a is Primary (export {})",
         s["volumes"][0]["export"]
@@ -965,7 +976,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     lab.wait_for(1, deadline, |s| {
         s["peer_view"]["state"] == "alive" && s["peer_view"]["role"] == "primary"
     })
-    .context("node-b does not see node-a")?;
+    .with_context(|| {
+        format!(
+            "node-b does not see node-a; the end of its log:\n{}",
+            lab.log_tail(1, 30)
+        )
+    })?;
     println!("== node-b is Secondary and sees node-a on both paths");
 
     let mut active = 0usize;
@@ -995,9 +1011,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             .wait_for(standby, deadline, is_primary)
             .with_context(|| {
                 format!(
-                    "{} did not take over; its log: {}",
+                    "{} did not take over; its log: {}, ending:\n{}",
                     NAMES[standby],
-                    dir.join(format!("{}.log", NAMES[standby])).display()
+                    dir.join(format!("{}.log", NAMES[standby])).display(),
+                    lab.log_tail(standby, 30)
                 )
             })?;
         let at = s["primary_since_unix_ms"].as_u64().unwrap_or_else(unix_ms);
