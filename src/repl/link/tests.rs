@@ -634,7 +634,16 @@ async fn the_mark_is_bounded_by_the_receive_buffer_so_large_frames_still_arrive(
     let (mut tx, mut reader) = low_water_pair(Some(32 * 1024)).await;
     let frames: Vec<_> = (0..3).map(big_frame).collect();
     let bytes: Vec<u8> = frames.iter().flat_map(|(f, _)| f.clone()).collect();
-    let writer = std::thread::spawn(move || tx.write_all(&bytes).map(|_| tx));
+    // Paced (1 ms after every 64 KiB): every frame takes many 1 ms receive windows to arrive,
+    // so some receive is always cancelled while the mark is raised (unpaced, loopback could
+    // deliver a frame inside one window and the test failed about one run in six).
+    let writer = std::thread::spawn(move || {
+        for piece in bytes.chunks(64 * 1024) {
+            tx.write_all(piece)?;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok::<_, std::io::Error>(tx)
+    });
     let mut highest = 0;
     for (_, msg) in &frames {
         let got = loop {
