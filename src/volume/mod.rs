@@ -189,9 +189,9 @@ struct State {
     peer_primary: bool,
     /// The peer's copy is known Outdated since the connection was last lost.
     peer_outdated: bool,
-    /// When writes first had to be held since the connection was last lost (their wait ends
-    /// at this instant + `outdate_wait`).
-    hold_since: Option<Instant>,
+    /// When held writes complete alone: `outdate_wait` after the first write held since the
+    /// connection was last lost.
+    hold_until: Option<Instant>,
     /// That wait ended without the peer outdated: writes complete alone until the next loss.
     hold_expired: bool,
     /// Writes whose completion is being held.
@@ -268,7 +268,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             oldest_unreplicated: (meta.bitmap().dirty_chunks() > 0).then_some(now),
             peer_primary: false,
             peer_outdated: false,
-            hold_since: None,
+            hold_until: None,
             hold_expired: false,
             held_writes: 0,
         };
@@ -829,8 +829,8 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             if st.hold_expired || !self.peer_may_take_over(&st) {
                 return;
             }
-            let since = *st.hold_since.get_or_insert_with(Instant::now);
-            since + self.settings.outdate_wait
+            *st.hold_until
+                .get_or_insert_with(|| Instant::now() + self.settings.outdate_wait)
         };
         // Counted while held, also when the request is dropped (its client went away).
         let _held = HeldWrite::new(&self.st);

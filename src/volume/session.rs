@@ -405,7 +405,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             st.session = None;
             // A new loss: the peer is not known outdated until its heartbeat says so again.
             st.peer_outdated = false;
-            st.hold_since = None;
+            st.hold_until = None;
             st.hold_expired = false;
             st.inflight_bytes = 0;
             st.ahead = false;

@@ -13,7 +13,7 @@
 
 use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -50,27 +50,14 @@ struct LowWater {
 }
 
 impl LowWater {
-    /// For the socket `fd` (which must outlive this value); `None` when its receive buffer
-    /// cannot be read.
-    fn new(fd: RawFd) -> Option<Self> {
-        let mut v: libc::c_int = 0;
-        let mut n = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: v and n are valid for writes of the sizes given; the kernel checks fd.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut n,
-            )
-        };
-        let rcvbuf = usize::try_from(v).ok().filter(|_| r == 0)?;
-        Some(Self {
+    /// For the socket `fd` (which must outlive this value) whose receive buffer (as the kernel
+    /// reports it) is `rcvbuf` bytes.
+    fn new(fd: RawFd, rcvbuf: usize) -> Self {
+        Self {
             fd,
             cap: (rcvbuf / 4).clamp(1, LOW_WATER_MAX),
             set: 1,
-        })
+        }
     }
 
     /// Asks to be woken when `bytes` (bounded by the cap) can be read.
@@ -389,13 +376,16 @@ pub struct FrameReader<R> {
     rx: Rx,
 }
 
-impl<R: AsRawFd> FrameReader<R> {
+impl<R: AsFd> FrameReader<R> {
     /// From now on, while a bulk payload (a large Data or ResyncData frame) arrives, the reader
     /// is woken when the rest of it is there (up to a quarter of the receive buffer at a time),
     /// not for every segment. Only for a TCP stream: SO_RCVLOWAT is a TCP option. Returns
     /// whether it took effect (it does not when the receive buffer cannot be read).
     pub fn wake_per_frame(&mut self) -> bool {
-        self.rx.low_water = LowWater::new(self.io.as_raw_fd());
+        self.rx.low_water = socket2::SockRef::from(&self.io)
+            .recv_buffer_size()
+            .ok()
+            .map(|rcvbuf| LowWater::new(self.io.as_fd().as_raw_fd(), rcvbuf));
         self.rx.low_water.is_some()
     }
 }

@@ -412,6 +412,23 @@ fn probe_compresses(
     matches!(c.compress_to_buffer(sample, scratch), Ok(n) if n < goal)
 }
 
+/// [`probe_compresses`] for a payload of `raw_len` bytes that `gate` admitted: a sample that
+/// does not compress is recorded as an attempt whose outcome went raw, so incompressible
+/// streams close the gate like failed compressions do.
+fn probe_judged(
+    gate: &mut CompressGate,
+    c: &mut zstd::bulk::Compressor<'static>,
+    scratch: &mut Vec<u8>,
+    src: &[u8],
+    raw_len: usize,
+) -> bool {
+    let promising = probe_compresses(c, scratch, src);
+    if !promising {
+        gate.record(raw_len, raw_len);
+    }
+    promising
+}
+
 fn check_max_payload(max: u32) -> Result<(), CodecConfigError> {
     if max < 65536 {
         return Err(CodecConfigError::MaxPayload(max));
@@ -503,15 +520,12 @@ impl FrameEncoder {
         let mut probed = false;
         if let Some(b) = bulk.take() {
             if b.len() >= BULK_MIN {
-                if let Some(c) = self.compressor.as_mut() {
-                    if self.gate.admit(raw_len) {
-                        probed = probe_compresses(c, &mut self.scratch, &b);
-                        if !probed {
-                            // An attempt whose outcome is raw: the gate learns from it.
-                            self.gate.record(raw_len, raw_len);
-                        }
+                probed = match self.compressor.as_mut() {
+                    Some(c) if self.gate.admit(raw_len) => {
+                        probe_judged(&mut self.gate, c, &mut self.scratch, &b, raw_len)
                     }
-                }
+                    _ => false,
+                };
             }
             if b.len() < BULK_MIN || probed {
                 out.extend_from_slice(&b);
@@ -524,17 +538,12 @@ impl FrameEncoder {
             let src = &out[start + HEADER_LEN..];
             let short = raw_len < PROBE_FROM_LEN;
             // A bulk payload that passed the gate and its probe above is compressed as is.
-            let attempt = raw_len >= MIN_COMPRESS_LEN
+            if raw_len >= MIN_COMPRESS_LEN
                 && (probed
-                    || (self.gate.admit(raw_len) && {
-                        let promising = short || probe_compresses(c, &mut self.scratch, src);
-                        if !promising {
-                            // An attempt whose outcome is raw: the gate learns from it.
-                            self.gate.record(raw_len, raw_len);
-                        }
-                        promising
-                    }));
-            if attempt {
+                    || (self.gate.admit(raw_len)
+                        && (short
+                            || probe_judged(&mut self.gate, c, &mut self.scratch, src, raw_len))))
+            {
                 self.scratch.clear();
                 // Room for one byte less than the raw payload: if zstd cannot fit, it fails
                 // with "destination too small" and the frame goes raw.
