@@ -20,6 +20,7 @@ use crate::meta::device::{FileDevice, MetaDevice};
 use crate::meta::store::MetaStore;
 use crate::nbd::export::{choose_engine, serve_on, Endpoint, Listener};
 use crate::nbd::server::{ServerConfig, Shared};
+use crate::ops::status_file::StatusFile;
 use crate::repl::link::{load_key_file, LinkConfig};
 
 /// Arguments of `twinvol mirror`.
@@ -97,6 +98,9 @@ pub enum MirrorError {
     /// Signals.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The status file's writer thread.
+    #[error("cannot start the thread that writes --status-file: {0}")]
+    StatusFile(std::io::Error),
     /// The metrics endpoint.
     #[error(transparent)]
     Metrics(#[from] crate::ops::metrics::MetricsError),
@@ -240,18 +244,26 @@ async fn serve(
         }
         None => None,
     };
-    let status_task = (args.status_file.is_some() || metrics.is_some()).then(|| {
+    // The file is written on a thread of its own: a rename can wait for the disk, and this
+    // thread completes the application's writes (crate::ops::status_file).
+    let status_file = match &args.status_file {
+        Some(p) => Some(Rc::new(
+            StatusFile::spawn(p.clone()).map_err(MirrorError::StatusFile)?,
+        )),
+        None => None,
+    };
+    let status_task = (status_file.is_some() || metrics.is_some()).then(|| {
         let vol = vol.clone();
-        let file = args.status_file.clone();
+        let file = status_file.clone();
         tokio::task::spawn_local(async move {
             let mut persist_tick = 0u32;
             loop {
                 let status = vol.status();
-                if let Some(p) = &file {
-                    write_status(p, &status);
-                }
                 if let Some(m) = &metrics {
                     m.publish_volume(&status);
+                }
+                if let Some(f) = &file {
+                    f.publish(status);
                 }
                 persist_tick += 1;
                 if persist_tick % 10 == 0 {
@@ -276,8 +288,8 @@ async fn serve(
     let endpoint = crate::cluster::volume::endpoint(&v);
     export_while_primary(vol.clone(), endpoint, v.export.name.clone(), stop_rx).await?;
     // Shutdown: no write is in flight once the export loop returned.
-    if let Some(p) = &args.status_file {
-        write_status(p, &vol.status());
+    if let Some(f) = &status_file {
+        f.publish(vol.status());
     }
     let _ = vol.local().flush().await;
     // Stop the helpers, then close the metadata cleanly (activity log emptied, crashed-primary
@@ -287,6 +299,10 @@ async fn serve(
     if let Some(t) = status_task {
         t.abort();
         let _ = t.await;
+    }
+    // The last snapshot (published above) is in the file before the process ends.
+    if let Some(f) = status_file.and_then(|f| Rc::try_unwrap(f).ok()) {
+        f.finish();
     }
     if let Some(t) = control_task {
         t.abort();
@@ -314,15 +330,6 @@ async fn serve(
     }
     tracing::info!("mirror stopped");
     Ok(())
-}
-
-fn write_status(path: &Path, s: &super::VolumeStatus) {
-    let tmp = path.with_extension("tmp");
-    if let Ok(text) = serde_json::to_vec_pretty(s) {
-        if std::fs::write(&tmp, text).is_ok() {
-            let _ = std::fs::rename(&tmp, path);
-        }
-    }
 }
 
 fn spawn_signals<T, D>(
