@@ -28,6 +28,8 @@
 #      BW_LOG_DIR (default unset): keep fio's bandwidth every 500 ms there, one file per round,
 #      setup and job (r<round>-<setup>-<job>_bw.1.log: ms, KiB/s, ...), to tell a uniformly
 #      slower run from one with stalls.
+#      WORK_PARENT (default /dev/shm): where the work directory is made; keep it off DEV_A's
+#      file system (see below).
 set -euo pipefail
 A=$1 B=$2 ADDR_A=$3 ADDR_B=$4 RUNTIME=${5:-10}
 TWINVOL=${TWINVOL:-target/release/twinvol}
@@ -48,7 +50,11 @@ PIN_A=()
 command -v fio >/dev/null || { echo "fio missing: run scripts/test-deps.sh" >&2; exit 1; }
 . "$(dirname "$0")/binary.sh"
 bin_line=$(check_binary "$TWINVOL")
-W=$(mktemp -d /var/tmp/twinvol-bench-XXXX)
+# The work directory (node a's status file, rewritten every 100 ms, logs, sockets) is on tmpfs,
+# as /run is on a real node: on the file system of DEV_A the status file's renames waited for
+# journal commits that held DEV_A's writes too (0.25-0.4 s with no write completing, measured
+# in session 8), a cost the no-peer run, which writes no status file, did not pay.
+W=$(mktemp -d "${WORK_PARENT:-/dev/shm}/twinvol-bench-XXXX")
 . "$(dirname "$0")/node_b.sh"
 cleanup() {
   kill $(jobs -p) 2>/dev/null || true

@@ -29,7 +29,8 @@ LEVEL=${LEVEL:-1}
 RATE_MAX=${RATE_MAX:-4294967296}
 . "$(dirname "$0")/binary.sh"
 check_binary "$TWINVOL"
-W=$(mktemp -d /var/tmp/twinvol-resync-XXXX)
+# On tmpfs, like /run on a node: see benches/mirror_fio.sh.
+W=$(mktemp -d /dev/shm/twinvol-resync-XXXX)
 . "$(dirname "$0")/node_b.sh"
 trap 'kill $(jobs -p) 2>/dev/null; cleanup_b; sleep 0.5; rm -rf "$W"' EXIT
 # Runs a command in namespace $1 (or here when empty); exec so that `kill $(jobs -p)` reaches it.
