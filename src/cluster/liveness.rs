@@ -3,7 +3,15 @@
 //!
 //! Invariants: a path is up only while a heartbeat arrived on it within the timeout; the peer
 //! is lost exactly when every path is down (or, at start-up, when none was ever up within
-//! the timeout); a replayed or stale sequence number on a path is ignored.
+//! the timeout); a replayed or stale sequence number on a path is ignored; within one
+//! incarnation of the peer, its state is that of its newest heartbeat on any path, so a
+//! datagram delayed on one path never rolls it back.
+//!
+//! Incarnations are random, so they cannot be ordered: a heartbeat of an incarnation other
+//! than the current one always counts (the peer restarted). Refusing "earlier" incarnations
+//! would let one replayed datagram of an incarnation this monitor never saw retire the real
+//! one, whose heartbeats would then be refused: a forged peer loss, worse than the stale
+//! state (for at most one heartbeat interval) it would prevent.
 
 use std::time::Duration;
 
@@ -71,6 +79,8 @@ pub struct PeerMonitor {
     paths: Vec<PathState>,
     timeout: Duration,
     last_status: Option<PeerStatus>,
+    /// `(incarnation, seq)` of the heartbeat `last_status` came from: the newest seen.
+    status_from: Option<(u64, u64)>,
     lost: bool,
     ever_found: bool,
 }
@@ -82,6 +92,7 @@ impl PeerMonitor {
             paths: vec![PathState::default(); paths],
             timeout,
             last_status: None,
+            status_from: None,
             lost: false,
             ever_found: false,
         }
@@ -96,7 +107,8 @@ impl PeerMonitor {
 
     /// Feeds a verified heartbeat from the peer received on `path`; returns the events.
     /// A sequence number not above the last one of the same incarnation on that path is a
-    /// replay and is ignored.
+    /// replay and is ignored. A heartbeat older than one another path delivered keeps its
+    /// path up but leaves the peer's state as is.
     pub fn on_heartbeat(&mut self, now: Duration, path: usize, hb: &Heartbeat) -> Vec<Event> {
         let mut ev = Vec::new();
         let Some(p) = self.paths.get_mut(path) else {
@@ -113,13 +125,21 @@ impl PeerMonitor {
         p.received += 1;
         let was_up = p.up;
         p.up = true;
-        self.last_status = Some(PeerStatus {
-            role: hb.role,
-            disk: hb.disk,
-            priority: hb.priority,
-            yielding: hb.flags & FLAG_YIELDING != 0,
-            wants_primary: hb.flags & FLAG_WANTS_PRIMARY != 0,
-        });
+        let newest = match self.status_from {
+            Some((inc, seq)) if inc == hb.incarnation => hb.seq > seq,
+            // First heartbeat, or the peer restarted (see the module doc).
+            _ => true,
+        };
+        if newest {
+            self.status_from = Some((hb.incarnation, hb.seq));
+            self.last_status = Some(PeerStatus {
+                role: hb.role,
+                disk: hb.disk,
+                priority: hb.priority,
+                yielding: hb.flags & FLAG_YIELDING != 0,
+                wants_primary: hb.flags & FLAG_WANTS_PRIMARY != 0,
+            });
+        }
         if !was_up {
             ev.push(Event::PathUp(path));
             if self.lost || !self.ever_found {
@@ -151,14 +171,11 @@ impl PeerMonitor {
         ev
     }
 
-    /// Whether `hb` (already fed to [`PeerMonitor::on_heartbeat`]) is the newest heartbeat of
-    /// its incarnation seen on any path: a datagram delayed on one path, older than what
-    /// another path already delivered, is not (its state is stale).
+    /// Whether `hb` (already fed to [`PeerMonitor::on_heartbeat`]) is the heartbeat the peer's
+    /// state now comes from, the newest seen on any path: a datagram delayed on one path,
+    /// older than what another path already delivered, is not (its state is stale).
     pub fn is_newest(&self, hb: &Heartbeat) -> bool {
-        self.paths
-            .iter()
-            .filter_map(|p| p.last)
-            .all(|(inc, seq)| inc != hb.incarnation || seq <= hb.seq)
+        self.status_from == Some((hb.incarnation, hb.seq))
     }
 
     /// The peer as of the last tick.
@@ -274,12 +291,41 @@ mod tests {
     }
 
     #[test]
+    fn a_heartbeat_delayed_on_one_path_does_not_roll_the_peers_state_back() {
+        let mut m = PeerMonitor::new(2, T);
+        let mut now = hb(10, 0);
+        now.role = Role::Secondary;
+        now.disk = DiskState::Outdated;
+        m.on_heartbeat(ms(0), 0, &now);
+        // Round 8, sent while the peer was still Primary and UpToDate, arrives late on path 1.
+        let ev = m.on_heartbeat(ms(10), 1, &hb(8, 1));
+        assert_eq!(ev, vec![Event::PathUp(1)], "the path itself is alive");
+        let PeerView::Alive(s) = m.view() else {
+            panic!("peer not alive: {:?}", m.view())
+        };
+        assert_eq!((s.role, s.disk), (Role::Secondary, DiskState::Outdated));
+        // The next round on path 1 is newer and counts.
+        m.on_heartbeat(ms(20), 1, &hb(11, 1));
+        let PeerView::Alive(s) = m.view() else {
+            panic!("peer not alive")
+        };
+        assert_eq!((s.role, s.disk), (Role::Primary, DiskState::UpToDate));
+    }
+
+    #[test]
     fn a_restarted_peer_with_a_new_incarnation_is_accepted_from_sequence_one() {
         let mut m = PeerMonitor::new(2, T);
         m.on_heartbeat(ms(0), 0, &hb(500, 0));
         let mut h = hb(1, 0);
         h.incarnation = 8;
+        h.role = Role::Secondary;
         m.on_heartbeat(ms(1000), 0, &h);
         assert_eq!(m.paths()[0].received, 2);
+        // Its state counts at once, although its sequence number is far below the old one's.
+        let PeerView::Alive(s) = m.view() else {
+            panic!("peer not alive")
+        };
+        assert_eq!(s.role, Role::Secondary);
+        assert!(m.is_newest(&h));
     }
 }
