@@ -17,6 +17,7 @@ running or sleeping in epoll: a thread in state D with syscall 82 is in rename(2
 Session 8 found the status-file stall this way (docs/BENCHMARKS.md).
 """
 import glob
+import signal
 import sys
 import time
 
@@ -138,6 +139,7 @@ def report(out, floor):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `report ... | head` ends quietly
     if len(sys.argv) < 3 or sys.argv[1] not in ("record", "report"):
         sys.exit(__doc__)
     if sys.argv[1] == "record":

@@ -375,12 +375,8 @@ impl Node {
             unix_ms: unix_ms(),
         };
         let path = self.cfg.state_dir.join("role.json");
-        let tmp = self.cfg.state_dir.join("role.json.tmp");
         if let Ok(text) = serde_json::to_string(&rf) {
-            if std::fs::write(&tmp, text)
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .is_err()
-            {
+            if crate::ops::status_file::replace_file(&path, text.as_bytes()).is_err() {
                 tracing::warn!(path = %path.display(), "cannot persist the role");
             }
         }

@@ -36,7 +36,8 @@ pub struct StatusFile<T> {
 }
 
 /// Replaces `path` with `text` atomically: `path` with the extension `tmp` is written, then
-/// renamed over `path`.
+/// renamed over `path`, so a reader sees the old text or the new one, never part of either.
+/// Also used for the daemon's `role.json`.
 pub fn replace_file(path: &Path, text: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
@@ -122,7 +123,10 @@ impl<T: Send + 'static> StatusFile<T> {
             let _ = t.join();
         }
     }
+}
 
+impl<T> StatusFile<T> {
+    /// Tells the writer no more snapshots come: it writes what is pending and ends.
     fn close(&self) {
         let (lock, cv) = &*self.shared;
         if let Ok(mut slot) = lock.lock() {
@@ -134,11 +138,7 @@ impl<T: Send + 'static> StatusFile<T> {
 
 impl<T> Drop for StatusFile<T> {
     fn drop(&mut self) {
-        let (lock, cv) = &*self.shared;
-        if let Ok(mut slot) = lock.lock() {
-            slot.closed = true;
-            cv.notify_one();
-        }
+        self.close();
     }
 }
 
@@ -203,15 +203,18 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let missing = d.path().join("not-yet").join("a.json");
         let f = StatusFile::spawn(missing.clone()).unwrap();
-        f.publish(serde_json::json!({ "n": 1 }));
-        // Wait until the failed attempt has taken the snapshot (the slot is empty again).
+        // Two snapshots, each waited for until the writer took it: the writer takes the second
+        // only after its attempt at the first, which failed (the directory does not exist).
         let deadline = Instant::now() + Duration::from_secs(5);
-        while f.shared.0.lock().unwrap().pending.is_some() {
-            assert!(
-                Instant::now() < deadline,
-                "the writer never took the snapshot"
-            );
-            std::thread::sleep(Duration::from_millis(5));
+        for _ in 0..2 {
+            f.publish(serde_json::json!({ "n": 1 }));
+            while f.shared.0.lock().unwrap().pending.is_some() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the writer never took the snapshot"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         assert!(!missing.exists());
         std::fs::create_dir(missing.parent().unwrap()).unwrap();
