@@ -30,6 +30,8 @@
 #      slower run from one with stalls.
 #      WORK_PARENT (default /dev/shm): where the work directory is made; keep it off DEV_A's
 #      file system (see below).
+#      SETTLE_SECS (default 0): idle seconds before every job, so that no job runs in the wake
+#      of the one before it (see docs/BENCHMARKS.md, session 8).
 set -euo pipefail
 A=$1 B=$2 ADDR_A=$3 ADDR_B=$4 RUNTIME=${5:-10}
 TWINVOL=${TWINVOL:-target/release/twinvol}
@@ -43,6 +45,7 @@ ROUNDS=${ROUNDS:-1}
 CPUS_A=${CPUS_A:-}
 CPUS_B=${CPUS_B:-}
 BW_LOG_DIR=${BW_LOG_DIR:-}
+SETTLE_SECS=${SETTLE_SECS:-0}
 # A prefix that runs a command on CPUS_A when it is set (an array, not a function: a command
 # started in the background with it keeps its pid, which the script kills).
 PIN_A=()
@@ -99,6 +102,7 @@ jobs_run() { # label socket round
   for job in "4k-randwrite-qd32:randwrite:4k:32" "1m-seqwrite-qd8:write:1M:8"; do
     IFS=: read -r name rw bs qd <<<"$job"
     [[ " $JOBS " == *" $name "* ]] || continue
+    [ "$SETTLE_SECS" = 0 ] || sleep "$SETTLE_SECS"
     local bwlog=()
     if [ -n "$BW_LOG_DIR" ]; then
       mkdir -p "$BW_LOG_DIR"
