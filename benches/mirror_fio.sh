@@ -46,6 +46,7 @@ CPUS_A=${CPUS_A:-}
 CPUS_B=${CPUS_B:-}
 BW_LOG_DIR=${BW_LOG_DIR:-}
 SETTLE_SECS=${SETTLE_SECS:-0}
+WORK_PARENT=${WORK_PARENT:-/dev/shm}
 # A prefix that runs a command on CPUS_A when it is set (an array, not a function: a command
 # started in the background with it keeps its pid, which the script kills).
 PIN_A=()
@@ -57,7 +58,7 @@ bin_line=$(check_binary "$TWINVOL")
 # as /run is on a real node: on the file system of DEV_A the status file's renames waited for
 # journal commits that held DEV_A's writes too (0.25-0.4 s with no write completing, measured
 # in session 8), a cost the no-peer run, which writes no status file, did not pay.
-W=$(mktemp -d "${WORK_PARENT:-/dev/shm}/twinvol-bench-XXXX")
+W=$(mktemp -d "$WORK_PARENT/twinvol-bench-XXXX")
 . "$(dirname "$0")/node_b.sh"
 cleanup() {
   kill $(jobs -p) 2>/dev/null || true

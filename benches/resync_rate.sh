@@ -16,7 +16,9 @@
 #      CAP_BYTES (link cap in bytes/s, to print the fraction reached), NS_A/NS_B (run each node
 #      inside this network namespace: `ip netns exec`), RUN_B and TWINVOL_B (node b on another
 #      host: see benches/node_b.sh; NS_B is RUN_B="ip netns exec NS_B sh -c"),
-#      ALLOW_STALE=1: measure a binary older than the checkout's sources (refused otherwise).
+#      ALLOW_STALE=1: measure a binary older than the checkout's sources (refused otherwise),
+#      WORK_PARENT (default /dev/shm): where the work directory is made, as in
+#      benches/mirror_fio.sh.
 set -euo pipefail
 A=$1 B=$2 ADDR_A=$3 ADDR_B=$4 IFACE_A=${5:-} IFACE_B=${6:-}
 TWINVOL=${TWINVOL:-target/release/twinvol}
@@ -30,7 +32,7 @@ RATE_MAX=${RATE_MAX:-4294967296}
 . "$(dirname "$0")/binary.sh"
 check_binary "$TWINVOL"
 # On tmpfs, like /run on a node: see benches/mirror_fio.sh.
-W=$(mktemp -d /dev/shm/twinvol-resync-XXXX)
+W=$(mktemp -d "${WORK_PARENT:-/dev/shm}/twinvol-resync-XXXX")
 . "$(dirname "$0")/node_b.sh"
 trap 'kill $(jobs -p) 2>/dev/null; cleanup_b; sleep 0.5; rm -rf "$W"' EXIT
 # Runs a command in namespace $1 (or here when empty); exec so that `kill $(jobs -p)` reaches it.

@@ -65,8 +65,6 @@ fn disconnected() -> VolumeStatus {
         rpo_bytes: 96 * MIB,
         rpo_seconds: 42.4,
         inflight_bytes: 0,
-        held_writes: 0,
-        peer_outdated: false,
         ..base()
     }
 }
@@ -109,8 +107,6 @@ fn split_brain() -> VolumeStatus {
         rpo_bytes: 2 * GIB,
         rpo_seconds: 3725.0,
         inflight_bytes: 0,
-        held_writes: 0,
-        peer_outdated: false,
         ..base()
     }
 }
@@ -123,8 +119,6 @@ fn async_ahead() -> VolumeStatus {
         rpo_bytes: 640 * MIB,
         rpo_seconds: 3.2,
         inflight_bytes: 64 * MIB,
-        held_writes: 0,
-        peer_outdated: false,
         ..base()
     };
     s.counters.ahead_events = 2;
