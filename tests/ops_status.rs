@@ -48,6 +48,7 @@ fn base() -> VolumeStatus {
             frames_sent: 0,
             payload_bytes_sent: 0,
             wire_bytes_sent: 0,
+            writes_sent: 0,
         },
         current_generation: "7a3f00c19e2b4d11".into(),
         verify: None,
@@ -439,6 +440,7 @@ fn an_online_verify_result_and_checksum_resync_savings_are_shown() {
     s.counters.frames_sent = 1000;
     s.counters.payload_bytes_sent = 100 << 20;
     s.counters.wire_bytes_sent = 21 << 20;
+    s.counters.writes_sent = 40;
     s.verify = Some(twinvol::volume::status::VerifyStatus {
         running: false,
         checked_bytes: 256 << 20,
@@ -467,11 +469,14 @@ fn an_online_verify_result_and_checksum_resync_savings_are_shown() {
         16_711_680.0
     );
     assert!(
-        t.contains("wire: 21.0 MiB for 100.0 MiB of payload in 1000 frames (ratio 0.21)"),
+        t.contains(
+            "wire: 21.0 MiB for 100.0 MiB of payload in 1000 frames, 40 writes (ratio 0.21)"
+        ),
         "{t}"
     );
     assert_eq!(value(&m, "twinvol_volume_wire_ratio", &[V]), 0.21);
     assert_eq!(value(&m, "twinvol_volume_frames_sent_total", &[V]), 1000.0);
+    assert_eq!(value(&m, "twinvol_volume_writes_sent_total", &[V]), 40.0);
 }
 
 const BIN: &str = env!("CARGO_BIN_EXE_twinvol");

@@ -361,7 +361,7 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
         }
     }
     let c = &r["counters"];
-    let counters: [(&'static str, Option<&'static str>, &'static str, &str); 11] = [
+    let counters: [(&'static str, Option<&'static str>, &'static str, &str); 12] = [
         (
             "twinvol_volume_data_sent_bytes",
             Some("bytes"),
@@ -409,6 +409,12 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
             None,
             "Replication frames sent.",
             "frames_sent",
+        ),
+        (
+            "twinvol_volume_writes_sent",
+            None,
+            "Socket writes that carried the replication frames sent.",
+            "writes_sent",
         ),
         (
             "twinvol_volume_payload_sent_bytes",
@@ -1018,6 +1024,7 @@ mod tests {
                 frames_sent: 0,
                 payload_bytes_sent: 0,
                 wire_bytes_sent: 0,
+                writes_sent: 0,
             },
             current_generation: "00ff".into(),
             verify: None,

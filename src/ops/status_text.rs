@@ -214,10 +214,11 @@ pub fn render_replication(r: &Value, peer: Option<(&str, &str)>, indent: &str) -
         let wire = u(&c["wire_bytes_sent"]);
         let _ = writeln!(
             o,
-            "{indent}wire: {} for {} of payload in {} frames (ratio {:.2})",
+            "{indent}wire: {} for {} of payload in {} frames, {} writes (ratio {:.2})",
             bytes(wire),
             bytes(payload),
             u(&c["frames_sent"]),
+            u(&c["writes_sent"]),
             wire as f64 / payload as f64
         );
     }

@@ -511,6 +511,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                     frames_sent: t.frames,
                     payload_bytes_sent: t.payload_bytes,
                     wire_bytes_sent: t.wire_bytes,
+                    writes_sent: t.writes,
                     ..st.counters
                 }
             },

@@ -80,6 +80,10 @@ pub struct Counters {
     /// `wire_bytes_sent / payload_bytes_sent` is the compression ratio.
     #[serde(default)]
     pub wire_bytes_sent: u64,
+    /// Socket writes that carried those frames: `frames_sent / writes_sent` is how well the
+    /// sender batches (each write may wake the peer's reader).
+    #[serde(default)]
+    pub writes_sent: u64,
 }
 
 /// Everything an operator or the cluster daemon needs about one volume.

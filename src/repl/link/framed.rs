@@ -98,6 +98,9 @@ pub struct Traffic {
     pub payload_bytes: u64,
     /// Bytes on the socket (headers and compressed payloads).
     pub wire_bytes: u64,
+    /// Vectored socket writes that carried them (sending side only): frames per write is how
+    /// well the sender batches, and every write may wake the peer's reader.
+    pub writes: u64,
 }
 
 /// Sending state independent of the stream.
@@ -140,6 +143,7 @@ impl Tx {
                 });
             }
             self.out.advance(n);
+            self.sent.writes += 1;
         }
         io.flush()
             .await

@@ -485,6 +485,82 @@ async fn the_writer_thread_keeps_order_counts_and_closes_the_connection_when_it_
     a_w.finish(Duration::from_millis(100)).await;
 }
 
+/// In async mode (`background`) the writer lets a small batch of Data frames wait
+/// [`COALESCE_WAIT`] once for company: two frames queued 100 µs apart go out in one socket
+/// write (the counted `writes`), and a lone frame still goes out, in one write, after the pause.
+#[tokio::test]
+async fn an_async_writer_sends_data_frames_queued_close_together_in_one_write() {
+    let (listener, cb) = pair_configs(KEY_A, KEY_A);
+    let (a, b) = tokio::join!(listener.accept(), connect(&cb));
+    let sent = SentTraffic::default();
+    let (_, _a_rx, a_w) = a.unwrap().into_threaded(sent.clone(), true).unwrap();
+    let (_, mut b_rx, _b_w) = b
+        .unwrap()
+        .into_threaded(SentTraffic::default(), false)
+        .unwrap();
+    let tx = a_w.sender().unwrap();
+    let data = |seq: u64| {
+        Message::Data(Data {
+            seq,
+            epoch: 1,
+            offset: seq * 4096,
+            flags: DataFlags(0),
+            data: Bytes::from(vec![seq as u8; 4096]),
+        })
+    };
+    // The writer's counters are updated after its write; wait for the frames to be counted.
+    let counted = |frames: u64| {
+        let sent = sent.clone();
+        async move {
+            let t0 = std::time::Instant::now();
+            loop {
+                let t = *sent.lock().unwrap();
+                if t.frames >= frames || t0.elapsed() > Duration::from_secs(5) {
+                    return t;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    };
+    // The handshake's three frames are added to `sent` with the writer's first write.
+    tx.send(data(0)).unwrap();
+    assert_eq!(b_rx.recv().await.unwrap(), data(0));
+    let before = counted(4).await;
+    tx.send(data(1)).unwrap();
+    assert_eq!(b_rx.recv().await.unwrap(), data(1));
+    let lone = counted(before.frames + 1).await;
+    assert_eq!(lone.frames, before.frames + 1);
+    assert_eq!(
+        lone.writes,
+        before.writes + 1,
+        "a lone frame is written once"
+    );
+    // Two frames 100 µs apart: one write. A loaded machine may deschedule this thread for
+    // longer than the pause between the two sends, so a few attempts are allowed.
+    let mut last = lone;
+    let mut together = false;
+    for attempt in 0..5u64 {
+        let seq = 10 + 2 * attempt;
+        tx.send(data(seq)).unwrap();
+        std::thread::sleep(Duration::from_micros(100));
+        tx.send(data(seq + 1)).unwrap();
+        assert_eq!(b_rx.recv().await.unwrap(), data(seq));
+        assert_eq!(b_rx.recv().await.unwrap(), data(seq + 1));
+        let now = counted(last.frames + 2).await;
+        assert_eq!(now.frames, last.frames + 2);
+        together = now.writes == last.writes + 1;
+        last = now;
+        if together {
+            break;
+        }
+    }
+    assert!(
+        together,
+        "two Data frames 100 µs apart never shared a write: {last:?}"
+    );
+    a_w.finish(Duration::from_millis(100)).await;
+}
+
 /// The calling thread's nice value, from /proc (field 19 of its stat line).
 fn thread_nice() -> i32 {
     let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("/proc/thread-self/stat");

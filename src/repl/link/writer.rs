@@ -35,6 +35,30 @@ const BATCH_BYTES: usize = 4 << 20;
 /// that thread waits, and still gets about a tenth of a contended core (weights 1024 : 110).
 pub const BACKGROUND_NICE: i32 = 10;
 
+/// How long, in async mode ([`WriterThread::spawn`]'s `background`), a small batch of Data
+/// frames and acks waits once for company before it is written.
+///
+/// Measured (docs/BENCHMARKS.md, session 9): async 4k writes at QD32 ran in one of two steady
+/// states. In the good one each write of the Primary's writer carried about 24 frames; in the
+/// bad one about 3.6, and the Secondary's acks came back as finely, so every few frames cost a
+/// wake-up of the other node's thread in each direction (on this VM an inter-processor
+/// interrupt and a VM exit each). Both nodes then spent 3-4 times the CPU per write and the
+/// job ran at 0.31-0.36x of the no-peer figure. Nothing waits for these frames in async mode,
+/// so a pause bounded here costs the recovery point at most this much time and breaks the
+/// fine-grained exchange.
+pub const COALESCE_WAIT: Duration = Duration::from_micros(500);
+
+/// A batch of at least this many bytes is written without waiting for company.
+pub const COALESCE_BELOW: usize = 64 << 10;
+
+/// Whether `m` may wait [`COALESCE_WAIT`] in async mode: the two streams no caller waits on
+/// there (application writes are acknowledged after the local write; acks only retire the
+/// Primary's in-flight queue). Everything else (flushes, barriers, resync, verify, pings,
+/// disconnects) is written at once, and so is any batch that holds one of them.
+fn may_wait(m: &Message) -> bool {
+    matches!(m, Message::Data(_) | Message::Ack { .. })
+}
+
 /// Raises the calling thread's nice value by `increment` (Linux keeps nice per thread, so the
 /// rest of the process keeps its priority); returns the new value.
 ///
@@ -67,7 +91,8 @@ impl WriterThread {
     /// Starts the writer for the connection whose receiving side keeps `stream`; messages sent
     /// to [`WriterThread::sender`] are written in order, and `total` grows by what is sent.
     /// `background`: no application write waits for what this writer sends (async mode), so
-    /// it runs [`BACKGROUND_NICE`] lower than the data path it serves.
+    /// it runs [`BACKGROUND_NICE`] lower than the data path it serves, and a small batch of
+    /// Data frames and acks waits [`COALESCE_WAIT`] once for more before it is written.
     pub fn spawn(
         stream: &TcpStream,
         state: SendState,
@@ -93,7 +118,8 @@ impl WriterThread {
                         tracing::warn!(error = %e, "cannot lower the replication writer's priority; it keeps the data path's");
                     }
                 }
-                run(dup, state, rx, stop_rx, total);
+                let coalesce = background.then_some(COALESCE_WAIT);
+                run(dup, state, rx, stop_rx, total, coalesce);
                 let _ = done_tx.send(());
             })
             .map_err(io_err)?;
@@ -135,6 +161,7 @@ fn run(
     rx: mpsc::UnboundedReceiver<Message>,
     stop: oneshot::Receiver<()>,
     total: SentTraffic,
+    coalesce: Option<Duration>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -157,7 +184,7 @@ fn run(
         };
         let mut w = state.attach(io);
         tokio::select! {
-            r = write_loop(&mut w, rx, &total) => {
+            r = write_loop(&mut w, rx, &total, coalesce) => {
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "replication write failed; closing the connection");
                     let _ = socket2::SockRef::from(w.get_ref()).shutdown(std::net::Shutdown::Both);
@@ -169,20 +196,27 @@ fn run(
 }
 
 /// Writes the channel's messages in order, batching whatever is ready up to [`BATCH_BYTES`]
-/// into one vectored write; adds what was sent to `total` after every write.
+/// into one vectored write; adds what was sent to `total` after every write. With `coalesce`,
+/// a batch of only Data frames and acks smaller than [`COALESCE_BELOW`] first waits that long,
+/// once, for more (so no message waits longer than that plus one write).
 async fn write_loop(
     w: &mut FrameWriter<TcpStream>,
     mut rx: mpsc::UnboundedReceiver<Message>,
     total: &SentTraffic,
+    coalesce: Option<Duration>,
 ) -> Result<(), LinkError> {
     // What this connection had counted at the last write: only the delta is added.
     let mut seen = Traffic::default();
     while let Some(m) = rx.recv().await {
+        let mut streamed = may_wait(&m);
         w.queue(&m)?;
-        while w.queued_bytes() < BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(m) => w.queue(&m)?,
-                Err(_) => break,
+        take_ready(w, &mut rx, &mut streamed)?;
+        if let Some(wait) = coalesce {
+            if streamed && w.queued_bytes() < COALESCE_BELOW {
+                // This thread and its runtime serve only this connection's writes: the pause
+                // holds nothing else up (a stop request is seen right after it).
+                std::thread::sleep(wait);
+                take_ready(w, &mut rx, &mut streamed)?;
             }
         }
         w.flush().await?;
@@ -191,8 +225,50 @@ async fn write_loop(
             t.frames += now.frames - seen.frames;
             t.payload_bytes += now.payload_bytes - seen.payload_bytes;
             t.wire_bytes += now.wire_bytes - seen.wire_bytes;
+            t.writes += now.writes - seen.writes;
         }
         seen = now;
     }
     Ok(())
+}
+
+/// Queues the messages already in the channel, up to [`BATCH_BYTES`]; `streamed` stays true
+/// while every message queued may wait ([`may_wait`]).
+fn take_ready(
+    w: &mut FrameWriter<TcpStream>,
+    rx: &mut mpsc::UnboundedReceiver<Message>,
+    streamed: &mut bool,
+) -> Result<(), LinkError> {
+    while w.queued_bytes() < BATCH_BYTES {
+        match rx.try_recv() {
+            Ok(m) => {
+                *streamed &= may_wait(&m);
+                w.queue(&m)?;
+            }
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repl::wire::{Data, DataFlags};
+
+    #[test]
+    fn only_data_frames_and_acks_may_wait() {
+        let data = Message::Data(Data {
+            seq: 1,
+            epoch: 0,
+            offset: 0,
+            flags: DataFlags(0),
+            data: bytes::Bytes::from_static(&[7; 4096]),
+        });
+        assert!(may_wait(&data));
+        assert!(may_wait(&Message::Ack { seq: 1, status: 0 }));
+        assert!(!may_wait(&Message::Flush { seq: 2 }));
+        assert!(!may_wait(&Message::Barrier { seq: 3, epoch: 1 }));
+        assert!(!may_wait(&Message::ResyncDone { seq: 4 }));
+    }
 }
