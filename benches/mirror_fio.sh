@@ -99,7 +99,13 @@ compression_level = $LEVEL
 EOF
 }
 
-jobs_run() { # label socket round
+# cpu_s PID / cpu_s_b PIDFILE: CPU seconds (user + system, every thread's, io_uring workers
+# included) the process has used so far, here or on node b.
+CPU_SH='t=$(getconf CLK_TCK); sed "s/.*) //" "/proc/$1/stat" | awk -v t="$t" "{printf \"%.2f\", (\$12 + \$13) / t}"'
+cpu_s() { sh -c "$CPU_SH" sh "$1"; }
+cpu_s_b() { on_b sh -c 'p=$(cat "$1") && shift && sh -c "$0" sh "$p"' "$CPU_SH" "$1"; }
+
+jobs_run() { # label socket round twinvol-pid(node a) node-b-pidfile(or "")
   for job in "4k-randwrite-qd32:randwrite:4k:32" "1m-seqwrite-qd8:write:1M:8"; do
     IFS=: read -r name rw bs qd <<<"$job"
     [[ " $JOBS " == *" $name "* ]] || continue
@@ -109,11 +115,21 @@ jobs_run() { # label socket round
       mkdir -p "$BW_LOG_DIR"
       bwlog=(--write_bw_log="$BW_LOG_DIR/r$3-${1//[^a-z0-9]/_}-$name" --log_avg_msec=500)
     fi
-    bw=$("${PIN_A[@]}" fio --name="$name" --ioengine=nbd --uri="nbd+unix:///?socket=$2" --rw="$rw" --bs="$bs" \
+    local a0 b0=- a1 b1=-
+    a0=$(cpu_s "$4")
+    [ -z "$5" ] || b0=$(cpu_s_b "$5")
+    # fio's JSON: bandwidth, IOPS, bytes written and fio's own CPU seconds (its usr/sys
+    # percentages are of the job's runtime).
+    read -r mib iops bytes fio_s < <("${PIN_A[@]}" fio --name="$name" --ioengine=nbd --uri="nbd+unix:///?socket=$2" --rw="$rw" --bs="$bs" \
       --iodepth="$qd" --size=256M --time_based --runtime="$RUNTIME" --output-format=json "${bwlog[@]}" \
-      | python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]["write"]; print("%.1f MiB/s | %.0f IOPS" % (j["bw_bytes"]/1048576, j["iops"]))')
-    echo "| $1 | $name | $bw |"
-    echo "$3|$1|$name|${bw%% MiB/s*}" >>"$W/results"
+      | python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; w=j["write"]; print("%.1f %.0f %d %.2f" % (w["bw_bytes"]/1048576, w["iops"], w["io_bytes"], (j["usr_cpu"]+j["sys_cpu"])/100*j["job_runtime"]/1000))')
+    a1=$(cpu_s "$4")
+    [ -z "$5" ] || b1=$(cpu_s_b "$5")
+    # CPU seconds per GiB written: node a's core (twinvol and fio) and node b (twinvol).
+    read -r cpu_a cpu_b < <(python3 -c 'import sys; a0,a1,f,n,b0,b1=sys.argv[1:]; g=int(n)/2**30
+print("%.3f" % ((float(a1)-float(a0)+float(f))/g), "-" if b0=="-" else "%.3f" % ((float(b1)-float(b0))/g))' "$a0" "$a1" "$fio_s" "$bytes" "$b0" "$b1")
+    echo "| $1 | $name | $mib MiB/s | $iops IOPS | $cpu_a | $cpu_b |"
+    echo "$3|$1|$name|$mib|$cpu_a|$cpu_b" >>"$W/results"
   done
 }
 
@@ -124,14 +140,14 @@ mkmd() {
   on_b "$TWINVOL_B" new-current-uuid --clear-bitmap --uuid 5eed --device "$B" >/dev/null
 }
 
-echo "| setup | job | bandwidth | IOPS |"
-echo "|---|---|---|---|"
+echo "| setup | job | bandwidth | IOPS | node a CPU s/GiB | node b CPU s/GiB |"
+echo "|---|---|---|---|---|---|"
 # no_peer ROUND: the jobs against `twinvol export` on DEV_A.
 no_peer() {
   mkmd
   "${PIN_A[@]}" "$TWINVOL" export "$A" --socket "$W/plain.sock" --engine uring 2>"$W/plain.log" &
   P=$!
-  sleep 1; jobs_run "no peer (twinvol export)" "$W/plain.sock" "$1"; kill $P; wait $P 2>/dev/null || true
+  sleep 1; jobs_run "no peer (twinvol export)" "$W/plain.sock" "$1" "$P" ""; kill $P; wait $P 2>/dev/null || true
 }
 
 # mirror MODE ROUND: the jobs against node a of a connected pair in MODE.
@@ -152,14 +168,16 @@ mirror() {
     on_b sh -c 'p=$(cat "$1") && ps -o pid,stat,wchan:20,args -p "$p"' sh "$WB/b.pid" >&2 || true
     exit 1
   fi
-  jobs_run "$mode mirror" "$W/a.sock" "$round"
+  jobs_run "$mode mirror" "$W/a.sock" "$round" "$PA" "$WB/b.pid"
   for _ in $(seq 600); do grep -q '"rpo_bytes": 0' "$W/a.json" && break; sleep 0.1; done
   python3 - "$W/a.json" "$mode" <<'PY' || true
 import json, sys
 c = json.load(open(sys.argv[1]))["counters"]
-print("# %s: Data bytes sent %d, went ahead %d times (then resynced %d bytes), wire/payload %.3f"
+# Frames per socket write: how well node a's writer batched (counted since session 9).
+per_write = "%.1f" % (c["frames_sent"] / c["writes_sent"]) if c.get("writes_sent") else "not counted"
+print("# %s: Data bytes sent %d, went ahead %d times (then resynced %d bytes), wire/payload %.3f, frames per socket write %s"
       % (sys.argv[2], c["data_bytes_sent"], c["ahead_events"], c["resync_bytes_sent"],
-         c["wire_bytes_sent"] / max(1, c["payload_bytes_sent"])))
+         c["wire_bytes_sent"] / max(1, c["payload_bytes_sent"]), per_write))
 PY
   kill $PA; wait $PA 2>/dev/null || true
   stop_b; wait 2>/dev/null || true
@@ -178,19 +196,30 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-# Each mirror figure against the no-peer figure of its own round, then the median per row.
+# Each mirror figure against the no-peer figure of its own round, then the median per row; the
+# same for the CPU node a's core spends per GiB written (twinvol and fio), which a machine's
+# drift moves far less than the bandwidth (a CPU-bound job's ratio is about the inverse of it).
 python3 - "$W/results" <<'PY'
 import statistics, sys
 rows = [l.rstrip("\n").split("|") for l in open(sys.argv[1])]
-base = {(r, job): float(bw) for r, label, job, bw in rows if label.startswith("no peer")}
-ratios = {}
-for r, label, job, bw in rows:
+base = {(r, job): (float(bw), float(ca)) for r, label, job, bw, ca, _ in rows
+        if label.startswith("no peer")}
+ratios, cpu = {}, {}
+for r, label, job, bw, ca, cb in rows:
     if not label.startswith("no peer"):
-        ratios.setdefault((label, job), []).append(float(bw) / base[(r, job)])
+        ratios.setdefault((label, job), []).append(float(bw) / base[(r, job)][0])
+        cpu.setdefault((label, job), []).append((float(ca) / base[(r, job)][1], cb))
 print()
 print("| mirror vs no peer | job | ratio per round | median |")
 print("|---|---|---|---|")
 for (label, job), rs in ratios.items():
     print("| %s | %s | %s | **%.2fx** |" % (label, job, ", ".join("%.2fx" % x for x in rs),
                                            statistics.median(rs)))
+print()
+print("| node a CPU per GiB, mirror vs no peer | job | per round | median | node b CPU s/GiB, median |")
+print("|---|---|---|---|---|")
+for (label, job), cs in cpu.items():
+    print("| %s | %s | %s | **%.2fx** | %.3f |" % (
+        label, job, ", ".join("%.2fx" % a for a, _ in cs),
+        statistics.median(a for a, _ in cs), statistics.median(float(b) for _, b in cs)))
 PY
