@@ -42,10 +42,11 @@ pub const BACKGROUND_NICE: i32 = 10;
 /// states. In the good one each write of the Primary's writer carried about 24 frames; in the
 /// bad one about 3.6, and the Secondary's acks came back as finely, so every few frames cost a
 /// wake-up of the other node's thread in each direction (on this VM an inter-processor
-/// interrupt and a VM exit each). Both nodes then spent 3-4 times the CPU per write and the
-/// job ran at 0.31-0.36x of the no-peer figure. Nothing waits for these frames in async mode,
-/// so a pause bounded here costs the recovery point at most this much time and breaks the
-/// fine-grained exchange.
+/// interrupt and a VM exit each). Node a then spent 3.5-8 times the no-peer CPU per write and
+/// the job ran at 0.19-0.36x of the no-peer figure. Nothing waits for these frames in async
+/// mode, so the pause breaks the fine-grained exchange at a bounded cost: a write reaches the
+/// peer at most this much later, and the reported RPO, which counts until the ack (itself
+/// paused as long on the Secondary), at most twice this much higher.
 pub const COALESCE_WAIT: Duration = Duration::from_micros(500);
 
 /// A batch of at least this many bytes is written without waiting for company.
