@@ -126,8 +126,9 @@ jobs_run() { # label socket round twinvol-pid(node a) node-b-pidfile(or "")
     a1=$(cpu_s "$4")
     [ -z "$5" ] || b1=$(cpu_s_b "$5")
     # CPU seconds per GiB written: node a's core (twinvol and fio) and node b (twinvol).
+    # ("-" where there is nothing to divide: no node b, or no byte written.)
     read -r cpu_a cpu_b < <(python3 -c 'import sys; a0,a1,f,n,b0,b1=sys.argv[1:]; g=int(n)/2**30
-print("%.3f" % ((float(a1)-float(a0)+float(f))/g), "-" if b0=="-" else "%.3f" % ((float(b1)-float(b0))/g))' "$a0" "$a1" "$fio_s" "$bytes" "$b0" "$b1")
+print("-" if not g else "%.3f" % ((float(a1)-float(a0)+float(f))/g), "-" if b0=="-" or not g else "%.3f" % ((float(b1)-float(b0))/g))' "$a0" "$a1" "$fio_s" "$bytes" "$b0" "$b1")
     echo "| $1 | $name | $mib MiB/s | $iops IOPS | $cpu_a | $cpu_b |"
     echo "$3|$1|$name|$mib|$cpu_a|$cpu_b" >>"$W/results"
   done
@@ -202,13 +203,14 @@ done
 python3 - "$W/results" <<'PY'
 import statistics, sys
 rows = [l.rstrip("\n").split("|") for l in open(sys.argv[1])]
-base = {(r, job): (float(bw), float(ca)) for r, label, job, bw, ca, _ in rows
+base = {(r, job): (float(bw), ca) for r, label, job, bw, ca, _ in rows
         if label.startswith("no peer")}
 ratios, cpu = {}, {}
 for r, label, job, bw, ca, cb in rows:
     if not label.startswith("no peer"):
         ratios.setdefault((label, job), []).append(float(bw) / base[(r, job)][0])
-        cpu.setdefault((label, job), []).append((float(ca) / base[(r, job)][1], cb))
+        if "-" not in (ca, cb, base[(r, job)][1]):
+            cpu.setdefault((label, job), []).append((float(ca) / float(base[(r, job)][1]), cb))
 print()
 print("| mirror vs no peer | job | ratio per round | median |")
 print("|---|---|---|---|")
