@@ -99,13 +99,13 @@ compression_level = $LEVEL
 EOF
 }
 
-# cpu_s PID / cpu_s_b PIDFILE: CPU seconds (user + system, every thread's, io_uring workers
+# cpu_s PID / cpu_s_b PID: CPU seconds (user + system, every thread's, io_uring workers
 # included) the process has used so far, here or on node b.
 CPU_SH='t=$(getconf CLK_TCK); sed "s/.*) //" "/proc/$1/stat" | awk -v t="$t" "{printf \"%.2f\", (\$12 + \$13) / t}"'
 cpu_s() { sh -c "$CPU_SH" sh "$1"; }
-cpu_s_b() { on_b sh -c 'p=$(cat "$1") && shift && sh -c "$0" sh "$p"' "$CPU_SH" "$1"; }
+cpu_s_b() { on_b sh -c "$CPU_SH" sh "$1"; }
 
-jobs_run() { # label socket round twinvol-pid(node a) node-b-pidfile(or "")
+jobs_run() { # label socket round twinvol-pid(node a) twinvol-pid(node b, or "")
   for job in "4k-randwrite-qd32:randwrite:4k:32" "1m-seqwrite-qd8:write:1M:8"; do
     IFS=: read -r name rw bs qd <<<"$job"
     [[ " $JOBS " == *" $name "* ]] || continue
@@ -169,7 +169,7 @@ mirror() {
     on_b sh -c 'p=$(cat "$1") && ps -o pid,stat,wchan:20,args -p "$p"' sh "$WB/b.pid" >&2 || true
     exit 1
   fi
-  jobs_run "$mode mirror" "$W/a.sock" "$round" "$PA" "$WB/b.pid"
+  jobs_run "$mode mirror" "$W/a.sock" "$round" "$PA" "$(on_b cat "$WB/b.pid")"
   for _ in $(seq 600); do grep -q '"rpo_bytes": 0' "$W/a.json" && break; sleep 0.1; done
   python3 - "$W/a.json" "$mode" <<'PY' || true
 import json, sys

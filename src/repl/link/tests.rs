@@ -277,6 +277,19 @@ async fn connect_retrying_reaches_a_peer_that_starts_late() {
     late.await.unwrap().unwrap();
 }
 
+/// What `sent` holds once it counts at least `frames` frames (or after 5 s, for the caller's
+/// assertion to report): a writer thread adds what it sent after each socket write.
+async fn counted(sent: &SentTraffic, frames: u64) -> Traffic {
+    let t0 = std::time::Instant::now();
+    loop {
+        let t = *sent.lock().unwrap();
+        if t.frames >= frames || t0.elapsed() > Duration::from_secs(5) {
+            return t;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 #[tokio::test]
 async fn split_halves_stream_writes_and_acks_concurrently_and_count_compressed_bytes() {
     let (listener, cb) = pair_configs(KEY_A, KEY_A);
@@ -321,12 +334,7 @@ async fn split_halves_stream_writes_and_acks_concurrently_and_count_compressed_b
     for seq in 0..n {
         assert_eq!(b_rx.recv().await.unwrap(), Message::Ack { seq, status: 0 });
     }
-    // The writer thread adds what it sent after each write.
-    let t0 = std::time::Instant::now();
-    while b_sent.lock().unwrap().frames < n + 3 && t0.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let sent = *b_sent.lock().unwrap();
+    let sent = counted(&b_sent, n + 3).await;
     let received = secondary.await.unwrap();
     drop((a_w, b_w));
     // Handshake frames are counted too: Hello, AuthChallenge, AuthResponse.
@@ -459,11 +467,7 @@ async fn the_writer_thread_keeps_order_counts_and_closes_the_connection_when_it_
         assert_eq!(b_rx.recv().await.unwrap(), Message::Ping { nonce });
     }
     // Hello, AuthChallenge and AuthResponse of the handshake are counted too.
-    let t0 = std::time::Instant::now();
-    while sent.lock().unwrap().frames < 103 && t0.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let t = *sent.lock().unwrap();
+    let t = counted(&sent, 103).await;
     assert_eq!(t.frames, 103);
     assert_eq!(t.wire_bytes, b_rx.received().wire_bytes);
     tx.send(Message::Data(Data {
@@ -508,27 +512,13 @@ async fn an_async_writer_sends_data_frames_queued_close_together_in_one_write() 
             data: Bytes::from(vec![seq as u8; 4096]),
         })
     };
-    // The writer's counters are updated after its write; wait for the frames to be counted.
-    let counted = |frames: u64| {
-        let sent = sent.clone();
-        async move {
-            let t0 = std::time::Instant::now();
-            loop {
-                let t = *sent.lock().unwrap();
-                if t.frames >= frames || t0.elapsed() > Duration::from_secs(5) {
-                    return t;
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
-    };
     // The handshake's three frames are added to `sent` with the writer's first write.
     tx.send(data(0)).unwrap();
     assert_eq!(b_rx.recv().await.unwrap(), data(0));
-    let before = counted(4).await;
+    let before = counted(&sent, 4).await;
     tx.send(data(1)).unwrap();
     assert_eq!(b_rx.recv().await.unwrap(), data(1));
-    let lone = counted(before.frames + 1).await;
+    let lone = counted(&sent, before.frames + 1).await;
     assert_eq!(lone.frames, before.frames + 1);
     assert_eq!(
         lone.writes,
@@ -546,7 +536,7 @@ async fn an_async_writer_sends_data_frames_queued_close_together_in_one_write() 
         tx.send(data(seq + 1)).unwrap();
         assert_eq!(b_rx.recv().await.unwrap(), data(seq));
         assert_eq!(b_rx.recv().await.unwrap(), data(seq + 1));
-        let now = counted(last.frames + 2).await;
+        let now = counted(&sent, last.frames + 2).await;
         assert_eq!(now.frames, last.frames + 2);
         together = now.writes == last.writes + 1;
         last = now;
