@@ -194,8 +194,14 @@ fn nft_delete_table(ns: &str, table: &str) -> std::io::Result<()> {
     ])
 }
 
-fn free_udp_port(ip: &str) -> std::io::Result<u16> {
-    Ok(UdpSocket::bind((ip, 0))?.local_addr()?.port())
+/// A free UDP port on `ip`. The probe socket stays in `held` until the caller drops it, so
+/// ports picked while `held` lives are distinct: a port whose probe was already closed can be
+/// handed out again (two heartbeat paths once got the same local port that way).
+fn free_udp_port(ip: &str, held: &mut Vec<UdpSocket>) -> std::io::Result<u16> {
+    let probe = UdpSocket::bind((ip, 0))?;
+    let port = probe.local_addr()?.port();
+    held.push(probe);
+    Ok(port)
 }
 
 fn sh(args: &[&str]) -> std::io::Result<()> {
@@ -416,12 +422,15 @@ impl Lab {
             locals = [[7790, 7791], [7790, 7791]];
             relay_ports = locals;
         } else {
+            let mut held = Vec::new();
             for p in 0..2 {
                 for n in 0..2 {
-                    locals[n][p] = free_udp_port(IPS[n])?;
-                    relay_ports[n][p] = free_udp_port(IPS[1 - n])?;
+                    locals[n][p] = free_udp_port(IPS[n], &mut held)?;
+                    relay_ports[n][p] = free_udp_port(IPS[1 - n], &mut held)?;
                 }
             }
+            // The relays and the daemons bind these ports next.
+            drop(held);
         }
         for p in (0..2).filter(|_| netns.is_none()) {
             for n in 0..2 {
