@@ -35,10 +35,16 @@ pub const MIN_COMPRESS_LEN: usize = 64;
 pub const PROBE_FROM_LEN: usize = 64 * 1024;
 /// Bytes compressed by the probe.
 pub const PROBE_LEN: usize = 4096;
-/// Bulk data (the bytes of a Data or ResyncData frame) at least this long is sent by
-/// reference ([`FrameQueue`]) when it goes raw, and received into a buffer of its own whose
-/// data starts at a multiple of [`BULK_ALIGN`] ([`FrameDecoder::bulk_pending`]).
+/// Bulk data (the bytes of a Data or ResyncData frame) at least this long is received into a
+/// buffer of its own whose data starts at a multiple of [`BULK_ALIGN`]
+/// ([`FrameDecoder::bulk_pending`]).
 pub const BULK_MIN: usize = 64 * 1024;
+/// Bulk data at least this long that goes raw without a compression attempt (no compression,
+/// a closed [`CompressGate`], or a failed probe) is queued by reference ([`FrameQueue`]), not
+/// copied: the socket write is then its only copy on the sending node. Shorter data is copied
+/// in with its header (one segment per frame). Only the sender's memory use depends on this:
+/// the bytes on the wire are the same either way.
+pub const SEND_REF_MIN: usize = 4096;
 /// Alignment of received bulk data: direct I/O on any device takes it without a copy.
 pub const BULK_ALIGN: usize = 4096;
 /// Compression attempts are judged in windows of at least this many payload bytes
@@ -482,7 +488,8 @@ impl FrameEncoder {
     }
 
     /// Queues one frame carrying `msg`: the same bytes [`FrameEncoder::encode`] produces, with
-    /// bulk data of at least [`BULK_MIN`] bytes that goes raw queued by reference (not copied).
+    /// bulk data of at least [`SEND_REF_MIN`] bytes that goes raw without a compression attempt
+    /// queued by reference (not copied).
     /// On error the queue is left as it was.
     pub fn encode_into(
         &mut self,
@@ -515,35 +522,45 @@ impl FrameEncoder {
             crc.update(b);
         }
         let payload_crc = crc.finalize();
-        // Small bulk data is copied in; large data stays by reference unless its probe says
-        // it compresses (then it is copied in and compressed with the rest).
-        let mut probed = false;
+        // Bulk data is copied in when the whole payload is to be compressed, or when it is
+        // short; otherwise it stays by reference and goes raw. Every payload consults the gate
+        // at most once (`admit` counts refused bytes against the skip).
+        let mut attempt = None;
         if let Some(b) = bulk.take() {
-            if b.len() >= BULK_MIN {
-                probed = match self.compressor.as_mut() {
+            if b.len() >= SEND_REF_MIN {
+                let go = match self.compressor.as_mut() {
                     Some(c) if self.gate.admit(raw_len) => {
-                        probe_judged(&mut self.gate, c, &mut self.scratch, &b, raw_len)
+                        b.len() < PROBE_FROM_LEN
+                            || probe_judged(&mut self.gate, c, &mut self.scratch, &b, raw_len)
                     }
                     _ => false,
                 };
-            }
-            if b.len() < BULK_MIN || probed {
-                out.extend_from_slice(&b);
+                attempt = Some(go);
+                if go {
+                    out.extend_from_slice(&b);
+                } else {
+                    bulk = Some(b);
+                }
             } else {
-                bulk = Some(b);
+                out.extend_from_slice(&b);
             }
         }
         let mut flags = 0;
         if let (Some(c), None) = (self.compressor.as_mut(), &bulk) {
             let src = &out[start + HEADER_LEN..];
             let short = raw_len < PROBE_FROM_LEN;
-            // A bulk payload that passed the gate and its probe above is compressed as is.
-            if raw_len >= MIN_COMPRESS_LEN
-                && (probed
-                    || (self.gate.admit(raw_len)
+            // Bulk data that passed the gate (and its probe, if long) above is compressed as
+            // is; other payloads are judged here.
+            let go = match attempt {
+                Some(go) => go,
+                None => {
+                    raw_len >= MIN_COMPRESS_LEN
+                        && self.gate.admit(raw_len)
                         && (short
-                            || probe_judged(&mut self.gate, c, &mut self.scratch, src, raw_len))))
-            {
+                            || probe_judged(&mut self.gate, c, &mut self.scratch, src, raw_len))
+                }
+            };
+            if go {
                 self.scratch.clear();
                 // Room for one byte less than the raw payload: if zstd cannot fit, it fails
                 // with "destination too small" and the frame goes raw.

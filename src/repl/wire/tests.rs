@@ -792,8 +792,9 @@ fn bulk_of(m: &Message) -> Option<&Bytes> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
-    /// The queue's segments are exactly the bytes `encode` produces; large raw bulk data is
-    /// queued by reference (its own memory, no copy); both receive paths decode them alike.
+    /// The queue's segments are exactly the bytes `encode` produces; bulk data that goes raw
+    /// without a compression attempt is queued by reference (its own memory, no copy); both
+    /// receive paths decode them alike.
     #[test]
     fn queued_frames_equal_encoded_bytes_and_share_large_raw_data(ms in bulk_messages(), level in 0i32..=1, chunk in 1usize..100_000) {
         let mut flat = BytesMut::new();
@@ -809,7 +810,11 @@ proptest! {
         for (m, s) in ms.iter().zip(&stats) {
             if let Some(b) = bulk_of(m) {
                 let shared = ptrs.contains(&b.as_ptr());
-                prop_assert_eq!(shared, !s.compressed && b.len() >= frame::BULK_MIN, "bulk of {} bytes", b.len());
+                // By reference exactly when it went raw without an attempt on the whole
+                // payload: no compressor, or a long payload whose probe failed (this test's
+                // few frames never close the gate).
+                let unattempted = level == 0 || b.len() >= frame::PROBE_FROM_LEN;
+                prop_assert_eq!(shared, !s.compressed && unattempted && b.len() >= frame::SEND_REF_MIN, "bulk of {} bytes", b.len());
             }
         }
         let queued = q.into_contiguous();
@@ -1082,6 +1087,71 @@ fn failed_probes_close_the_gate_like_failed_compressions() {
         "after the skip the gate tries again"
     );
     assert_eq!(decode_all(&out).unwrap().len(), seq as usize);
+}
+
+/// A 4 KiB write goes by reference once the gate is closed (its only copy on the sending
+/// node is then the socket's), and is compressed whole while the gate is open.
+#[test]
+fn a_small_payload_goes_by_reference_only_when_no_attempt_is_made() {
+    use super::frame::{CompressGate, FrameQueue, SEND_REF_MIN};
+    let shared = |q: &FrameQueue, b: &Bytes| {
+        let mut iov = [std::io::IoSlice::new(&[]); 256];
+        let k = q.io_slices(&mut iov);
+        iov[..k].iter().any(|s| s.as_ptr() == b.as_ptr())
+    };
+    let text = Bytes::from(json_like(SEND_REF_MIN));
+    let mut enc = FrameEncoder::new(1, MAX).unwrap();
+    let mut q = FrameQueue::new();
+    let s = enc.encode_into(&data_msg(1, text.clone()), &mut q).unwrap();
+    assert!(
+        s.compressed && !shared(&q, &text),
+        "an open gate compresses a 4 KiB payload"
+    );
+
+    // Close the gate with one window of incompressible 4 KiB writes.
+    let (window, skip) = (64u64 << 10, 1u64 << 20);
+    let mut enc = FrameEncoder::new(1, MAX).unwrap();
+    enc.set_gate(CompressGate::new(window, skip));
+    let mut flat = BytesMut::new();
+    let mut q = FrameQueue::new();
+    let mut msgs = Vec::new();
+    for i in 0..window / SEND_REF_MIN as u64 {
+        let m = data_msg(i, Bytes::from(noise(i, SEND_REF_MIN)));
+        let s = enc.encode_into(&m, &mut q).unwrap();
+        let Message::Data(d) = &m else { unreachable!() };
+        assert!(
+            !s.compressed && !shared(&q, &d.data),
+            "attempted, so copied in"
+        );
+        msgs.push(m);
+    }
+    for (i, data) in [text.clone(), Bytes::from(noise(7, SEND_REF_MIN))]
+        .into_iter()
+        .enumerate()
+    {
+        let m = data_msg(100 + i as u64, data.clone());
+        let s = enc.encode_into(&m, &mut q).unwrap();
+        assert!(!s.compressed, "a closed gate sends raw");
+        assert!(
+            shared(&q, &data),
+            "payload {i} was copied although no attempt was made"
+        );
+        msgs.push(m);
+    }
+    // A payload shorter than SEND_REF_MIN is copied in with its header.
+    let small = Bytes::from(noise(9, SEND_REF_MIN - 1));
+    let m = data_msg(200, small.clone());
+    enc.encode_into(&m, &mut q).unwrap();
+    assert!(!shared(&q, &small));
+    msgs.push(m);
+    // The same bytes as the contiguous encoding, and they decode to the messages.
+    let mut enc2 = FrameEncoder::new(1, MAX).unwrap();
+    enc2.set_gate(CompressGate::new(window, skip));
+    for m in &msgs {
+        enc2.encode(m, &mut flat).unwrap();
+    }
+    assert_eq!(&q.into_contiguous()[..], &flat[..]);
+    assert_eq!(decode_all(&flat).unwrap(), msgs);
 }
 
 #[test]
