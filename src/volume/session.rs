@@ -454,7 +454,19 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         let mut nonce = 0u64;
         let applying = Applying::default();
         loop {
-            let msg = match tokio::time::timeout(interval, reader.recv()).await {
+            // Messages already read (a batch of acks arrives in one read) are taken without a
+            // timer and a clock reading each; `last_rx` is when the stream last gave bytes.
+            let next = match reader.try_recv_buffered() {
+                Some(r) => Ok(r),
+                None => {
+                    let r = tokio::time::timeout(interval, reader.recv()).await;
+                    if matches!(r, Ok(Ok(_))) {
+                        last_rx = Instant::now();
+                    }
+                    r
+                }
+            };
+            let msg = match next {
                 Err(_) => {
                     if last_rx.elapsed() >= self.settings.ping_timeout {
                         return SessionEnd::Lost(format!(
@@ -475,7 +487,6 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 }
                 Ok(Ok(m)) => m,
             };
-            last_rx = Instant::now();
             match msg {
                 Message::Ack { seq, status } => self.on_ack(seq, status),
                 Message::Ping { nonce } => {

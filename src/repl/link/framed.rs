@@ -186,6 +186,23 @@ struct Rx {
 }
 
 impl Rx {
+    /// The next message whose bytes are all buffered, verified; `None` when the stream must be
+    /// read first (nothing complete buffered, or a bulk payload arriving).
+    fn pop_buffered(&mut self) -> Option<Result<Message, LinkError>> {
+        if self.bulk.is_some() {
+            return None;
+        }
+        let peer = self.peer;
+        match self.dec.pop() {
+            Ok(Some(m)) => {
+                self.received.frames += 1;
+                Some(Ok(m))
+            }
+            Ok(None) => None,
+            Err(source) => Some(Err(LinkError::Wire { peer, source })),
+        }
+    }
+
     async fn recv<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> Result<Message, LinkError> {
         let peer = self.peer;
         loop {
@@ -212,13 +229,8 @@ impl Rx {
                     return Ok(m);
                 }
             }
-            if let Some(m) = self
-                .dec
-                .pop()
-                .map_err(|source| LinkError::Wire { peer, source })?
-            {
-                self.received.frames += 1;
-                return Ok(m);
+            if let Some(r) = self.pop_buffered() {
+                return r;
             }
             if let Some(plan) = self.dec.bulk_pending() {
                 // The bulk data (after `lead` payload bytes) starts at a BULK_ALIGN boundary.
@@ -401,6 +413,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next verified message. Cancel-safe: bytes read stay buffered for the next call.
     pub async fn recv(&mut self) -> Result<Message, LinkError> {
         self.rx.recv(&mut self.io).await
+    }
+
+    /// The next verified message if its bytes were already read, without touching the stream
+    /// (no timer or clock is needed for it); `None` when [`FrameReader::recv`] must read.
+    /// Messages come out in the same order either way.
+    pub fn try_recv_buffered(&mut self) -> Option<Result<Message, LinkError>> {
+        self.rx.pop_buffered()
     }
 
     /// Frames decoded and bytes read so far.

@@ -446,6 +446,71 @@ async fn bulk_payloads_survive_partial_io_and_cancelled_receives_and_arrive_alig
     assert_eq!(rx.traffic().1.frames, sent.frames);
 }
 
+/// Messages already read come out of `try_recv_buffered` without touching the stream, in
+/// the same order `recv` would give them; a bulk payload still arriving, and an empty buffer,
+/// leave it to `recv`; a corrupt buffered frame is an error there too.
+#[tokio::test]
+async fn buffered_messages_are_taken_without_a_read_in_order_and_verified() {
+    use crate::repl::wire::{FrameDecoder, FrameEncoder, DEFAULT_MAX_PAYLOAD};
+    use tokio::io::AsyncWriteExt;
+    let peer = addr("127.0.0.2:7789");
+    let mut enc = FrameEncoder::new(0, DEFAULT_MAX_PAYLOAD).unwrap();
+    let ack = |seq| Message::Ack { seq, status: 0 };
+    let mut expect: Vec<Message> = (1..=5).map(ack).collect();
+    expect.push(Message::Data(Data {
+        seq: 6,
+        epoch: 1,
+        offset: 0,
+        flags: DataFlags::default(),
+        data: Bytes::from(crate::repl::wire::tests::noise(6, 70_000)),
+    }));
+    expect.extend((7..=9).map(ack));
+    let mut bytes = vec![];
+    for m in &expect {
+        bytes.extend(enc.encode_to_vec(m).unwrap());
+    }
+    let (mut a, b) = tokio::io::duplex(1 << 20);
+    let framed = Framed::new(
+        b,
+        peer,
+        FrameEncoder::new(0, DEFAULT_MAX_PAYLOAD).unwrap(),
+        FrameDecoder::new(DEFAULT_MAX_PAYLOAD).unwrap(),
+    );
+    let (mut rx, _) = framed.detach_sender();
+    assert!(rx.try_recv_buffered().is_none(), "nothing was read yet");
+    a.write_all(&bytes).await.unwrap();
+    let (mut got, mut buffered) = (vec![], 0);
+    while got.len() < expect.len() {
+        match rx.try_recv_buffered() {
+            Some(m) => {
+                buffered += 1;
+                got.push(m.unwrap());
+            }
+            None => got.push(rx.recv().await.unwrap()),
+        }
+    }
+    assert_eq!(got, expect);
+    assert!(
+        buffered >= 4,
+        "only {buffered} messages came from the buffer"
+    );
+    assert!(rx.try_recv_buffered().is_none());
+    assert_eq!(rx.received().frames, expect.len() as u64);
+
+    // A valid ack, then one whose payload was damaged, in one read.
+    let mut corrupt = enc.encode_to_vec(&ack(11)).unwrap();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0x40;
+    a.write_all(&[enc.encode_to_vec(&ack(10)).unwrap(), corrupt].concat())
+        .await
+        .unwrap();
+    assert_eq!(rx.recv().await.unwrap(), ack(10));
+    assert!(matches!(
+        rx.try_recv_buffered(),
+        Some(Err(LinkError::Wire { .. }))
+    ));
+}
+
 /// The threaded writer keeps the channel's order and counts what it sent; a message it cannot
 /// encode stops it, and it shuts the socket down so both ends see the connection end at once
 /// (the session then resyncs what was outstanding) instead of waiting for a ping timeout.
