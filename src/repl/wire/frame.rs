@@ -530,7 +530,7 @@ impl FrameEncoder {
             if b.len() >= SEND_REF_MIN {
                 let go = match self.compressor.as_mut() {
                     Some(c) if self.gate.admit(raw_len) => {
-                        b.len() < PROBE_FROM_LEN
+                        raw_len < PROBE_FROM_LEN
                             || probe_judged(&mut self.gate, c, &mut self.scratch, &b, raw_len)
                     }
                     _ => false,

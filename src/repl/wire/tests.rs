@@ -813,7 +813,7 @@ proptest! {
                 // By reference exactly when it went raw without an attempt on the whole
                 // payload: no compressor, or a long payload whose probe failed (this test's
                 // few frames never close the gate).
-                let unattempted = level == 0 || b.len() >= frame::PROBE_FROM_LEN;
+                let unattempted = level == 0 || s.raw_len as usize >= frame::PROBE_FROM_LEN;
                 prop_assert_eq!(shared, !s.compressed && unattempted && b.len() >= frame::SEND_REF_MIN, "bulk of {} bytes", b.len());
             }
         }
