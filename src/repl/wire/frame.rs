@@ -435,6 +435,21 @@ fn probe_judged(
     promising
 }
 
+/// Whether a payload of `raw_len` bytes gets a compression attempt: it is at least
+/// [`MIN_COMPRESS_LEN`] long, `gate` admits it (consulted once, as `admit` counts refused bytes
+/// against the skip), and from [`PROBE_FROM_LEN`] on a probe of `probe_src` passes.
+fn attempt_judged(
+    gate: &mut CompressGate,
+    c: &mut zstd::bulk::Compressor<'static>,
+    scratch: &mut Vec<u8>,
+    probe_src: &[u8],
+    raw_len: usize,
+) -> bool {
+    raw_len >= MIN_COMPRESS_LEN
+        && gate.admit(raw_len)
+        && (raw_len < PROBE_FROM_LEN || probe_judged(gate, c, scratch, probe_src, raw_len))
+}
+
 fn check_max_payload(max: u32) -> Result<(), CodecConfigError> {
     if max < 65536 {
         return Err(CodecConfigError::MaxPayload(max));
@@ -523,18 +538,13 @@ impl FrameEncoder {
         }
         let payload_crc = crc.finalize();
         // Bulk data is copied in when the whole payload is to be compressed, or when it is
-        // short; otherwise it stays by reference and goes raw. Every payload consults the gate
-        // at most once (`admit` counts refused bytes against the skip).
+        // short; otherwise it stays by reference and goes raw. Every payload is judged once.
         let mut attempt = None;
         if let Some(b) = bulk.take() {
             if b.len() >= SEND_REF_MIN {
-                let go = match self.compressor.as_mut() {
-                    Some(c) if self.gate.admit(raw_len) => {
-                        raw_len < PROBE_FROM_LEN
-                            || probe_judged(&mut self.gate, c, &mut self.scratch, &b, raw_len)
-                    }
-                    _ => false,
-                };
+                let go = self.compressor.as_mut().is_some_and(|c| {
+                    attempt_judged(&mut self.gate, c, &mut self.scratch, &b, raw_len)
+                });
                 attempt = Some(go);
                 if go {
                     out.extend_from_slice(&b);
@@ -547,19 +557,12 @@ impl FrameEncoder {
         }
         let mut flags = 0;
         if let (Some(c), None) = (self.compressor.as_mut(), &bulk) {
-            let src = &out[start + HEADER_LEN..];
-            let short = raw_len < PROBE_FROM_LEN;
-            // Bulk data that passed the gate (and its probe, if long) above is compressed as
-            // is; other payloads are judged here.
-            let go = match attempt {
-                Some(go) => go,
-                None => {
-                    raw_len >= MIN_COMPRESS_LEN
-                        && self.gate.admit(raw_len)
-                        && (short
-                            || probe_judged(&mut self.gate, c, &mut self.scratch, src, raw_len))
-                }
-            };
+            // Bulk data judged above is compressed as decided there; other payloads are
+            // judged here.
+            let go = attempt.unwrap_or_else(|| {
+                let src = &out[start + HEADER_LEN..];
+                attempt_judged(&mut self.gate, c, &mut self.scratch, src, raw_len)
+            });
             if go {
                 self.scratch.clear();
                 // Room for one byte less than the raw payload: if zstd cannot fit, it fails

@@ -778,6 +778,13 @@ fn bulk_messages() -> impl Strategy<Value = Vec<Message>> {
     })
 }
 
+/// Whether `b`'s own memory is one of the segments `q` would write (queued by reference).
+fn queued_by_reference(q: &frame::FrameQueue, b: &Bytes) -> bool {
+    let mut iov = [std::io::IoSlice::new(&[]); 256];
+    let k = q.io_slices(&mut iov);
+    iov[..k].iter().any(|s| s.as_ptr() == b.as_ptr())
+}
+
 fn bulk_of(m: &Message) -> Option<&Bytes> {
     match m {
         Message::Data(d) => Some(&d.data),
@@ -804,12 +811,9 @@ proptest! {
         let mut enc = FrameEncoder::new(level, MAX).unwrap();
         let stats: Vec<FrameStats> = ms.iter().map(|m| enc.encode_into(m, &mut q).unwrap()).collect();
         prop_assert_eq!(q.len(), flat.len());
-        let mut iov = [std::io::IoSlice::new(&[]); 64];
-        let k = q.io_slices(&mut iov);
-        let ptrs: Vec<*const u8> = iov[..k].iter().map(|s| s.as_ptr()).collect();
         for (m, s) in ms.iter().zip(&stats) {
             if let Some(b) = bulk_of(m) {
-                let shared = ptrs.contains(&b.as_ptr());
+                let shared = queued_by_reference(&q, b);
                 // By reference exactly when it went raw without an attempt on the whole
                 // payload: no compressor, or a long payload whose probe failed (this test's
                 // few frames never close the gate).
@@ -1094,17 +1098,12 @@ fn failed_probes_close_the_gate_like_failed_compressions() {
 #[test]
 fn a_small_payload_goes_by_reference_only_when_no_attempt_is_made() {
     use super::frame::{CompressGate, FrameQueue, SEND_REF_MIN};
-    let shared = |q: &FrameQueue, b: &Bytes| {
-        let mut iov = [std::io::IoSlice::new(&[]); 256];
-        let k = q.io_slices(&mut iov);
-        iov[..k].iter().any(|s| s.as_ptr() == b.as_ptr())
-    };
     let text = Bytes::from(json_like(SEND_REF_MIN));
     let mut enc = FrameEncoder::new(1, MAX).unwrap();
     let mut q = FrameQueue::new();
     let s = enc.encode_into(&data_msg(1, text.clone()), &mut q).unwrap();
     assert!(
-        s.compressed && !shared(&q, &text),
+        s.compressed && !queued_by_reference(&q, &text),
         "an open gate compresses a 4 KiB payload"
     );
 
@@ -1120,7 +1119,7 @@ fn a_small_payload_goes_by_reference_only_when_no_attempt_is_made() {
         let s = enc.encode_into(&m, &mut q).unwrap();
         let Message::Data(d) = &m else { unreachable!() };
         assert!(
-            !s.compressed && !shared(&q, &d.data),
+            !s.compressed && !queued_by_reference(&q, &d.data),
             "attempted, so copied in"
         );
         msgs.push(m);
@@ -1133,7 +1132,7 @@ fn a_small_payload_goes_by_reference_only_when_no_attempt_is_made() {
         let s = enc.encode_into(&m, &mut q).unwrap();
         assert!(!s.compressed, "a closed gate sends raw");
         assert!(
-            shared(&q, &data),
+            queued_by_reference(&q, &data),
             "payload {i} was copied although no attempt was made"
         );
         msgs.push(m);
@@ -1142,7 +1141,7 @@ fn a_small_payload_goes_by_reference_only_when_no_attempt_is_made() {
     let small = Bytes::from(noise(9, SEND_REF_MIN - 1));
     let m = data_msg(200, small.clone());
     enc.encode_into(&m, &mut q).unwrap();
-    assert!(!shared(&q, &small));
+    assert!(!queued_by_reference(&q, &small));
     msgs.push(m);
     // The same bytes as the contiguous encoding, and they decode to the messages.
     let mut enc2 = FrameEncoder::new(1, MAX).unwrap();
