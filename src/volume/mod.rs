@@ -22,6 +22,7 @@
 pub mod control;
 pub mod plan;
 pub mod run;
+pub mod seqmap;
 pub mod session;
 pub mod status;
 pub mod verify;
@@ -44,6 +45,7 @@ use crate::meta::gen::{self, DiskFlags, JUST_CREATED};
 use crate::meta::store::{MetaStore, StoreError};
 use crate::repl::resync::{Progress, RateController};
 use crate::repl::wire::{Data, DataFlags, Message, VerifyReply};
+use seqmap::SeqMap;
 
 pub use status::{
     Connection, Counters, ResyncRole, ResyncStatus, Role, VerifyStatus, VolumeStatus,
@@ -168,12 +170,12 @@ struct State {
     session: Option<SessionTx>,
     next_session: u64,
     next_seq: u64,
-    pending: HashMap<u64, Pending>,
+    pending: SeqMap<Pending>,
     inflight_bytes: u64,
     ahead: bool,
     /// Chunks written while connected but not sent (ahead): no ack may clear them.
     unsent: DirtyBitmap,
-    app_ranges: HashMap<u64, Range<u64>>,
+    app_ranges: SeqMap<Range<u64>>,
     next_app: u64,
     resync_lock: Option<Range<u64>>,
     /// The region an online verify is comparing: application writes to it wait.
@@ -252,11 +254,11 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             session: None,
             next_session: 1,
             next_seq: 1,
-            pending: HashMap::new(),
+            pending: SeqMap::default(),
             inflight_bytes: 0,
             ahead: false,
             unsent: DirtyBitmap::new(geometry),
-            app_ranges: HashMap::new(),
+            app_ranges: SeqMap::default(),
             next_app: 0,
             resync_lock: None,
             verify_lock: None,
@@ -557,20 +559,24 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         }
     }
 
-    /// Queues `msg` on the session; returns its seq and a receiver for the peer's verdict.
+    /// Queues `msg` on the session (sent at `now`); returns its seq and a receiver for the
+    /// peer's verdict.
     fn send_tracked(
         st: &mut State,
         kind: PendingKind,
         range: Range<u64>,
+        now: Instant,
         make: impl FnOnce(u64) -> Message,
     ) -> Option<(u64, oneshot::Receiver<bool>)> {
-        let s = st.session.clone()?;
         let seq = st.next_seq;
+        // Borrowed, not cloned: a clone and drop of the sender per write were two atomic
+        // read-modify-writes on the channel (0.55% of node a's core in async 4k, session 11).
+        let sent = st.session.as_ref()?.tx.send(make(seq)).is_ok();
         st.next_seq += 1;
-        let (tx, rx) = oneshot::channel();
-        if s.tx.send(make(seq)).is_err() {
+        if !sent {
             return None;
         }
+        let (tx, rx) = oneshot::channel();
         let bytes = range.end - range.start;
         if kind != PendingKind::Control {
             st.inflight_bytes += bytes;
@@ -579,7 +585,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             seq,
             Pending {
                 local_done: kind != PendingKind::App,
-                sent_at: Instant::now(),
+                sent_at: now,
                 kind,
                 range,
                 peer_ok: None,
@@ -600,7 +606,8 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         let range = offset..offset + len;
         let mut st = self.st.borrow_mut();
         let st = &mut *st;
-        st.rate.on_app_write(Instant::now());
+        let now = Instant::now();
+        st.rate.on_app_write(now);
         if st.session.is_some()
             && !st.ahead
             && self.settings.mode == ReplicationMode::Async
@@ -615,7 +622,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             return None;
         }
         let epoch = st.session.as_ref().map(|s| s.id).unwrap_or(0);
-        let r = Self::send_tracked(st, PendingKind::App, range, |seq| {
+        let r = Self::send_tracked(st, PendingKind::App, range, now, |seq| {
             Message::Data(Data {
                 seq,
                 epoch,
@@ -918,8 +925,8 @@ impl<T: BlockTarget, D: MetaDevice> BlockTarget for MirroredVolume<T, D> {
         }
         let sent = if self.settings.mode == ReplicationMode::Sync {
             let mut st = self.st.borrow_mut();
-            Self::send_tracked(&mut st, PendingKind::Control, 0..0, |seq| Message::Flush {
-                seq,
+            Self::send_tracked(&mut st, PendingKind::Control, 0..0, Instant::now(), |seq| {
+                Message::Flush { seq }
             })
         } else {
             None

@@ -803,14 +803,20 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                             let at = (part.start - piece.start) as usize;
                             ResyncPayload::Bytes(data.slice(at..at + plen as usize))
                         };
-                        let sent = Self::send_tracked(&mut st, PendingKind::Resync, part, |seq| {
-                            Message::ResyncData(ResyncData {
-                                seq,
-                                offset,
-                                length: plen as u32,
-                                payload,
-                            })
-                        });
+                        let sent = Self::send_tracked(
+                            &mut st,
+                            PendingKind::Resync,
+                            part,
+                            Instant::now(),
+                            |seq| {
+                                Message::ResyncData(ResyncData {
+                                    seq,
+                                    offset,
+                                    length: plen as u32,
+                                    payload,
+                                })
+                            },
+                        );
                         if sent.is_some() {
                             if in_sync {
                                 st.counters.resync_bytes_in_sync += plen;
@@ -835,7 +841,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         .await;
         let done = {
             let mut st = self.st.borrow_mut();
-            Self::send_tracked(&mut st, PendingKind::Control, 0..0, |seq| {
+            Self::send_tracked(&mut st, PendingKind::Control, 0..0, Instant::now(), |seq| {
                 Message::ResyncDone { seq }
             })
         };

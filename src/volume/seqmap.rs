@@ -1,0 +1,74 @@
+//! Maps keyed by the volume's own counters (sequence numbers, write ids).
+//!
+//! Every write on the Primary inserts into and removes from two such maps on the data-path
+//! thread. The keys are numbers this node hands out in order, never chosen by a peer, so they
+//! need no protection against collision attacks: a multiplicative hash spreads consecutive keys
+//! over the table for a few cycles, where the standard library's SipHash costs tens of
+//! nanoseconds per lookup (measured in docs/BENCHMARKS.md, session 11).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A `HashMap` from a counter the volume assigns to `V`.
+pub type SeqMap<V> = HashMap<u64, V, BuildHasherDefault<SeqHasher>>;
+
+/// Fibonacci hashing of one `u64`: the key times 2^64 / φ. Multiplying by an odd constant is a
+/// bijection on every run of low bits (consecutive keys fill distinct buckets), and the high
+/// bits, which hashbrown uses as its tag, depend on the whole key.
+///
+/// Invariant: only `write_u64` is used for the keys of a [`SeqMap`]; `write` (other key types)
+/// folds the bytes in with the same multiply, so equal inputs still hash equally.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SeqHasher(u64);
+
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl Hasher for SeqHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(GOLDEN);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(GOLDEN);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::hash::BuildHasher;
+
+    #[test]
+    fn consecutive_keys_land_in_distinct_buckets_and_distinct_tags_spread() {
+        let b = BuildHasherDefault::<SeqHasher>::default();
+        // Bucket index = low bits; 1024 consecutive keys fill 1024 buckets exactly.
+        let buckets: HashSet<u64> = (5000..6024u64).map(|k| b.hash_one(k) & 1023).collect();
+        assert_eq!(buckets.len(), 1024);
+        // hashbrown's tag is the top 7 bits: consecutive keys use all 128 values.
+        let tags: HashSet<u64> = (0..4096u64).map(|k| b.hash_one(k) >> 57).collect();
+        assert_eq!(tags.len(), 128);
+    }
+
+    #[test]
+    fn the_map_behaves_as_a_map() {
+        let mut m: SeqMap<u64> = SeqMap::default();
+        for k in 0..10_000u64 {
+            m.insert(k * 3, k);
+        }
+        for k in (0..10_000u64).step_by(2) {
+            assert_eq!(m.remove(&(k * 3)), Some(k));
+        }
+        assert_eq!(m.len(), 5_000);
+        assert!((1..10_000u64)
+            .step_by(2)
+            .all(|k| m.get(&(k * 3)) == Some(&k)));
+        assert_eq!(m.get(&1), None);
+    }
+}
