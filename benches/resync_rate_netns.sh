@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # benches/resync_rate.sh in two network namespaces joined by one replication veth pair whose
 # egress on node a is capped with `tc tbf` (default 200 MB/s). Needs root, iproute2 (ip, tc).
-# Usage: benches/resync_rate_netns.sh [CAP_MEGABYTES_PER_SEC]   (env as benches/resync_rate.sh)
+# Usage: benches/resync_rate_netns.sh [CAP_MEGABYTES_PER_SEC]   (env as benches/resync_rate.sh,
+#   and MTU of the veth pair, default 9001; RAW_BYTES, default 1 GiB: the size of the plain TCP
+#   transfer measured first over the same capped link, the baseline the resync is compared with)
 set -euo pipefail
 CAP=${1:-200}
 for t in ip tc; do command -v $t >/dev/null || { echo "$t missing: install iproute2" >&2; exit 1; }; done
@@ -24,9 +26,33 @@ ip link set $VB netns $NB
 ip -n $NA addr add 10.112.$id.1/24 dev $VA
 ip -n $NB addr add 10.112.$id.2/24 dev $VB
 for n in $NA $NB; do ip -n $n link set lo up; done
-ip -n $NA link set $VA up
-ip -n $NB link set $VB up
+# 9001 bytes: the MTU of an ENI between EC2 instances of one VPC, as in mirror_fio_netns.sh.
+# tbf charges every packet's headers against the cap, so at 1500 bytes plain TCP carries at
+# most about 0.957 of it as payload, at 9001 about 0.993.
+MTU=${MTU:-9001}
+ip -n $NA link set $VA mtu "$MTU" up
+ip -n $NB link set $VB mtu "$MTU" up
 # tc's "mbit" is megabits per second; CAP is megabytes per second.
 ip netns exec $NA tc qdisc add dev $VA root tbf rate $((CAP * 8))mbit burst 2mb latency 50ms
-NS_A=$NA NS_B=$NB CAP_BYTES=$((CAP * 1000000)) "$here/resync_rate.sh" \
-  /var/tmp/trb$id-a.img /var/tmp/trb$id-b.img 10.112.$id.1:7789 10.112.$id.2:7789 $VA $VB
+# The baseline: plain TCP (one socket, 4 MiB writes, the reader discarding) over the same link.
+ip netns exec $NB python3 -c '
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 9999)); s.listen(1); c, _ = s.accept(); b = bytearray(1 << 20)
+while c.recv_into(b): pass
+c.close()' 10.112.$id.2 &
+sleep 0.5
+raw=$(ip netns exec $NA python3 -c '
+import os, socket, sys, time
+total = int(sys.argv[2]); buf = os.urandom(4 << 20); n = 0
+s = socket.create_connection((sys.argv[1], 9999)); t = time.time()
+while n < total: s.sendall(buf); n += len(buf)
+s.shutdown(socket.SHUT_WR); s.recv(1); print("%.1f" % (n / (time.time() - t) / 1e6))' \
+  10.112.$id.2 "${RAW_BYTES:-1073741824}")
+wait
+echo "# plain TCP over the same link (MTU $MTU, cap $CAP MB/s): $raw MB/s of payload"
+out=$(NS_A=$NA NS_B=$NB CAP_BYTES=$((CAP * 1000000)) "$here/resync_rate.sh" \
+  /var/tmp/trb$id-a.img /var/tmp/trb$id-b.img 10.112.$id.1:7789 10.112.$id.2:7789 $VA $VB)
+echo "$out"
+rate=$(sed -n 's/.* rate=\([0-9.]*\)MB\/s.*/\1/p' <<<"$out" | tail -1)
+python3 -c 'import sys; print("resync / plain TCP over the same link: %.2f" % (float(sys.argv[1]) / float(sys.argv[2])))' "$rate" "$raw"

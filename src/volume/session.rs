@@ -40,7 +40,7 @@ use crate::repl::wire::{
 /// Bit of `Hello::disk_state` above the metadata flags: the sender is Primary now.
 pub const HELLO_PRIMARY: u32 = 1 << 31;
 /// Largest resync piece.
-const RESYNC_PIECE: u64 = 256 << 10;
+const RESYNC_PIECE: u64 = 1 << 20;
 /// Resync pieces in flight.
 const RESYNC_WINDOW: usize = 8;
 /// Largest bitmap chunk payload.
