@@ -569,8 +569,9 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         make: impl FnOnce(u64) -> Message,
     ) -> Option<(u64, oneshot::Receiver<bool>)> {
         let seq = st.next_seq;
-        // Borrowed, not cloned: a clone and drop of the sender per write were two atomic
-        // read-modify-writes on the channel (0.55% of node a's core in async 4k, session 11).
+        // Borrowed, not cloned: a clone and drop of the sender per write were atomic increments
+        // and decrements of the channel's counts (0.55% of node a's core in async 4k, session
+        // 11 in docs/BENCHMARKS.md).
         let sent = st.session.as_ref()?.tx.send(make(seq)).is_ok();
         st.next_seq += 1;
         if !sent {
