@@ -9,6 +9,7 @@ pub mod cloud;
 pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod fibhash;
 pub mod meta;
 pub mod nbd;
 pub mod ops;

@@ -10,8 +10,7 @@
 //! whole slot table (the *context*), so the last [`AlGeometry::coverage`] transactions
 //! rebuild the table ([`replay`]). Everything here is pure; `store` does the I/O.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use crate::fibhash::FibMap;
 use std::ops::Range;
 
 /// Default extent size: 4 MiB (DRBD's AL extent).
@@ -179,27 +178,8 @@ pub struct ActivityLog {
 /// End of the LRU list.
 const NIL: u32 = u32::MAX;
 
-/// Hasher for extent numbers: one multiply (Fibonacci hashing) instead of SipHash on the
-/// hit path. Keys are bounded by the device size and the map by the slot count, so a
-/// crafted collision pattern costs at most a scan of the slots, never unbounded work.
-#[derive(Default)]
-struct ExtentHasher(u64);
-
-impl Hasher for ExtentHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-type ExtentMap = HashMap<u32, u32, BuildHasherDefault<ExtentHasher>>;
+/// Extent number -> slot (see [`crate::fibhash`] for why one multiply is enough).
+type ExtentMap = FibMap<u32, u32>;
 
 impl ActivityLog {
     /// An empty log.

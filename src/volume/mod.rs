@@ -22,7 +22,6 @@
 pub mod control;
 pub mod plan;
 pub mod run;
-pub mod seqmap;
 pub mod session;
 pub mod status;
 pub mod verify;
@@ -39,13 +38,13 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::block::{BlockError, BlockResult, BlockTarget, Extent, TargetInfo, ZeroFlags};
 use crate::config::{ReplicationMode, SplitBrainPolicy};
 use crate::engine::buf::AlignedBuf;
+use crate::fibhash::FibMap;
 use crate::meta::bitmap::DirtyBitmap;
 use crate::meta::device::MetaDevice;
 use crate::meta::gen::{self, DiskFlags, JUST_CREATED};
 use crate::meta::store::{MetaStore, StoreError};
 use crate::repl::resync::{Progress, RateController};
 use crate::repl::wire::{Data, DataFlags, Message, VerifyReply};
-use seqmap::SeqMap;
 
 pub use status::{
     Connection, Counters, ResyncRole, ResyncStatus, Role, VerifyStatus, VolumeStatus,
@@ -170,12 +169,12 @@ struct State {
     session: Option<SessionTx>,
     next_session: u64,
     next_seq: u64,
-    pending: SeqMap<Pending>,
+    pending: FibMap<u64, Pending>,
     inflight_bytes: u64,
     ahead: bool,
     /// Chunks written while connected but not sent (ahead): no ack may clear them.
     unsent: DirtyBitmap,
-    app_ranges: SeqMap<Range<u64>>,
+    app_ranges: FibMap<u64, Range<u64>>,
     next_app: u64,
     resync_lock: Option<Range<u64>>,
     /// The region an online verify is comparing: application writes to it wait.
@@ -254,11 +253,11 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             session: None,
             next_session: 1,
             next_seq: 1,
-            pending: SeqMap::default(),
+            pending: FibMap::default(),
             inflight_bytes: 0,
             ahead: false,
             unsent: DirtyBitmap::new(geometry),
-            app_ranges: SeqMap::default(),
+            app_ranges: FibMap::default(),
             next_app: 0,
             resync_lock: None,
             verify_lock: None,
