@@ -11,7 +11,7 @@ use twinvol::meta::bitmap::Granularity;
 use twinvol::meta::device::{Fault, MemDevice};
 use twinvol::meta::format::{BlockId, FormatError, BLOCK};
 use twinvol::meta::gen::GenIds;
-use twinvol::meta::store::{inspect, CreateOptions, Finding, MetaStore, StoreError};
+use twinvol::meta::store::{inspect, CreateOptions, Finding, MetaStore, Prepared, StoreError};
 
 const MIB: u64 = 1 << 20;
 const GRAN: u64 = 4096;
@@ -99,8 +99,14 @@ fn run(store: MetaStore<MemDevice>, ops: &[Op], model: &mut Model) -> Result<(),
         match *op {
             Op::Write(off, len) => {
                 store.mark_dirty(off, len)?;
-                store.prepare_write(off, len)?;
+                let prepared = store.prepare_write(off, len)?;
+                assert!(
+                    matches!(prepared, Prepared::Ready(_)),
+                    "write {off}+{len}: {prepared:?} although no write is in flight"
+                );
                 model.must_be_dirty.extend(chunks(off, len));
+                // The data write goes out and ends; its bits are set, so the log may let it go.
+                assert!(store.complete_write(off, len));
             }
             Op::Ack(off, len) => {
                 store.clear_dirty(off, len)?;

@@ -49,6 +49,7 @@ fn base() -> VolumeStatus {
             payload_bytes_sent: 0,
             wire_bytes_sent: 0,
             writes_sent: 0,
+            activity_log_waits: 0,
         },
         current_generation: "7a3f00c19e2b4d11".into(),
         verify: None,

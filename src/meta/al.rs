@@ -4,7 +4,11 @@
 //! issued, a transaction naming the extent is durable on disk; after a crash every extent
 //! the log names is treated as dirty. A write to a hot extent (a *hit*) costs no metadata
 //! I/O at all. An extent leaves the log (eviction) only in a transaction written after the
-//! bitmap pages covering it are durable, so its dirty bits are never lost.
+//! bitmap pages covering it are durable, so its dirty bits are never lost. An extent with
+//! writes in flight is never evicted ([`ActivityLog::acquire`] and [`ActivityLog::release`]
+//! count them, as DRBD's activity log does): a crash may interrupt such a write on either
+//! copy, and only the log tells the next open to resync it. A write that finds every slot it
+//! could take busy waits ([`WritePlan::Wait`]) until one of those writes ends.
 //!
 //! On disk each transaction carries its updates (slot <- extent) plus a rotating slice of the
 //! whole slot table (the *context*), so the last [`AlGeometry::coverage`] transactions
@@ -139,6 +143,9 @@ pub enum WritePlan {
     /// These extents must enter the log first (persist evicted extents' bitmap pages, write
     /// the transaction, then [`ActivityLog::apply`]).
     Transaction(Vec<AlUpdate>),
+    /// Too few slots hold no write in flight to take this write's cold extents: retry after
+    /// a write ends ([`ActivityLog::release`]).
+    Wait,
 }
 
 /// One transaction as written to disk.
@@ -162,7 +169,10 @@ pub struct AlRecord {
 /// Invariants: `index[e] == s` iff `table[s] == e` and `e != EMPTY`; an extent is in at most
 /// one slot. Every slot is on the doubly linked list `prev`/`next` from `head` (the next
 /// victim: empty slots first, then least recently used) to `tail` (most recently used), so a
-/// hit and a victim choice are O(1) (O(width of the write) at worst).
+/// hit is O(1) and a victim choice walks past only the slots this write uses and the slots
+/// with writes in flight (those were used recently, so they sit near the tail). `refs[s]` is
+/// the number of writes in flight in slot `s`'s extent (0 for an empty slot); a slot with
+/// `refs[s] > 0` is never a victim.
 #[derive(Debug, Clone)]
 pub struct ActivityLog {
     geometry: AlGeometry,
@@ -173,6 +183,7 @@ pub struct ActivityLog {
     head: u32,
     tail: u32,
     context_cursor: u32,
+    refs: Vec<u32>,
 }
 
 /// End of the LRU list.
@@ -209,6 +220,7 @@ impl ActivityLog {
             head: NIL,
             tail: NIL,
             context_cursor: 0,
+            refs: vec![0; n],
         };
         // Empty slots at the victim end, occupied ones after them, each in slot order.
         for want_empty in [true, false] {
@@ -288,7 +300,9 @@ impl ActivityLog {
     }
 
     /// Plans a write of `len` bytes at `offset`: [`WritePlan::Hit`] when all its extents are
-    /// hot (their LRU age refreshed), otherwise the updates to log. Does not change the table.
+    /// hot (their LRU age refreshed), otherwise the updates to log, or [`WritePlan::Wait`]
+    /// when the victims would have to include a slot with writes in flight. Does not change
+    /// the table.
     pub fn access(&mut self, offset: u64, len: u64) -> Result<WritePlan, AlError> {
         let extents = self.geometry.extents_of(offset, len);
         if extents.end > u64::from(u32::MAX) {
@@ -312,24 +326,23 @@ impl ActivityLog {
             });
         }
         // Victims from the head of the LRU list (empty slots first, then least recently
-        // used), skipping slots this write uses: they were just touched, so they sit at the
-        // tail and the walk is short.
+        // used), skipping slots this write uses and slots with writes in flight: both were
+        // used recently, so they sit towards the tail and the walk is short.
         let mut updates: Vec<AlUpdate> = Vec::with_capacity(cold.len());
         let mut cursor = self.head;
         for extent in cold {
             while cursor != NIL {
                 let e = self.table[cursor as usize];
-                if e == EMPTY || !extents.contains(&u64::from(e)) {
+                if e == EMPTY
+                    || (self.refs[cursor as usize] == 0 && !extents.contains(&u64::from(e)))
+                {
                     break;
                 }
                 cursor = self.next[cursor as usize];
             }
             let slot = cursor;
             if slot == NIL {
-                return Err(AlError::WriteTooWide {
-                    extents: width,
-                    slots: self.geometry.slots,
-                });
+                return Ok(WritePlan::Wait);
             }
             cursor = self.next[slot as usize];
             let old = self.table[slot as usize];
@@ -355,6 +368,8 @@ impl ActivityLog {
             }
             if let Some(prev) = self.index.insert(u.extent, u.slot) {
                 if prev != u.slot {
+                    // The extent moves: so do its writes in flight.
+                    self.refs[s] += std::mem::take(&mut self.refs[prev as usize]);
                     self.table[prev as usize] = EMPTY;
                     self.unlink(prev);
                     self.push_front(prev);
@@ -363,6 +378,52 @@ impl ActivityLog {
             self.table[s] = u.extent;
             self.touch(u.slot);
         }
+    }
+
+    /// Counts a write of `len` bytes at `offset` as in flight in each of its extents, which
+    /// must all be hot (after [`WritePlan::Hit`], or once the transaction is applied): none of
+    /// them is evicted until [`Self::release`] of the same range. Returns false, counting
+    /// nothing, if one is not hot.
+    pub fn acquire(&mut self, offset: u64, len: u64) -> bool {
+        let extents = self.geometry.extents_of(offset, len);
+        if !extents.clone().all(|e| self.slot_of(e).is_some()) {
+            return false;
+        }
+        for e in extents {
+            if let Some(s) = self.slot_of(e) {
+                self.refs[s as usize] += 1;
+            }
+        }
+        true
+    }
+
+    /// Ends a write [`Self::acquire`]d with the same range: its extents may be evicted once no
+    /// other write is in flight in them. Returns false, changing nothing, if some extent does
+    /// not count a write in flight (a release without its acquire).
+    pub fn release(&mut self, offset: u64, len: u64) -> bool {
+        let extents = self.geometry.extents_of(offset, len);
+        let held = |e| self.slot_of(e).is_some_and(|s| self.refs[s as usize] > 0);
+        if !extents.clone().all(held) {
+            return false;
+        }
+        for e in extents {
+            if let Some(s) = self.slot_of(e) {
+                self.refs[s as usize] -= 1;
+            }
+        }
+        true
+    }
+
+    /// The slot holding extent `e`, if it is hot.
+    fn slot_of(&self, e: u64) -> Option<u32> {
+        u32::try_from(e)
+            .ok()
+            .and_then(|e| self.index.get(&e).copied())
+    }
+
+    /// Writes in flight, summed over the extents they touch.
+    pub fn in_flight(&self) -> u64 {
+        self.refs.iter().map(|r| u64::from(*r)).sum()
     }
 
     /// The record to write for `updates`, carrying the next context slice of the table as
@@ -503,6 +564,8 @@ pub fn simulate(
         }
         match al.access(off, write_len)? {
             WritePlan::Hit => out.hits += 1,
+            // No write is ever acquired here, so every slot can be a victim.
+            WritePlan::Wait => unreachable!("simulate holds no write in flight"),
             WritePlan::Transaction(updates) => {
                 for ev in updates.iter().filter_map(|u| u.evicted) {
                     let r = geometry.extent_bytes(ev);
@@ -617,6 +680,49 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn an_extent_with_a_write_in_flight_is_never_evicted() {
+        let mut al = ActivityLog::new(AlGeometry::new(4 * MIB, 2).unwrap());
+        for e in 0..2u64 {
+            let WritePlan::Transaction(u) = al.access(e * 4 * MIB, 1).unwrap() else {
+                panic!()
+            };
+            al.apply(&u);
+            assert!(al.acquire(e * 4 * MIB, 1));
+        }
+        assert_eq!(al.in_flight(), 2);
+        // Both slots hold a write in flight: a third extent waits.
+        assert_eq!(al.access(8 * MIB, 1).unwrap(), WritePlan::Wait);
+        // A hit needs no slot and proceeds.
+        assert_eq!(al.access(4 * MIB + 7, 1).unwrap(), WritePlan::Hit);
+        assert!(al.acquire(4 * MIB + 7, 1));
+        // Extent 1 (the more recent) is free of writes first: it is the victim, not extent 0.
+        assert!(al.release(4 * MIB, 1));
+        assert_eq!(al.access(8 * MIB, 1).unwrap(), WritePlan::Wait);
+        assert!(al.release(4 * MIB + 7, 1));
+        let WritePlan::Transaction(u) = al.access(8 * MIB, 1).unwrap() else {
+            panic!()
+        };
+        assert_eq!(u[0].evicted, Some(1));
+        // A release without its acquire changes nothing.
+        assert!(!al.release(4 * MIB, 1));
+        assert!(!al.release(40 * MIB, 1));
+        assert_eq!(al.in_flight(), 1);
+    }
+
+    #[test]
+    fn acquire_needs_every_extent_hot() {
+        let mut al = ActivityLog::new(small());
+        assert!(!al.acquire(0, 1));
+        let WritePlan::Transaction(u) = al.access(0, 1).unwrap() else {
+            panic!()
+        };
+        al.apply(&u);
+        // Spans extents 0 (hot) and 1 (cold): nothing is counted.
+        assert!(!al.acquire(4 * MIB - 1, 2));
+        assert_eq!(al.in_flight(), 0);
+    }
+
     proptest! {
         #[test]
         fn eviction_order_matches_a_recency_list_model(slots in 1u64..20, writes in proptest::collection::vec(0u64..40, 1..400)) {
@@ -637,6 +743,7 @@ mod tests {
                         prop_assert_eq!(u[0].evicted, expected);
                         al.apply(&u);
                     }
+                    WritePlan::Wait => prop_assert!(false, "no write is in flight, yet extent {} waits", e),
                 }
                 order.push(e);
                 let mut hot: Vec<u32> = al.hot_extents().collect();
@@ -644,6 +751,43 @@ mod tests {
                 let mut model = order.clone();
                 model.sort_unstable();
                 prop_assert_eq!(hot, model);
+            }
+        }
+
+        #[test]
+        fn no_extent_with_a_write_in_flight_is_ever_evicted(
+            slots in 1u64..8,
+            ops in proptest::collection::vec((any::<bool>(), 0u64..16), 1..400),
+        ) {
+            let mut al = ActivityLog::new(AlGeometry::new(MIB, slots).unwrap());
+            // Extents of the writes in flight, one entry per write.
+            let mut in_flight: Vec<u32> = Vec::new();
+            for (start, x) in ops {
+                if !start && !in_flight.is_empty() {
+                    let e = in_flight.swap_remove(x as usize % in_flight.len());
+                    prop_assert!(al.release(u64::from(e) * MIB, 1));
+                    continue;
+                }
+                let e = x as u32;
+                match al.access(x * MIB, 1).unwrap() {
+                    WritePlan::Hit => {}
+                    WritePlan::Transaction(u) => {
+                        for ev in u.iter().filter_map(|u| u.evicted) {
+                            prop_assert!(!in_flight.contains(&ev), "evicted extent {} with a write in flight", ev);
+                        }
+                        al.apply(&u);
+                    }
+                    WritePlan::Wait => {
+                        // Only when every slot holds an extent with a write in flight.
+                        let hot: Vec<u32> = al.hot_extents().collect();
+                        prop_assert_eq!(hot.len() as u64, slots);
+                        prop_assert!(hot.iter().all(|h| in_flight.contains(h)));
+                        continue;
+                    }
+                }
+                prop_assert!(al.acquire(x * MIB, 1));
+                in_flight.push(e);
+                prop_assert_eq!(al.in_flight(), in_flight.len() as u64);
             }
         }
 

@@ -10,8 +10,10 @@
 //! - [`cli`]: `create-md`, `show-md`, `dump-bitmap`, `new-current-uuid`.
 //!
 //! The volume's write path: [`store::MetaStore::mark_dirty`], then
-//! [`store::MetaStore::prepare_write`] (no I/O on an activity-log hit), then the data write;
-//! bits are cleared with [`store::MetaStore::clear_dirty`] once both copies hold the data.
+//! [`store::MetaStore::prepare_write`] (no I/O on an activity-log hit), then the data write,
+//! then [`store::MetaStore::complete_write`] once both copies hold it or its bits are set
+//! (until then its extents stay in the activity log); bits are cleared with
+//! [`store::MetaStore::clear_dirty`] once both copies hold the data.
 //! Internal metadata shrinks the exported size to [`internal_placement`](format::internal_placement)'s
 //! `data_size` (give the engine `reserved_tail = device_len - data_size`).
 

@@ -3,9 +3,10 @@
 //! Durability rules (each public mutating call returns `Ok` only after they hold):
 //! - the superblock is written to the slot *not* holding the newest good copy, then flushed,
 //!   so a torn write leaves the previous copy intact;
-//! - [`MetaStore::prepare_write`] returns `Ok` only when every extent the write touches is in
-//!   a durable activity-log transaction; bitmap pages covering an extent are durable before
-//!   the transaction that evicts it is written;
+//! - [`MetaStore::prepare_write`] returns [`Prepared::Ready`] only when every extent the write
+//!   touches is in a durable activity-log transaction, and those extents stay in the log until
+//!   [`MetaStore::complete_write`]; bitmap pages covering an extent are durable before the
+//!   transaction that evicts it is written;
 //! - after any I/O error the store refuses further changes ([`StoreError::Failed`]): the
 //!   only way on is to reopen, which replays the log.
 //!
@@ -69,6 +70,16 @@ pub enum StoreError {
     /// An earlier write or flush failed.
     #[error("an earlier metadata write failed; the in-memory state may be ahead of the disk: reopen the metadata")]
     Failed,
+}
+
+/// What [`MetaStore::prepare_write`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prepared {
+    /// The write may be issued; this many metadata blocks were written (0 on a hit).
+    Ready(u32),
+    /// Every activity-log slot the write could take holds writes in flight: nothing was
+    /// written; try again once one of them completes.
+    Wait,
 }
 
 /// How to lay out new metadata.
@@ -622,8 +633,11 @@ impl<D: MetaDevice> MetaStore<D> {
 
     /// Makes the activity log cover a write before it is issued: nothing to do on a hit;
     /// otherwise persists the bitmap pages of evicted extents, then writes and flushes one
-    /// transaction. Returns the number of metadata blocks written.
-    pub fn prepare_write(&mut self, offset: u64, len: u64) -> Result<u32, StoreError> {
+    /// transaction. On [`Prepared::Ready`] the write counts as in flight in its extents, which
+    /// stay in the log until [`Self::complete_write`] of the same range; on
+    /// [`Prepared::Wait`] nothing changed (every slot the write could take has writes in
+    /// flight): call again after another write completes.
+    pub fn prepare_write(&mut self, offset: u64, len: u64) -> Result<Prepared, StoreError> {
         self.guard()?;
         if offset
             .checked_add(len)
@@ -637,7 +651,11 @@ impl<D: MetaDevice> MetaStore<D> {
             .into());
         }
         let updates = match self.al.access(offset, len)? {
-            WritePlan::Hit => return Ok(0),
+            WritePlan::Hit => {
+                self.al.acquire(offset, len);
+                return Ok(Prepared::Ready(0));
+            }
+            WritePlan::Wait => return Ok(Prepared::Wait),
             WritePlan::Transaction(u) => u,
         };
         let mut written = 0;
@@ -666,7 +684,16 @@ impl<D: MetaDevice> MetaStore<D> {
         self.flush("writing an activity-log transaction")?;
         self.al_seq += 1;
         self.al.apply(&updates);
-        Ok(written + 1)
+        self.al.acquire(offset, len);
+        Ok(Prepared::Ready(written + 1))
+    }
+
+    /// Ends a write that [`Self::prepare_write`] made ready: call it once the write is on both
+    /// copies, or once its chunks are dirty in the bitmap (in memory is enough: an eviction
+    /// persists them first). Its extents may then leave the activity log. No I/O. Returns
+    /// false, changing nothing, for a range with no write in flight.
+    pub fn complete_write(&mut self, offset: u64, len: u64) -> bool {
+        self.al.release(offset, len)
     }
 
     /// Writes every changed bitmap page and flushes. Returns pages written.
@@ -738,10 +765,13 @@ mod tests {
         let dev = MemDevice::new(300 * MIB);
         let mut s = MetaStore::create(dev.clone(), &opts()).unwrap();
         s.mark_dirty(5 * MIB + 4096, 4096).unwrap();
-        assert_eq!(s.prepare_write(5 * MIB + 4096, 4096).unwrap(), 1);
+        assert_eq!(
+            s.prepare_write(5 * MIB + 4096, 4096).unwrap(),
+            Prepared::Ready(1)
+        );
         assert_eq!(
             s.prepare_write(5 * MIB, 4096).unwrap(),
-            0,
+            Prepared::Ready(0),
             "a hit writes nothing"
         );
         // crash: no persist_bitmap
@@ -760,11 +790,20 @@ mod tests {
         let mut s = MetaStore::create(dev.clone(), &opts()).unwrap();
         for e in 0..4 {
             s.mark_dirty(e * MIB, 4096).unwrap();
-            s.prepare_write(e * MIB, 4096).unwrap();
+            assert_eq!(s.prepare_write(e * MIB, 4096).unwrap(), Prepared::Ready(1));
         }
         s.mark_dirty(200 * MIB, 4096).unwrap();
+        // Every slot holds a write in flight: nothing may be evicted, nothing is written.
+        assert_eq!(s.prepare_write(200 * MIB, 4096).unwrap(), Prepared::Wait);
+        for e in 0..4 {
+            assert!(s.complete_write(e * MIB, 4096));
+        }
+        assert!(!s.complete_write(0, 4096), "completed twice");
         // Evicts extent 0 (page 0 changed): page write + transaction.
-        assert_eq!(s.prepare_write(200 * MIB, 4096).unwrap(), 2);
+        assert_eq!(
+            s.prepare_write(200 * MIB, 4096).unwrap(),
+            Prepared::Ready(2)
+        );
         let (s2, _) = MetaStore::open(dev.reboot()).unwrap();
         assert!(s2.bitmap().is_dirty(0, 4096).unwrap());
         assert!(!s2.activity_log().is_hot(0));

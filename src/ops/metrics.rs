@@ -361,7 +361,7 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
         }
     }
     let c = &r["counters"];
-    let counters: [(&'static str, Option<&'static str>, &'static str, &str); 12] = [
+    let counters: [(&'static str, Option<&'static str>, &'static str, &str); 13] = [
         (
             "twinvol_volume_data_sent_bytes",
             Some("bytes"),
@@ -433,6 +433,12 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
             Some("bytes"),
             "Checksum resync: dirty bytes found identical on both copies and not sent.",
             "resync_bytes_in_sync",
+        ),
+        (
+            "twinvol_volume_activity_log_waits",
+            None,
+            "Application writes that waited for an activity-log slot (every slot had writes in flight).",
+            "activity_log_waits",
         ),
     ];
     for (name, unit, help, key) in counters {
@@ -1025,6 +1031,7 @@ mod tests {
                 payload_bytes_sent: 0,
                 wire_bytes_sent: 0,
                 writes_sent: 0,
+                activity_log_waits: 6,
             },
             current_generation: "00ff".into(),
             verify: None,
@@ -1067,6 +1074,10 @@ mod tests {
             "33"
         );
         assert_eq!(v("twinvol_volume_ahead_events_total{volume=\"data\"}"), "1");
+        assert_eq!(
+            v("twinvol_volume_activity_log_waits_total{volume=\"data\"}"),
+            "6"
+        );
         assert_eq!(v("twinvol_volume_ahead{volume=\"data\"}"), "1");
         assert_eq!(
             v("twinvol_volume_connection_state{volume=\"data\",twinvol_volume_connection_state=\"connected\"}"),

@@ -42,7 +42,7 @@ use crate::fibhash::FibMap;
 use crate::meta::bitmap::DirtyBitmap;
 use crate::meta::device::MetaDevice;
 use crate::meta::gen::{self, DiskFlags, JUST_CREATED};
-use crate::meta::store::{MetaStore, StoreError};
+use crate::meta::store::{MetaStore, Prepared, StoreError};
 use crate::repl::resync::{Progress, RateController};
 use crate::repl::wire::{Data, DataFlags, Message, VerifyReply};
 
@@ -671,6 +671,18 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         }
     }
 
+    /// Ends an application write in the activity log (see [`MetaStore::complete_write`]).
+    fn complete_write(&self, range: Range<u64>) {
+        if !self
+            .meta
+            .borrow_mut()
+            .complete_write(range.start, range.end - range.start)
+        {
+            tracing::error!(volume = %self.settings.volume, offset = range.start, len = range.end - range.start, "activity log: a write ended that was not in flight (bookkeeping bug; the log stays conservative)");
+            debug_assert!(false, "complete_write without prepare_write: {range:?}");
+        }
+    }
+
     fn try_finish(&self, seq: u64) {
         let mut st = self.st.borrow_mut();
         let ready = st
@@ -699,6 +711,10 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                     .borrow_mut()
                     .mark_dirty(p.range.start, p.range.end - p.range.start);
             }
+        }
+        if p.kind == PendingKind::App {
+            // On both copies, or dirty just above.
+            self.complete_write(p.range.clone());
         }
         if ok && p.kind == PendingKind::Resync {
             if let Some(r) = st.resync.as_mut() {
@@ -745,30 +761,51 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
     async fn write_primary(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
         let len = data.len() as u64;
         let range = offset..offset + len;
+        // The activity log covers the write against a crash of this node until both copies
+        // hold it or its bits are set (`complete_write`); bits are set only for a write the
+        // peer will not receive, or that fails on either side. Taken in the same step as the
+        // check of the locks, so no resync or verify can lock the range in between.
+        let mut prepared = Ok(());
+        let mut counted_wait = false;
         self.wait_until(|v| {
-            let st = v.st.borrow();
-            // Bound first: the iterator borrows `st`, which must outlive it.
-            #[allow(clippy::let_and_return)]
-            let free = [&st.resync_lock, &st.verify_lock]
-                .into_iter()
-                .flatten()
-                .all(|l| !Self::overlaps(l, &range));
-            free
+            let free = {
+                let st = v.st.borrow();
+                // Bound first: the iterator borrows `st`, which must outlive it.
+                #[allow(clippy::let_and_return)]
+                let free = [&st.resync_lock, &st.verify_lock]
+                    .into_iter()
+                    .flatten()
+                    .all(|l| !Self::overlaps(l, &range));
+                free
+            };
+            if !free {
+                return false;
+            }
+            let r = v.meta.borrow_mut().prepare_write(offset, len);
+            match r {
+                Ok(Prepared::Ready(_)) => true,
+                Ok(Prepared::Wait) => {
+                    if !counted_wait {
+                        counted_wait = true;
+                        v.st.borrow_mut().counters.activity_log_waits += 1;
+                    }
+                    false
+                }
+                Err(e) => {
+                    prepared = Err(e);
+                    true
+                }
+            }
         })
         .await;
-        {
-            // The activity log covers the write against a crash of this node; bits are set
-            // only for a write the peer will not receive, or that fails on either side.
-            let mut m = self.meta.borrow_mut();
-            if let Err(e) = m.prepare_write(offset, len) {
-                return Err(eio(
-                    format!(
-                        "recording write {offset}+{len} in the metadata of {}",
-                        self.settings.volume
-                    ),
-                    e,
-                ));
-            }
+        if let Err(e) = prepared {
+            return Err(eio(
+                format!(
+                    "recording write {offset}+{len} in the metadata of {}",
+                    self.settings.volume
+                ),
+                e,
+            ));
         }
         let app_id = {
             let mut st = self.st.borrow_mut();
@@ -780,10 +817,17 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         let sent = self.replicate(offset, data.clone(), fua);
         let res = self.local.write_bytes(offset, data, fua).await;
         self.st.borrow_mut().app_ranges.remove(&app_id);
-        self.wake.notify_waiters();
         if res.is_err() {
             // The peer may or may not apply its copy: the region is dirty, a resync settles it.
             let _ = self.meta.borrow_mut().mark_dirty(offset, len);
+        }
+        if sent.is_none() {
+            // Never sent: its bits are set (`mark_unsent`), so the log may let it go. A sent
+            // write is let go when it leaves `pending` (`try_finish`, `teardown`).
+            self.complete_write(range.clone());
+        }
+        self.wake.notify_waiters();
+        if res.is_err() {
             if let Some((seq, _)) = sent {
                 self.local_done(seq);
             }
@@ -1186,6 +1230,63 @@ mod tests {
                     .expect("held without sync mode and outdate_wait")
                     .unwrap();
             }
+        });
+    }
+
+    /// The activity log keeps a sent write's extent until the peer's ack (or the loss of the
+    /// peer, which sets its bits); a write that finds all four slots busy waits, counted, and
+    /// proceeds once one is released. A write never sent releases its extent at once.
+    #[test]
+    fn the_activity_log_keeps_a_sent_write_until_its_ack_or_the_loss_of_the_peer() {
+        run(async {
+            let v = volume_with(ReplicationMode::Async, std::time::Duration::ZERO);
+            v.promote(true).unwrap();
+            let in_flight = |v: &MirroredVolume<MemTarget, MemDevice>| {
+                v.meta.borrow().activity_log().in_flight()
+            };
+            // Not connected: written locally, bits set, extent released.
+            completes_within(&v, 0, 1000).await.unwrap().unwrap();
+            assert_eq!(in_flight(&v), 0);
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            v.st.borrow_mut().session = Some(SessionTx {
+                id: 3,
+                tx,
+                kill: Rc::new(Notify::new()),
+            });
+            // One sent write in each of the four 1 MiB extents: async mode acknowledges them
+            // after the local write, the log keeps all four.
+            for e in 0..4u64 {
+                completes_within(&v, e * 256, 1000).await.unwrap().unwrap();
+            }
+            assert_eq!(in_flight(&v), 4);
+            let mut seqs = Vec::new();
+            while let Ok(m) = rx.try_recv() {
+                if let Message::Data(d) = m {
+                    seqs.push((d.seq, d.offset));
+                }
+            }
+            assert_eq!(seqs.len(), 4);
+            // A fifth extent: no slot may be evicted.
+            let w = v.write_bytes(4 * MIB, Bytes::from(vec![5u8; 4096]), false);
+            tokio::pin!(w);
+            let early = tokio::time::timeout(std::time::Duration::from_millis(100), &mut w).await;
+            assert!(early.is_err(), "evicted an extent with a write in flight");
+            assert_eq!(v.status().counters.activity_log_waits, 1);
+            // The peer acks the write in extent 1: its slot is free, the fifth write goes.
+            let (seq1, _) = seqs.iter().copied().find(|(_, o)| *o == MIB).unwrap();
+            v.on_ack(seq1, 0);
+            tokio::time::timeout(std::time::Duration::from_secs(5), &mut w)
+                .await
+                .expect("still waiting after a slot was released")
+                .unwrap();
+            assert!(!v.meta.borrow().activity_log().is_hot(1));
+            assert_eq!(in_flight(&v), 4);
+            // The loss of the peer sets the bits of what was in flight and releases it all.
+            v.teardown(3);
+            assert_eq!(in_flight(&v), 0);
+            assert!(v.meta.borrow().bitmap().is_dirty(0, 4096).unwrap());
+            assert!(v.meta.borrow().bitmap().is_dirty(4 * MIB, 4096).unwrap());
+            assert!(!v.meta.borrow().bitmap().is_dirty(MIB, 4096).unwrap());
         });
     }
 }
