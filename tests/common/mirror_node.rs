@@ -303,3 +303,116 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Device size for [`FioPass`] (sparse): one pass of 4 KiB random writes over it takes
+/// seconds even in a release build, so a kill within the first second lands while fio has
+/// writes in flight.
+pub const FIO_DEV: u64 = 256 * MIB;
+
+/// fio writing 4 KiB blocks at random offsets at QD32 through a node's export: one pass over
+/// the export (`io_size` = its size, and fio's random map writes each block once), every write
+/// with its own random content (`refill_buffers`). A block's content on the Primary is
+/// therefore that of the one write fio sent there. Its completion-latency log with
+/// `log_offset` lists the offset of every write fio saw acknowledged; a write that failed is
+/// not logged.
+pub struct FioPass {
+    child: Child,
+    /// `--write_lat_log` prefix.
+    log: PathBuf,
+    round: u32,
+}
+
+impl FioPass {
+    /// Starts the pass against `node`'s export of `size` bytes; fio's random sequence comes
+    /// from `seed`; its logs go to `dir` (named after `round`).
+    pub fn start(node: &MirrorNode, size: u64, seed: u64, dir: &Path, round: u32) -> FioPass {
+        let log = dir.join(format!("fio-{round}"));
+        let child = Command::new("fio")
+            .args([
+                "--name=kill",
+                "--ioengine=nbd",
+                &format!("--uri=nbd+unix:///?socket={}", node.socket.display()),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=32",
+                &format!("--size={size}"),
+                &format!("--io_size={size}"),
+                &format!("--randseed={seed}"),
+                "--refill_buffers",
+                &format!("--write_lat_log={}", log.display()),
+                "--log_offset=1",
+                "--output-format=terse",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("fio starts (scripts/test-deps.sh installs it)");
+        FioPass { child, log, round }
+    }
+
+    /// Waits for fio to fail (its server was killed), then returns the offsets of the writes
+    /// it saw acknowledged. Fails if fio completed its pass (nothing was in flight at the
+    /// kill) or acknowledged no more than one queue's worth.
+    pub fn acknowledged_after_server_died(mut self) -> Vec<u64> {
+        let round = self.round;
+        let t0 = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            if t0.elapsed() > Duration::from_secs(60) {
+                let _ = self.child.kill();
+                panic!("round {round}: fio still running 60 s after its server was killed");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = self.child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "round {round}: fio completed its pass before the kill, so nothing was in flight \
+             when the server died; stderr:\n{stderr}"
+        );
+        let path = self.log.with_file_name(format!("fio-{round}_clat.1.log"));
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("fio wrote no completion log {}: {e}", path.display()));
+        // "time, latency, direction, size, offset, priority"; direction 1 is a write.
+        let acked: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').map(str::trim).collect();
+                assert!(
+                    f.len() >= 5 && f[2] == "1" && f[3] == "4096",
+                    "unexpected fio log line {l:?}"
+                );
+                f[4].parse()
+                    .unwrap_or_else(|e| panic!("fio log line {l:?}: {e}"))
+            })
+            .collect();
+        assert!(
+            acked.len() > 32,
+            "round {round}: only {} writes acknowledged before the kill",
+            acked.len()
+        );
+        eprintln!(
+            "round {round}: fio saw {} writes acknowledged at QD32 before: {}",
+            acked.len(),
+            stderr.lines().next().unwrap_or("")
+        );
+        acked
+    }
+}
+
+/// Every 4 KiB write at `acked` is on the Primary's disk (its block changed since `before`,
+/// the image before the round) and the same on the Secondary's.
+pub fn assert_acknowledged_on_both(acked: &[u64], before: &[u8], a: &[u8], b: &[u8], round: u32) {
+    for off in acked {
+        let r = *off as usize..*off as usize + 4096;
+        assert!(
+            a[r.clone()] != before[r.clone()],
+            "round {round}: acknowledged write at {off} is not on the primary's own disk"
+        );
+        assert!(
+            b[r.clone()] == a[r],
+            "round {round}: acknowledged write at {off} missing on the secondary ({} acknowledged)",
+            acked.len()
+        );
+    }
+}
