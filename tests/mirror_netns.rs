@@ -226,10 +226,29 @@ fn netns_mirror_data_crosses_the_replication_pair_only() {
 /// flight (it did, before session 12: the copies differed after the resync).
 #[test]
 fn netns_fio_acknowledged_sync_writes_survive_a_cut_link_and_a_sigkilled_primary() {
+    crash_rounds_with_the_link_cut("", true);
+}
+
+/// The same crash in async mode: acknowledged writes may be missing on node b (that is the
+/// mode's promise; in this debug build most of them are, as node b lags), but the resync
+/// after the restart must make both copies identical. The 4 MiB queue bound makes node a go
+/// ahead too. (With the activity log's fault of session 12 put back, this test still passed
+/// three times out of three; the sync one above is the one that catches it.)
+#[test]
+fn netns_async_mirror_resyncs_to_identical_copies_after_a_cut_link_and_a_sigkilled_primary() {
+    crash_rounds_with_the_link_cut("mode = \"async\"\nmax_inflight_bytes = 4194304", false);
+}
+
+/// Three rounds: fio (one pass of 4 KiB random writes at QD32) through node a; the link cut;
+/// node a SIGKILLed; fio's acknowledged writes checked on node a (and on node b when
+/// `acked_on_peer`); the link restored and node a restarted as Primary until in sync. Then the
+/// two images must be identical.
+fn crash_rounds_with_the_link_cut(extra: &str, acked_on_peer: bool) {
     require(&["fio"]);
     let lab = Lab::new();
     let dir = scratch();
-    let (mut a, mut b) = pair(dir.path(), &lab, FIO_DEV, "ping_timeout_secs = 2");
+    let extra = format!("ping_timeout_secs = 2\n{extra}");
+    let (mut a, mut b) = pair(dir.path(), &lab, FIO_DEV, &extra);
     let size = Client::connect(&a).export.size;
     let mut rng = 0x2545_f491u64;
     let mut next = || {
@@ -246,13 +265,24 @@ fn netns_fio_acknowledged_sync_writes_survive_a_cut_link_and_a_sigkilled_primary
         std::thread::sleep(Duration::from_millis(50 + next() % 100));
         a.kill();
         let acked = fio.acknowledged_after_server_died();
-        assert_acknowledged_on_both(&acked, &before, &a.data(size), &b.data(size), round);
+        let img_a = a.data(size);
+        let img_b = if acked_on_peer {
+            b.data(size)
+        } else {
+            img_a.clone()
+        };
+        assert_acknowledged_on_both(&acked, &before, &img_a, &img_b, round);
         lab.cut_replication(B, false);
         a.start(&["--primary"]);
         a.wait_connected_in_sync(Duration::from_secs(60));
     }
     a.stop();
     b.stop();
+    let log = a.log_text();
+    assert!(
+        !log.contains("not in flight") && !log.contains("panicked"),
+        "node a's activity-log bookkeeping failed:\n{log}"
+    );
     assert!(
         a.data_checksum(size) == b.data_checksum(size),
         "images differ after the crash rounds resynced: the activity log let an extent go \

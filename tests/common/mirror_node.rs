@@ -352,7 +352,7 @@ impl FioPass {
 
     /// Waits for fio to fail (its server was killed), then returns the offsets of the writes
     /// it saw acknowledged. Fails if fio completed its pass (nothing was in flight at the
-    /// kill) or acknowledged no more than one queue's worth.
+    /// kill) or saw no write acknowledged.
     pub fn acknowledged_after_server_died(mut self) -> Vec<u64> {
         let round = self.round;
         let t0 = Instant::now();
@@ -387,9 +387,8 @@ impl FioPass {
             })
             .collect();
         assert!(
-            acked.len() > 32,
-            "round {round}: only {} writes acknowledged before the kill",
-            acked.len()
+            !acked.is_empty(),
+            "round {round}: no write acknowledged before the kill"
         );
         eprintln!(
             "round {round}: fio saw {} writes acknowledged at QD32 before: {}",
