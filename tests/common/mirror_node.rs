@@ -326,6 +326,18 @@ impl FioPass {
     /// Starts the pass against `node`'s export of `size` bytes; fio's random sequence comes
     /// from `seed`; its logs go to `dir` (named after `round`).
     pub fn start(node: &MirrorNode, size: u64, seed: u64, dir: &Path, round: u32) -> FioPass {
+        Self::start_part(node, size, size, seed, dir, round)
+    }
+
+    /// [`Self::start`] stopping after `io_bytes` (still each block at most once).
+    pub fn start_part(
+        node: &MirrorNode,
+        size: u64,
+        io_bytes: u64,
+        seed: u64,
+        dir: &Path,
+        round: u32,
+    ) -> FioPass {
         let log = dir.join(format!("fio-{round}"));
         let child = Command::new("fio")
             .args([
@@ -336,7 +348,7 @@ impl FioPass {
                 "--bs=4k",
                 "--iodepth=32",
                 &format!("--size={size}"),
-                &format!("--io_size={size}"),
+                &format!("--io_size={io_bytes}"),
                 &format!("--randseed={seed}"),
                 "--refill_buffers",
                 &format!("--write_lat_log={}", log.display()),
@@ -348,6 +360,26 @@ impl FioPass {
             .spawn()
             .expect("fio starts (scripts/test-deps.sh installs it)");
         FioPass { child, log, round }
+    }
+
+    /// Waits (at most `timeout`) for fio to complete its writes without an error.
+    pub fn finished(mut self, timeout: Duration) {
+        let round = self.round;
+        let t0 = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            if t0.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!("round {round}: fio still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = self.child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "round {round}: fio failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Waits for fio to fail (its server was killed), then returns the offsets of the writes
