@@ -32,6 +32,8 @@
 #      file system (see below).
 #      SETTLE_SECS (default 0): idle seconds before every job, so that no job runs in the wake
 #      of the one before it (see docs/BENCHMARKS.md, session 8).
+# Each row also shows DEV_A's block device over the job (all its writers): the milliseconds a
+# write spent in the device and the size of a write as the device saw it.
 set -euo pipefail
 A=$1 B=$2 ADDR_A=$3 ADDR_B=$4 RUNTIME=${5:-10}
 TWINVOL=${TWINVOL:-target/release/twinvol}
@@ -103,6 +105,17 @@ EOF
 # included) the process has used so far, here or on node b.
 CPU_SH='t=$(getconf CLK_TCK); sed "s/.*) //" "/proc/$1/stat" | awk -v t="$t" "{printf \"%.2f\", (\$12 + \$13) / t}"'
 cpu_s() { sh -c "$CPU_SH" sh "$1"; }
+# The block device holding DEV_A (itself, or the one under its file system), for its
+# /sys/class/block/<dev>/stat: fields 5, 7 and 8 are writes completed, sectors written and
+# milliseconds the writes spent in the device. Empty when there is none (tmpfs, overlay).
+DEV_STAT=
+dev_a_src=$A
+[ -b "$A" ] || dev_a_src=$(df --output=source "$A" 2>/dev/null | tail -1)
+if [ -n "$dev_a_src" ] && [ -e "$dev_a_src" ]; then
+  f=/sys/class/block/$(basename "$(readlink -f "$dev_a_src")")/stat
+  [ -r "$f" ] && DEV_STAT=$f
+fi
+dev_w() { if [ -n "$DEV_STAT" ]; then awk '{print $5, $7, $8}' "$DEV_STAT"; else echo "- - -"; fi; }
 cpu_s_b() { on_b sh -c "$CPU_SH" sh "$1"; }
 
 jobs_run() { # label socket round twinvol-pid(node a) twinvol-pid(node b, or "")
@@ -115,7 +128,8 @@ jobs_run() { # label socket round twinvol-pid(node a) twinvol-pid(node b, or "")
       mkdir -p "$BW_LOG_DIR"
       bwlog=(--write_bw_log="$BW_LOG_DIR/r$3-${1//[^a-z0-9]/_}-$name" --log_avg_msec=500)
     fi
-    local a0 b0=- a1 b1=-
+    local a0 b0=- a1 b1=- d0 d1
+    d0=$(dev_w)
     a0=$(cpu_s "$4")
     [ -z "$5" ] || b0=$(cpu_s_b "$5")
     # fio's JSON: bandwidth, IOPS, bytes written and fio's own CPU seconds (its usr/sys
@@ -124,12 +138,22 @@ jobs_run() { # label socket round twinvol-pid(node a) twinvol-pid(node b, or "")
       --iodepth="$qd" --size=256M --time_based --runtime="$RUNTIME" --output-format=json "${bwlog[@]}" \
       | python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; w=j["write"]; print("%.1f %.0f %d %.2f" % (w["bw_bytes"]/1048576, w["iops"], w["io_bytes"], (j["usr_cpu"]+j["sys_cpu"])/100*j["job_runtime"]/1000))')
     a1=$(cpu_s "$4")
+    d1=$(dev_w)
     [ -z "$5" ] || b1=$(cpu_s_b "$5")
     # CPU seconds per GiB written: node a's core (twinvol and fio) and node b (twinvol).
     # ("-" where there is nothing to divide: no node b, or no byte written.)
     read -r cpu_a cpu_b < <(python3 -c 'import sys; a0,a1,f,n,b0,b1=sys.argv[1:]; g=int(n)/2**30
 print("-" if not g else "%.3f" % ((float(a1)-float(a0)+float(f))/g), "-" if b0=="-" or not g else "%.3f" % ((float(b1)-float(b0))/g))' "$a0" "$a1" "$fio_s" "$bytes" "$b0" "$b1")
-    echo "| $1 | $name | $mib MiB/s | $iops IOPS | $cpu_a | $cpu_b |"
+    # DEV_A's device over the job (every writer on it): milliseconds each write spent in the
+    # device, and its size (a 1 MiB write split by the block layer shows as ~512 KiB). A
+    # slower device at the same queue depth shows here, not in twinvol's CPU figures.
+    read -r dev_ms dev_kib < <(python3 -c 'import sys
+a, b = sys.argv[1].split(), sys.argv[2].split()
+if "-" in a: print("- -")
+else:
+    n, sec, ms = (int(y) - int(x) for x, y in zip(a, b))
+    print("%.2f %.0f" % (ms / n, sec * 512 / 1024 / n) if n else "- -")' "$d0" "$d1")
+    echo "| $1 | $name | $mib MiB/s | $iops IOPS | $cpu_a | $cpu_b | $dev_ms | $dev_kib |"
     echo "$3|$1|$name|$mib|$cpu_a|$cpu_b" >>"$W/results"
   done
 }
@@ -141,8 +165,8 @@ mkmd() {
   on_b "$TWINVOL_B" new-current-uuid --clear-bitmap --uuid 5eed --device "$B" >/dev/null
 }
 
-echo "| setup | job | bandwidth | IOPS | node a CPU s/GiB | node b CPU s/GiB |"
-echo "|---|---|---|---|---|---|"
+echo "| setup | job | bandwidth | IOPS | node a CPU s/GiB | node b CPU s/GiB | device ms/write | device KiB/write |"
+echo "|---|---|---|---|---|---|---|---|"
 # no_peer ROUND: the jobs against `twinvol export` on DEV_A.
 no_peer() {
   mkmd
