@@ -189,8 +189,17 @@ unsafe fn free_buf(ptr: NonNull<u8>, cap: usize, align: usize) {
 
 /// Buffers up to this capacity are kept for reuse when dropped.
 const POOL_MAX_BUF: usize = 4 * 1024 * 1024;
-/// Bytes the pool keeps for reuse at most (bounds the memory it holds).
-const POOL_MAX_BYTES: usize = 32 * 1024 * 1024;
+/// Memory a freed buffer of this capacity holds: its whole mapping for a huge one.
+fn held_bytes(cap: usize, align: usize) -> usize {
+    if is_huge(cap, align) {
+        huge_map_len(cap)
+    } else {
+        cap
+    }
+}
+
+/// Bytes the pool keeps for reuse at most (bounds the memory it holds, mappings counted whole).
+const POOL_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// Freed buffers for reuse, shared by every thread (one short lock per allocation and free).
 static POOL: std::sync::Mutex<Pool> = std::sync::Mutex::new(Pool {
@@ -203,8 +212,9 @@ type SizeClass = (usize, usize);
 
 /// Freed buffers, by (capacity, alignment) (a handful of size classes: a linear search).
 ///
-/// Invariant: every pointer was allocated by `AlignedBuf::new` with layout (cap, align), is
-/// owned by the pool alone, and all its `cap` bytes are initialised; `bytes` is their total size.
+/// Invariant: every pointer was allocated by `alloc_zeroed_buf(cap, align)`, is
+/// owned by the pool alone, and all its `cap` bytes are initialised; `bytes` is the memory
+/// they hold ([`held_bytes`]).
 struct Pool {
     free: Vec<(SizeClass, Vec<NonNull<u8>>)>,
     bytes: usize,
@@ -218,20 +228,21 @@ impl Pool {
     fn take(&mut self, cap: usize, align: usize) -> Option<NonNull<u8>> {
         let (_, list) = self.free.iter_mut().find(|(k, _)| *k == (cap, align))?;
         let ptr = list.pop()?;
-        self.bytes -= cap;
+        self.bytes -= held_bytes(cap, align);
         Some(ptr)
     }
 
     /// Keeps the buffer if there is room; false means the caller must free it.
     fn put(&mut self, ptr: NonNull<u8>, cap: usize, align: usize) -> bool {
-        if cap > POOL_MAX_BUF || self.bytes + cap > POOL_MAX_BYTES {
+        let held = held_bytes(cap, align);
+        if cap > POOL_MAX_BUF || self.bytes + held > POOL_MAX_BYTES {
             return false;
         }
         match self.free.iter_mut().find(|(k, _)| *k == (cap, align)) {
             Some((_, list)) => list.push(ptr),
             None => self.free.push(((cap, align), vec![ptr])),
         }
-        self.bytes += cap;
+        self.bytes += held;
         true
     }
 }
