@@ -421,6 +421,20 @@ impl ActivityLog {
             .and_then(|e| self.index.get(&e).copied())
     }
 
+    /// The least recently used extent with writes in flight, other than `exclude` (extent
+    /// numbers): the one to free first when every slot is busy.
+    pub fn lru_busy_extent(&self, exclude: Range<u64>) -> Option<u32> {
+        let mut cursor = self.head;
+        while cursor != NIL {
+            let e = self.table[cursor as usize];
+            if e != EMPTY && self.refs[cursor as usize] > 0 && !exclude.contains(&u64::from(e)) {
+                return Some(e);
+            }
+            cursor = self.next[cursor as usize];
+        }
+        None
+    }
+
     /// Writes in flight, summed over the extents they touch.
     pub fn in_flight(&self) -> u64 {
         self.refs.iter().map(|r| u64::from(*r)).sum()
@@ -704,6 +718,9 @@ mod tests {
             panic!()
         };
         assert_eq!(u[0].evicted, Some(1));
+        // Extent 0 is the only one with a write in flight (extent 1 has none left).
+        assert_eq!(al.lru_busy_extent(0..0), Some(0));
+        assert_eq!(al.lru_busy_extent(0..1), None);
         // A release without its acquire changes nothing.
         assert!(!al.release(4 * MIB, 1));
         assert!(!al.release(40 * MIB, 1));

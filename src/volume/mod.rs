@@ -13,7 +13,9 @@
 //! order) and the local write, in parallel -> sync mode waits for the peer's Ack, async mode
 //! does not. Bits are set (`mark_dirty`, before the local write is issued) only for a write the
 //! peer will not receive (disconnected, or async "ahead"), and when a sent write fails or its
-//! connection drops before the Ack (DRBD's rule): a bitmap granularity coarser than the
+//! connection drops before the Ack (DRBD's rule), and in async mode for sent writes whose
+//! activity-log extent must make room for a new one (the volume then goes ahead; see
+//! `make_room_by_going_ahead`): a bitmap granularity coarser than the
 //! writes then never leaves stale bits behind. Resync acks clear the chunks they cover,
 //! except chunks an unsent write touched meanwhile.
 //! Everything runs on the volume's data-path thread: state sits in `RefCell`s that are never
@@ -146,6 +148,9 @@ struct Pending {
     local_done: bool,
     peer_ok: Option<bool>,
     waiter: Option<oneshot::Sender<bool>>,
+    /// An application write still counted in the activity log (see
+    /// [`MirroredVolume::complete_write`]); false once ended there.
+    al_held: bool,
 }
 
 /// The sending side of the current session.
@@ -585,6 +590,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             seq,
             Pending {
                 local_done: kind != PendingKind::App,
+                al_held: kind == PendingKind::App,
                 sent_at: now,
                 kind,
                 range,
@@ -683,6 +689,58 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         }
     }
 
+    /// Async mode, every activity-log slot busy: the sent writes in the least recently used
+    /// busy extent (other than the new write's own) become dirty and leave the log, and the
+    /// volume goes ahead, so the resync after the link catches up sends them again. Returns
+    /// false when no sent write held such an extent (the slots are busy with local writes,
+    /// which end on their own).
+    fn make_room_by_going_ahead(&self, offset: u64, len: u64) -> bool {
+        let victim = {
+            let m = self.meta.borrow();
+            let al = m.activity_log();
+            let g = al.geometry();
+            match al.lru_busy_extent(g.extents_of(offset, len)) {
+                Some(e) => g.extent_bytes(e),
+                None => return false,
+            }
+        };
+        let released: Vec<Range<u64>> = {
+            let mut st = self.st.borrow_mut();
+            let st = &mut *st;
+            let released: Vec<Range<u64>> = st
+                .pending
+                .values_mut()
+                .filter(|p| p.al_held && Self::overlaps(&p.range, &victim))
+                .map(|p| {
+                    p.al_held = false;
+                    p.range.clone()
+                })
+                .collect();
+            if released.is_empty() {
+                return false;
+            }
+            if !st.ahead {
+                st.ahead = true;
+                st.counters.ahead_events += 1;
+                tracing::warn!(volume = %self.settings.volume, inflight = st.inflight_bytes, "activity log full of writes the peer has not acknowledged: going ahead (they stay dirty, resync when the link catches up; a larger --al-extents avoids this)");
+            }
+            if st.oldest_unreplicated.is_none() {
+                st.oldest_unreplicated = Some(Instant::now());
+            }
+            released
+        };
+        {
+            let mut m = self.meta.borrow_mut();
+            for r in &released {
+                let _ = m.mark_dirty(r.start, r.end - r.start);
+            }
+        }
+        for r in released {
+            self.complete_write(r);
+        }
+        true
+    }
+
     fn try_finish(&self, seq: u64) {
         let mut st = self.st.borrow_mut();
         let ready = st
@@ -712,8 +770,8 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                     .mark_dirty(p.range.start, p.range.end - p.range.start);
             }
         }
-        if p.kind == PendingKind::App {
-            // On both copies, or dirty just above.
+        if p.al_held {
+            // On both copies, or dirty just above (or earlier, by `make_room_by_going_ahead`).
             self.complete_write(p.range.clone());
         }
         if ok && p.kind == PendingKind::Resync {
@@ -781,7 +839,15 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             if !free {
                 return false;
             }
-            let r = v.meta.borrow_mut().prepare_write(offset, len);
+            let mut r = v.meta.borrow_mut().prepare_write(offset, len);
+            // Async mode never holds the application for the peer: sent writes make room in
+            // the log by becoming dirty instead.
+            while matches!(r, Ok(Prepared::Wait))
+                && v.settings.mode == ReplicationMode::Async
+                && v.make_room_by_going_ahead(offset, len)
+            {
+                r = v.meta.borrow_mut().prepare_write(offset, len);
+            }
             match r {
                 Ok(Prepared::Ready(_)) => true,
                 Ok(Prepared::Wait) => {
@@ -1233,60 +1299,135 @@ mod tests {
         });
     }
 
-    /// The activity log keeps a sent write's extent until the peer's ack (or the loss of the
-    /// peer, which sets its bits); a write that finds all four slots busy waits, counted, and
-    /// proceeds once one is released. A write never sent releases its extent at once.
+    /// A connected session whose frames land in the returned receiver.
+    fn connect_fake(
+        v: &MirroredVolume<MemTarget, MemDevice>,
+        id: u64,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<Message> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        v.st.borrow_mut().session = Some(SessionTx {
+            id,
+            tx,
+            kill: Rc::new(Notify::new()),
+        });
+        rx
+    }
+
+    fn in_flight(v: &MirroredVolume<MemTarget, MemDevice>) -> u64 {
+        v.meta.borrow().activity_log().in_flight()
+    }
+
+    /// Sync mode: the activity log keeps a sent write's extent until the peer's ack; a write
+    /// that finds all four slots busy waits, counted, and proceeds once an ack frees one. A
+    /// write never sent releases its extent at once; the loss of the peer sets the bits of
+    /// what was in flight and releases it.
     #[test]
-    fn the_activity_log_keeps_a_sent_write_until_its_ack_or_the_loss_of_the_peer() {
+    fn sync_mode_keeps_a_sent_write_in_the_activity_log_until_its_ack() {
         run(async {
-            let v = volume_with(ReplicationMode::Async, std::time::Duration::ZERO);
+            let v = volume_with(ReplicationMode::Sync, std::time::Duration::ZERO);
             v.promote(true).unwrap();
-            let in_flight = |v: &MirroredVolume<MemTarget, MemDevice>| {
-                v.meta.borrow().activity_log().in_flight()
-            };
             // Not connected: written locally, bits set, extent released.
             completes_within(&v, 0, 1000).await.unwrap().unwrap();
             assert_eq!(in_flight(&v), 0);
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            v.st.borrow_mut().session = Some(SessionTx {
-                id: 3,
-                tx,
-                kill: Rc::new(Notify::new()),
-            });
-            // One sent write in each of the four 1 MiB extents: async mode acknowledges them
-            // after the local write, the log keeps all four.
+            let mut rx = connect_fake(&v, 3);
+            let done = std::cell::Cell::new(0u32);
+            let write = |block: u64| {
+                let (v, done) = (&v, &done);
+                async move {
+                    v.write_bytes(block * 4096, Bytes::from(vec![block as u8; 4096]), false)
+                        .await
+                        .unwrap();
+                    done.set(done.get() + 1);
+                }
+            };
+            // Four writes, one per 1 MiB extent, then a fifth in a fifth extent.
+            let writes = async {
+                tokio::join!(write(0), write(256), write(512), write(768), async {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    write(1024).await
+                });
+            };
+            let peer = async {
+                let mut seqs = Vec::new();
+                while seqs.len() < 4 {
+                    if let Some(Message::Data(d)) = rx.recv().await {
+                        seqs.push((d.seq, d.offset));
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+                assert_eq!(in_flight(&v), 4);
+                assert_eq!(done.get(), 0);
+                assert_eq!(v.status().counters.activity_log_waits, 1);
+                assert!(
+                    rx.try_recv().is_err(),
+                    "the fifth write was sent before a slot freed"
+                );
+                // The peer acks the write in extent 1: its slot frees, the fifth write goes.
+                let (seq1, _) = seqs.iter().copied().find(|(_, o)| *o == MIB).unwrap();
+                v.on_ack(seq1, 0);
+                let Some(Message::Data(d5)) = rx.recv().await else {
+                    panic!("no fifth Data frame")
+                };
+                assert_eq!(d5.offset, 4 * MIB);
+                assert!(!v.meta.borrow().activity_log().is_hot(1));
+                v.on_ack(d5.seq, 0);
+                // The loss of the peer sets the bits of the rest and releases them.
+                v.teardown(3);
+            };
+            tokio::join!(writes, peer);
+            assert_eq!(done.get(), 5);
+            assert_eq!(in_flight(&v), 0);
+            assert!(v.meta.borrow().bitmap().is_dirty(2 * MIB, 4096).unwrap());
+            assert!(!v.meta.borrow().bitmap().is_dirty(MIB, 4096).unwrap());
+            assert!(!v.meta.borrow().bitmap().is_dirty(4 * MIB, 4096).unwrap());
+        });
+    }
+
+    /// Async mode never holds the application for the peer: with all four slots busy with
+    /// sent, unacknowledged writes, a write to a fifth extent makes the least recently used
+    /// one's writes dirty, releases them and goes ahead; their later acks release nothing
+    /// twice.
+    #[test]
+    fn async_mode_makes_room_in_the_activity_log_by_going_ahead() {
+        run(async {
+            let v = volume_with(ReplicationMode::Async, std::time::Duration::ZERO);
+            v.promote(true).unwrap();
+            let mut rx = connect_fake(&v, 4);
             for e in 0..4u64 {
                 completes_within(&v, e * 256, 1000).await.unwrap().unwrap();
             }
             assert_eq!(in_flight(&v), 4);
+            completes_within(&v, 1024, 100)
+                .await
+                .expect("async write held by the activity log")
+                .unwrap();
+            let s = v.status();
+            assert_eq!(s.counters.activity_log_waits, 0);
+            assert_eq!(s.counters.ahead_events, 1);
+            assert!(s.ahead);
+            // Extent 0's sent write is dirty now; the fifth write was not sent (ahead) and
+            // left the log after its local write.
+            assert!(v.meta.borrow().bitmap().is_dirty(0, 4096).unwrap());
+            assert!(v.meta.borrow().bitmap().is_dirty(4 * MIB, 4096).unwrap());
+            assert!(!v.meta.borrow().activity_log().is_hot(0));
+            assert_eq!(in_flight(&v), 3);
             let mut seqs = Vec::new();
             while let Ok(m) = rx.try_recv() {
                 if let Message::Data(d) = m {
-                    seqs.push((d.seq, d.offset));
+                    seqs.push(d.seq);
                 }
             }
-            assert_eq!(seqs.len(), 4);
-            // A fifth extent: no slot may be evicted.
-            let w = v.write_bytes(4 * MIB, Bytes::from(vec![5u8; 4096]), false);
-            tokio::pin!(w);
-            let early = tokio::time::timeout(std::time::Duration::from_millis(100), &mut w).await;
-            assert!(early.is_err(), "evicted an extent with a write in flight");
-            assert_eq!(v.status().counters.activity_log_waits, 1);
-            // The peer acks the write in extent 1: its slot is free, the fifth write goes.
-            let (seq1, _) = seqs.iter().copied().find(|(_, o)| *o == MIB).unwrap();
-            v.on_ack(seq1, 0);
-            tokio::time::timeout(std::time::Duration::from_secs(5), &mut w)
-                .await
-                .expect("still waiting after a slot was released")
-                .unwrap();
-            assert!(!v.meta.borrow().activity_log().is_hot(1));
-            assert_eq!(in_flight(&v), 4);
-            // The loss of the peer sets the bits of what was in flight and releases it all.
-            v.teardown(3);
+            assert_eq!(
+                seqs.len(),
+                4,
+                "the fifth write must not be sent while ahead"
+            );
+            for seq in seqs {
+                v.on_ack(seq, 0);
+            }
             assert_eq!(in_flight(&v), 0);
+            // The acks do not clear what going ahead marked: the resync sends it.
             assert!(v.meta.borrow().bitmap().is_dirty(0, 4096).unwrap());
-            assert!(v.meta.borrow().bitmap().is_dirty(4 * MIB, 4096).unwrap());
-            assert!(!v.meta.borrow().bitmap().is_dirty(MIB, 4096).unwrap());
         });
     }
 }

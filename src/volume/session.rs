@@ -436,7 +436,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             let _ = m.persist_bitmap();
         }
         for (_, p) in &pendings {
-            if p.kind == PendingKind::App {
+            if p.al_held {
                 // Dirty above: the activity log may let it go.
                 self.complete_write(p.range.clone());
             }

@@ -84,9 +84,9 @@ pub struct Counters {
     /// sender batches (each write may wake the peer's reader).
     #[serde(default)]
     pub writes_sent: u64,
-    /// Application writes that waited for an activity-log slot because every slot they could
-    /// take held writes in flight (more than `--al-extents` extents busy at once: raise it
-    /// with `create-md` if this keeps growing).
+    /// Sync mode: application writes that waited for an activity-log slot because every slot
+    /// they could take held writes in flight (more than `--al-extents` extents busy at once:
+    /// raise it with `create-md` if this keeps growing). Async mode goes ahead instead.
     #[serde(default)]
     pub activity_log_waits: u64,
 }
