@@ -437,7 +437,7 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
         (
             "twinvol_volume_activity_log_waits",
             None,
-            "Sync mode: application writes that waited for an activity-log slot (every slot had writes in flight).",
+            "Application writes that waited for an activity-log slot (every slot had writes in flight).",
             "activity_log_waits",
         ),
     ];

@@ -84,9 +84,10 @@ pub struct Counters {
     /// sender batches (each write may wake the peer's reader).
     #[serde(default)]
     pub writes_sent: u64,
-    /// Sync mode: application writes that waited for an activity-log slot because every slot
-    /// they could take held writes in flight (more than `--al-extents` extents busy at once:
-    /// raise it with `create-md` if this keeps growing). Async mode goes ahead instead.
+    /// Application writes that waited for an activity-log slot because every slot they could
+    /// take held writes in flight (more than `--al-extents` extents busy at once: raise it
+    /// with `create-md` if this keeps growing). Async mode goes ahead instead of waiting for
+    /// the peer, so there it counts only waits for local writes to end.
     #[serde(default)]
     pub activity_log_waits: u64,
 }
