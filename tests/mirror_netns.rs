@@ -230,10 +230,10 @@ fn netns_fio_acknowledged_sync_writes_survive_a_cut_link_and_a_sigkilled_primary
 }
 
 /// The same crash in async mode: acknowledged writes may be missing on node b (that is the
-/// mode's promise; in this debug build most of them are, as node b lags), but the resync
-/// after the restart must make both copies identical. The 4 MiB queue bound makes node a go
-/// ahead too. (With the activity log's fault of session 12 put back, this test still passed
-/// three times out of three; the sync one above is the one that catches it.)
+/// mode's promise), but the resync after the restart must make both copies identical. The
+/// 4 MiB queue bound makes node a go ahead too, and the 16-slot activity log makes it go
+/// ahead to make room (`make_room_by_going_ahead`). Run against the code before session 12
+/// (`298e364`), this test and the sync one above both failed: the copies differed.
 #[test]
 fn netns_async_mirror_resyncs_to_identical_copies_after_a_cut_link_and_a_sigkilled_primary() {
     crash_rounds_with_the_link_cut("mode = \"async\"\nmax_inflight_bytes = 4194304", false);
