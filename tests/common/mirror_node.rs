@@ -319,6 +319,9 @@ pub struct FioPass {
     child: Child,
     /// `--write_lat_log` prefix.
     log: PathBuf,
+    /// fio's stderr: a file, not a pipe, so that however much fio reports about its dead
+    /// server it never blocks on a full pipe nobody reads yet.
+    stderr: PathBuf,
     round: u32,
 }
 
@@ -339,6 +342,8 @@ impl FioPass {
         round: u32,
     ) -> FioPass {
         let log = dir.join(format!("fio-{round}"));
+        let stderr = dir.join(format!("fio-{round}.stderr"));
+        let err_file = std::fs::File::create(&stderr).unwrap();
         let child = Command::new("fio")
             .args([
                 "--name=kill",
@@ -356,10 +361,20 @@ impl FioPass {
                 "--output-format=terse",
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(err_file)
             .spawn()
             .expect("fio starts (scripts/test-deps.sh installs it)");
-        FioPass { child, log, round }
+        FioPass {
+            child,
+            log,
+            stderr,
+            round,
+        }
+    }
+
+    /// What fio wrote to stderr so far.
+    fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.stderr).unwrap_or_default()).into_owned()
     }
 
     /// Waits (at most `timeout`) for fio to complete its writes without an error.
@@ -373,12 +388,11 @@ impl FioPass {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let out = self.child.wait_with_output().unwrap();
+        let status = self.child.wait().unwrap();
         assert!(
-            out.status.success(),
-            "round {round}: fio failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+            status.success(),
+            "round {round}: fio failed ({status}):\n{}",
+            self.stderr_text()
         );
     }
 
@@ -389,16 +403,40 @@ impl FioPass {
         let round = self.round;
         let t0 = Instant::now();
         while self.child.try_wait().unwrap().is_none() {
-            if t0.elapsed() > Duration::from_secs(60) {
+            if t0.elapsed() > Duration::from_secs(120) {
+                // Everything that could tell why, before the kill: where each of fio's threads
+                // sleeps, what its descriptors are, the state of its Unix sockets.
+                let pid = self.child.id();
+                let diag = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(format!(
+                        "for t in /proc/{pid}/task/*; do echo \"$t $(cat $t/comm) $(cat $t/wchan) $(cut -d' ' -f3 $t/stat)\"; done; \
+                         ls -l /proc/{pid}/fd; ss -xp | grep 'pid={pid},' || true"
+                    ))
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
                 let _ = self.child.kill();
-                panic!("round {round}: fio still running 60 s after its server was killed");
+                let err = self.stderr_text();
+                let tail: String = err
+                    .chars()
+                    .rev()
+                    .take(2000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                panic!(
+                    "round {round}: fio still running 120 s after its server was killed\n{diag}\n{} bytes on stderr, ending:\n{tail}",
+                    err.len()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let out = self.child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let status = self.child.wait().unwrap();
+        let stderr = self.stderr_text();
         assert!(
-            !out.status.success(),
+            !status.success(),
             "round {round}: fio completed its pass before the kill, so nothing was in flight \
              when the server died; stderr:\n{stderr}"
         );
