@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::mirror_node::{
-    assert_acknowledged_on_both, pattern, write_key, Client, FioPass, MirrorNode, FIO_DEV,
+    fio_kill_rounds, pattern, write_key, xorshift, Client, FioPass, MirrorNode, FIO_DEV,
 };
 use common::{bin, scratch, sh};
 
@@ -74,6 +74,14 @@ fn pair_sized(dir: &Path, dev_size: u64, extra_a: &str, extra_b: &str) -> (Node,
     (a, b)
 }
 
+/// Starts b as Secondary and a as Primary, waits until they are in sync; returns the data size.
+fn start_in_sync(a: &mut Node, b: &mut Node) -> u64 {
+    b.start(&["--secondary"]);
+    a.start(&["--primary"]);
+    a.wait_connected_in_sync(IN_SYNC);
+    data_size(a)
+}
+
 fn data_size(node: &Node) -> u64 {
     let c = Client::connect(node);
     c.export.size
@@ -83,18 +91,9 @@ fn data_size(node: &Node) -> u64 {
 fn every_acknowledged_sync_write_is_on_the_secondary_after_the_primary_is_sigkilled() {
     let dir = scratch();
     let (mut a, mut b) = pair(dir.path(), "", "");
-    b.start(&["--secondary"]);
-    a.start(&["--primary"]);
-    a.wait_connected_in_sync(IN_SYNC);
-    let size = data_size(&a);
+    let size = start_in_sync(&mut a, &mut b);
     let slots = size / 4096;
-    let mut rng = 0x1234_5678u64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = xorshift(0x1234_5678);
     let mut seed = 1u64;
     for round in 0..4 {
         // Each round writes distinct 4 KiB slots (a slot is written once per round), so the
@@ -161,29 +160,19 @@ fn fio_at_qd32_every_acknowledged_sync_write_is_on_the_secondary_after_the_prima
     common::require(&["fio"]);
     let dir = scratch();
     let (mut a, mut b) = pair_sized(dir.path(), FIO_DEV, "", "");
-    b.start(&["--secondary"]);
-    a.start(&["--primary"]);
-    a.wait_connected_in_sync(IN_SYNC);
-    let size = data_size(&a);
-    let mut rng = 0x9e37_79b9u64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    for round in 0..3 {
-        // What the kernel of node a had already taken from the killed process still reaches
-        // node b here (tests/mirror_netns.rs also drops what is on the wire).
-        let before = b.data(size);
-        let fio = FioPass::start(&a, size, next() >> 32, dir.path(), round);
-        std::thread::sleep(Duration::from_millis(300 + next() % 700));
-        a.kill();
-        let acked = fio.acknowledged_after_server_died();
-        assert_acknowledged_on_both(&acked, &before, &a.data(size), &b.data(size), round);
-        a.start(&["--primary"]);
-        a.wait_connected_in_sync(IN_SYNC);
-    }
+    let size = start_in_sync(&mut a, &mut b);
+    // What the kernel of node a had already taken from the killed process still reaches
+    // node b here (tests/mirror_netns.rs also drops what is on the wire).
+    fio_kill_rounds(
+        &mut a,
+        &b,
+        size,
+        dir.path(),
+        0x9e37_79b9,
+        true,
+        None,
+        IN_SYNC,
+    );
     a.stop();
     b.stop();
     assert!(
@@ -201,10 +190,7 @@ fn fio_at_qd32_through_a_secondary_sigkill_and_a_resync_under_writes_images_end_
     common::require(&["fio"]);
     let dir = scratch();
     let (mut a, mut b) = pair_sized(dir.path(), FIO_DEV, "", "");
-    b.start(&["--secondary"]);
-    a.start(&["--primary"]);
-    a.wait_connected_in_sync(IN_SYNC);
-    let size = data_size(&a);
+    let size = start_in_sync(&mut a, &mut b);
     for round in 0..3u32 {
         // 16 MiB of 4 KiB writes spread over the whole device.
         let fio = FioPass::start_part(&a, size, 16 * MIB, 77 + u64::from(round), dir.path(), round);
@@ -231,10 +217,7 @@ fn fio_at_qd32_through_a_secondary_sigkill_and_a_resync_under_writes_images_end_
 fn reconnect_sends_only_the_dirty_regions_and_images_end_identical() {
     let dir = scratch();
     let (mut a, mut b) = pair(dir.path(), "", "");
-    b.start(&["--secondary"]);
-    a.start(&["--primary"]);
-    a.wait_connected_in_sync(IN_SYNC);
-    let size = data_size(&a);
+    let size = start_in_sync(&mut a, &mut b);
     let mut c = Client::connect(&a);
     c.write(0, &pattern(7, 65536)).unwrap();
     // Cut the link: the secondary dies.
@@ -420,10 +403,7 @@ fn bit_flips_on_the_link_never_reach_a_disk_and_the_stream_recovers() {
 fn split_brain(dir: &Path, policy: &str) -> (Node, Node, u64) {
     let extra = format!("split_brain_policy = \"{policy}\"");
     let (mut a, mut b) = pair(dir, &extra, &extra);
-    b.start(&["--secondary"]);
-    a.start(&["--primary"]);
-    a.wait_connected_in_sync(IN_SYNC);
-    let size = data_size(&a);
+    let size = start_in_sync(&mut a, &mut b);
     a.stop();
     b.stop();
     // Apart: each side is promoted and writes.
@@ -509,10 +489,7 @@ fn async_mode_never_holds_writes_for_a_stalled_peer_and_rpo_returns_to_zero() {
     let dir = scratch();
     let extra = "mode = \"async\"\nmax_inflight_bytes = 1048576";
     let (mut a, mut b) = pair(dir.path(), extra, extra);
-    b.start(&["--secondary"]);
-    a.start(&["--primary"]);
-    a.wait_connected_in_sync(IN_SYNC);
-    let size = data_size(&a);
+    let size = start_in_sync(&mut a, &mut b);
     let mut c = Client::connect(&a);
     // Stall the peer: it reads nothing, so nothing is acknowledged.
     let bpid = nix::unistd::Pid::from_raw(b.child.as_ref().unwrap().id() as i32);
@@ -676,10 +653,7 @@ fn online_verify_finds_exactly_the_corrupted_block_and_repairs_it_while_serving(
 fn checksum_resync_after_a_crash_sends_only_the_chunk_that_differs() {
     let dir = scratch();
     let (mut a, mut b) = pair(dir.path(), "checksum_resync = true", "");
-    b.start(&["--secondary"]);
-    a.start(&["--primary"]);
-    a.wait_connected_in_sync(IN_SYNC);
-    let size = data_size(&a);
+    let size = start_in_sync(&mut a, &mut b);
     let mut c = Client::connect(&a);
     // 40 writes 1 MiB apart: the last 16 activity-log extents stay hot.
     for i in 0..40u64 {

@@ -17,9 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::mirror_node::{
-    assert_acknowledged_on_both, pattern, write_key, Client, FioPass, MirrorNode, FIO_DEV,
-};
+use common::mirror_node::{fio_kill_rounds, pattern, write_key, Client, MirrorNode, FIO_DEV};
 use common::{require, scratch, sh, sh_out};
 
 const MIB: u64 = 1024 * 1024;
@@ -250,32 +248,17 @@ fn crash_rounds_with_the_link_cut(extra: &str, acked_on_peer: bool) {
     let extra = format!("ping_timeout_secs = 2\n{extra}");
     let (mut a, mut b) = pair(dir.path(), &lab, FIO_DEV, &extra);
     let size = Client::connect(&a).export.size;
-    let mut rng = 0x2545_f491u64;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    for round in 0..3 {
-        let before = b.data(size);
-        let fio = FioPass::start(&a, size, next() >> 32, dir.path(), round);
-        std::thread::sleep(Duration::from_millis(300 + next() % 700));
-        lab.cut_replication(B, true);
-        std::thread::sleep(Duration::from_millis(50 + next() % 100));
-        a.kill();
-        let acked = fio.acknowledged_after_server_died();
-        let img_a = a.data(size);
-        let img_b = if acked_on_peer {
-            b.data(size)
-        } else {
-            img_a.clone()
-        };
-        assert_acknowledged_on_both(&acked, &before, &img_a, &img_b, round);
-        lab.cut_replication(B, false);
-        a.start(&["--primary"]);
-        a.wait_connected_in_sync(Duration::from_secs(60));
-    }
+    let mut cut = |on: bool| lab.cut_replication(B, on);
+    fio_kill_rounds(
+        &mut a,
+        &b,
+        size,
+        dir.path(),
+        0x2545_f491,
+        acked_on_peer,
+        Some(&mut cut),
+        Duration::from_secs(60),
+    );
     a.stop();
     b.stop();
     let log = a.log_text();

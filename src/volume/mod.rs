@@ -619,9 +619,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             && self.settings.mode == ReplicationMode::Async
             && st.inflight_bytes + len > self.settings.max_inflight_bytes
         {
-            st.ahead = true;
-            st.counters.ahead_events += 1;
-            tracing::warn!(volume = %self.settings.volume, inflight = st.inflight_bytes, bound = self.settings.max_inflight_bytes, "replication queue full: going ahead (data stays dirty, resync when the link catches up)");
+            self.go_ahead(st, "the replication queue is full");
         }
         if st.session.is_none() || st.ahead {
             self.mark_unsent(st, offset, len);
@@ -647,6 +645,14 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 None
             }
         }
+    }
+
+    /// Async mode stops sending Data (`why`): writes stay dirty until the link has caught up
+    /// and the ahead watch resyncs them.
+    fn go_ahead(&self, st: &mut State, why: &str) {
+        st.ahead = true;
+        st.counters.ahead_events += 1;
+        tracing::warn!(volume = %self.settings.volume, inflight = st.inflight_bytes, bound = self.settings.max_inflight_bytes, "{why}: going ahead (data stays dirty, resync when the link catches up)");
     }
 
     /// A write the peer will not receive: its chunks become dirty (before the local write is
@@ -720,9 +726,10 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 return false;
             }
             if !st.ahead {
-                st.ahead = true;
-                st.counters.ahead_events += 1;
-                tracing::warn!(volume = %self.settings.volume, inflight = st.inflight_bytes, "activity log full of writes the peer has not acknowledged: going ahead (they stay dirty, resync when the link catches up; a larger --al-extents avoids this)");
+                self.go_ahead(
+                    st,
+                    "the activity log is full of writes the peer has not acknowledged (a larger --al-extents avoids this)",
+                );
             }
             if st.oldest_unreplicated.is_none() {
                 st.oldest_unreplicated = Some(Instant::now());

@@ -435,13 +435,11 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             }
             let _ = m.persist_bitmap();
         }
-        for (_, p) in &pendings {
+        for (_, mut p) in pendings {
             if p.al_held {
                 // Dirty above: the activity log may let it go.
                 self.complete_write(p.range.clone());
             }
-        }
-        for (_, mut p) in pendings {
             if let Some(w) = p.waiter.take() {
                 let _ = w.send(false);
             }

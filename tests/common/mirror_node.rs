@@ -291,6 +291,16 @@ impl Client {
     }
 }
 
+/// A xorshift64 sequence from `seed` (non-zero): the tests' random kill moments and seeds.
+pub fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
 /// Incompressible bytes (xorshift), different per seed.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -377,18 +387,27 @@ impl FioPass {
         String::from_utf8_lossy(&std::fs::read(&self.stderr).unwrap_or_default()).into_owned()
     }
 
-    /// Waits (at most `timeout`) for fio to complete its writes without an error.
-    pub fn finished(mut self, timeout: Duration) {
-        let round = self.round;
+    /// fio's exit status once it ends within `timeout`; None (fio still running) otherwise.
+    fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let t0 = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
             if t0.elapsed() > timeout {
-                let _ = self.child.kill();
-                panic!("round {round}: fio still running after {timeout:?}");
+                return None;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let status = self.child.wait().unwrap();
+    }
+
+    /// Waits (at most `timeout`) for fio to complete its writes without an error.
+    pub fn finished(mut self, timeout: Duration) {
+        let round = self.round;
+        let Some(status) = self.exited_within(timeout) else {
+            let _ = self.child.kill();
+            panic!("round {round}: fio still running after {timeout:?}");
+        };
         assert!(
             status.success(),
             "round {round}: fio failed ({status}):\n{}",
@@ -401,13 +420,11 @@ impl FioPass {
     /// kill) or saw no write acknowledged.
     pub fn acknowledged_after_server_died(mut self) -> Vec<u64> {
         let round = self.round;
-        let t0 = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            if t0.elapsed() > Duration::from_secs(120) {
-                // Everything that could tell why, before the kill: where each of fio's threads
-                // sleeps, what its descriptors are, the state of its Unix sockets.
-                let pid = self.child.id();
-                let diag = std::process::Command::new("sh")
+        let Some(status) = self.exited_within(Duration::from_secs(120)) else {
+            // Everything that could tell why, before the kill: where each of fio's threads
+            // sleeps, what its descriptors are, the state of its Unix sockets.
+            let pid = self.child.id();
+            let diag = std::process::Command::new("sh")
                     .arg("-c")
                     .arg(format!(
                         "for t in /proc/{pid}/task/*; do echo \"$t $(cat $t/comm) $(cat $t/wchan) $(cut -d' ' -f3 $t/stat)\"; done; \
@@ -416,24 +433,15 @@ impl FioPass {
                     .output()
                     .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                     .unwrap_or_default();
-                let _ = self.child.kill();
-                let err = self.stderr_text();
-                let tail: String = err
-                    .chars()
-                    .rev()
-                    .take(2000)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                panic!(
-                    "round {round}: fio still running 120 s after its server was killed\n{diag}\n{} bytes on stderr, ending:\n{tail}",
-                    err.len()
+            let _ = self.child.kill();
+            let err = self.stderr_text();
+            let from = err.char_indices().rev().nth(1999).map_or(0, |(i, _)| i);
+            panic!(
+                    "round {round}: fio still running 120 s after its server was killed\n{diag}\n{} bytes on stderr, ending:\n{}",
+                    err.len(),
+                    &err[from..]
                 );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let status = self.child.wait().unwrap();
+        };
         let stderr = self.stderr_text();
         assert!(
             !status.success(),
@@ -469,9 +477,15 @@ impl FioPass {
     }
 }
 
-/// Every 4 KiB write at `acked` is on the Primary's disk (its block changed since `before`,
-/// the image before the round) and the same on the Secondary's.
-pub fn assert_acknowledged_on_both(acked: &[u64], before: &[u8], a: &[u8], b: &[u8], round: u32) {
+/// Every 4 KiB write at `acked` is on the Primary's disk `a` (its block changed since
+/// `before`, the image before the round) and, when `b` is given, the same on the Secondary's.
+pub fn assert_acknowledged_on_both(
+    acked: &[u64],
+    before: &[u8],
+    a: &[u8],
+    b: Option<&[u8]>,
+    round: u32,
+) {
     for off in acked {
         let r = *off as usize..*off as usize + 4096;
         assert!(
@@ -479,9 +493,46 @@ pub fn assert_acknowledged_on_both(acked: &[u64], before: &[u8], a: &[u8], b: &[
             "round {round}: acknowledged write at {off} is not on the primary's own disk"
         );
         assert!(
-            b[r.clone()] == a[r],
+            b.is_none_or(|b| b[r.clone()] == a[r]),
             "round {round}: acknowledged write at {off} missing on the secondary ({} acknowledged)",
             acked.len()
         );
+    }
+}
+
+/// Three crash rounds against a connected pair (`a` Primary, `b` Secondary, both in sync, data
+/// `size` bytes): fio (one [`FioPass`]) through `a`; after 300-1000 ms, when `cut` is given,
+/// `cut(true)` and 50-150 ms more; `a` SIGKILLed; every write fio saw acknowledged checked on
+/// `a`, and on `b` when `acked_on_peer`; `cut(false)`; `a` restarted as Primary until in sync
+/// (at most `in_sync`). The moments come from `seed`.
+#[allow(clippy::too_many_arguments)]
+pub fn fio_kill_rounds(
+    a: &mut MirrorNode,
+    b: &MirrorNode,
+    size: u64,
+    dir: &Path,
+    seed: u64,
+    acked_on_peer: bool,
+    mut cut: Option<&mut dyn FnMut(bool)>,
+    in_sync: Duration,
+) {
+    let mut next = xorshift(seed);
+    for round in 0..3 {
+        let before = b.data(size);
+        let fio = FioPass::start(a, size, next() >> 32, dir, round);
+        std::thread::sleep(Duration::from_millis(300 + next() % 700));
+        if let Some(cut) = cut.as_mut() {
+            cut(true);
+            std::thread::sleep(Duration::from_millis(50 + next() % 100));
+        }
+        a.kill();
+        let acked = fio.acknowledged_after_server_died();
+        let img_b = acked_on_peer.then(|| b.data(size));
+        assert_acknowledged_on_both(&acked, &before, &a.data(size), img_b.as_deref(), round);
+        if let Some(cut) = cut.as_mut() {
+            cut(false);
+        }
+        a.start(&["--primary"]);
+        a.wait_connected_in_sync(in_sync);
     }
 }
