@@ -1095,6 +1095,7 @@ mod tests {
     use crate::meta::bitmap::Granularity;
     use crate::meta::device::MemDevice;
     use crate::meta::store::CreateOptions;
+    use crate::repl::wire::ResyncPayload;
 
     const MIB: u64 = 1 << 20;
 
@@ -1106,6 +1107,16 @@ mod tests {
         mode: ReplicationMode,
         outdate_wait: std::time::Duration,
     ) -> MirroredVolume<MemTarget, MemDevice> {
+        volume_on(MemTarget::new(8 * MIB), mode, outdate_wait)
+    }
+
+    /// A volume of 8 MiB on `target` (4 KiB bitmap granularity, four 1 MiB activity-log
+    /// extents).
+    fn volume_on<T: BlockTarget>(
+        target: T,
+        mode: ReplicationMode,
+        outdate_wait: std::time::Duration,
+    ) -> MirroredVolume<T, MemDevice> {
         let opts = CreateOptions {
             granularity: Granularity::new(4096).unwrap(),
             al: AlGeometry::new(MIB, 4).unwrap(),
@@ -1126,7 +1137,7 @@ mod tests {
             checksum_resync: false,
             outdate_wait,
         };
-        MirroredVolume::new(MemTarget::new(8 * MIB), meta, settings)
+        MirroredVolume::new(target, meta, settings)
     }
 
     fn run<F: std::future::Future>(f: F) -> F::Output {
@@ -1307,8 +1318,8 @@ mod tests {
     }
 
     /// A connected session whose frames land in the returned receiver.
-    fn connect_fake(
-        v: &MirroredVolume<MemTarget, MemDevice>,
+    fn connect_fake<T: BlockTarget>(
+        v: &MirroredVolume<T, MemDevice>,
         id: u64,
     ) -> tokio::sync::mpsc::UnboundedReceiver<Message> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -1435,6 +1446,136 @@ mod tests {
             assert_eq!(in_flight(&v), 0);
             // The acks do not clear what going ahead marked: the resync sends it.
             assert!(v.meta.borrow().bitmap().is_dirty(0, 4096).unwrap());
+        });
+    }
+
+    /// A [`MemTarget`] whose reads, while `hold` is set, take their copy of the data and then
+    /// wait for `release` before returning: a resync read that holds its snapshot of a piece
+    /// and has not sent it yet.
+    struct HeldReads {
+        mem: MemTarget,
+        hold: std::cell::Cell<bool>,
+        took: Notify,
+        release: Notify,
+    }
+
+    impl BlockTarget for HeldReads {
+        fn info(&self) -> &TargetInfo {
+            self.mem.info()
+        }
+        fn alloc_buf(&self, len: usize) -> AlignedBuf {
+            self.mem.alloc_buf(len)
+        }
+        async fn read(&self, offset: u64, buf: AlignedBuf) -> (BlockResult<()>, AlignedBuf) {
+            let r = self.mem.read(offset, buf).await;
+            if self.hold.get() {
+                self.took.notify_one();
+                self.release.notified().await;
+            }
+            r
+        }
+        async fn write(
+            &self,
+            offset: u64,
+            buf: AlignedBuf,
+            fua: bool,
+        ) -> (BlockResult<()>, AlignedBuf) {
+            self.mem.write(offset, buf, fua).await
+        }
+        async fn flush(&self) -> BlockResult<()> {
+            self.mem.flush().await
+        }
+        async fn trim(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
+            self.mem.trim(offset, len, fua).await
+        }
+        async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+            self.mem.write_zeroes(offset, len, flags).await
+        }
+        async fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
+            self.mem.cache(offset, len).await
+        }
+        async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
+            self.mem.block_status(offset, len).await
+        }
+    }
+
+    /// The resync lock: an application write to a piece the resync has read but not yet sent
+    /// waits until the piece is on its way, so its Data frame follows the ResyncData frame
+    /// and the peer ends with the new bytes. (Were the write to go first, the peer would apply
+    /// it and then the resync's older snapshot over it, and the bit would be cleared.)
+    #[test]
+    fn an_application_write_waits_for_the_resync_piece_it_overlaps() {
+        run(async {
+            let target = HeldReads {
+                mem: MemTarget::new(8 * MIB),
+                hold: std::cell::Cell::new(false),
+                took: Notify::new(),
+                release: Notify::new(),
+            };
+            let v = Rc::new(volume_on(
+                target,
+                ReplicationMode::Sync,
+                std::time::Duration::ZERO,
+            ));
+            v.promote(true).unwrap();
+            // Written while disconnected: block 0 holds 1s and is dirty.
+            v.write_bytes(0, Bytes::from(vec![1u8; 4096]), false)
+                .await
+                .unwrap();
+            assert!(v.meta.borrow().bitmap().is_dirty(0, 4096).unwrap());
+            let mut rx = connect_fake(&v, 5);
+            v.local().hold.set(true);
+            let resync = tokio::task::spawn_local(v.clone().resync_source(5, false, false));
+            // The resync holds its snapshot of block 0 (1s); the application writes 2s there.
+            v.local().took.notified().await;
+            v.local().hold.set(false);
+            let w = {
+                let v = v.clone();
+                tokio::task::spawn_local(async move {
+                    v.write_bytes(0, Bytes::from(vec![2u8; 4096]), false).await
+                })
+            };
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            v.local().release.notify_one();
+            // The peer applies what arrives, in order, and acknowledges it.
+            let mut peer = vec![0u8; 4096];
+            let mut order = Vec::new();
+            while !(w.is_finished() && resync.is_finished()) {
+                let m = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+                    .await
+                    .expect("nothing sent for 5 s")
+                    .expect("session channel closed");
+                match m {
+                    Message::Data(d) => {
+                        peer[d.offset as usize..][..d.data.len()].copy_from_slice(&d.data);
+                        order.push("data");
+                        v.on_ack(d.seq, 0);
+                    }
+                    Message::ResyncData(r) => {
+                        if let ResyncPayload::Bytes(b) = r.payload {
+                            peer[r.offset as usize..][..b.len()].copy_from_slice(&b);
+                        }
+                        order.push("resync");
+                        v.on_ack(r.seq, 0);
+                    }
+                    Message::ResyncDone { seq } => v.on_ack(seq, 0),
+                    other => panic!("unexpected {:?}", other.kind()),
+                }
+                tokio::task::yield_now().await;
+            }
+            w.await.unwrap().unwrap();
+            resync.await.unwrap();
+            assert_eq!(v.local().mem.snapshot(0, 4096), vec![2u8; 4096]);
+            assert!(
+                peer == vec![2u8; 4096],
+                "the peer's copy differs (frames in the order {order:?})"
+            );
+            assert_eq!(
+                order,
+                ["resync", "data"],
+                "the write overtook the resync piece"
+            );
+            assert!(!v.meta.borrow().bitmap().is_dirty(0, 4096).unwrap());
         });
     }
 }
