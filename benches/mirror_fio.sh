@@ -33,7 +33,8 @@
 #      SETTLE_SECS (default 0): idle seconds before every job, so that no job runs in the wake
 #      of the one before it (see docs/BENCHMARKS.md, session 8).
 # Each row also shows DEV_A's block device over the job (all its writers): the milliseconds a
-# write spent in the device and the size of a write as the device saw it.
+# write spent in the device and the size of a write as the device saw it; and this machine's
+# CPUs over the job: the share idle and the share stolen by the hypervisor.
 set -euo pipefail
 A=$1 B=$2 ADDR_A=$3 ADDR_B=$4 RUNTIME=${5:-10}
 TWINVOL=${TWINVOL:-target/release/twinvol}
@@ -117,6 +118,9 @@ if [ -n "$dev_a_src" ] && [ -e "$dev_a_src" ]; then
 fi
 dev_w() { if [ -n "$DEV_STAT" ]; then awk '{print $5, $7, $8}' "$DEV_STAT"; else echo "- - -"; fi; }
 cpu_s_b() { on_b sh -c "$CPU_SH" sh "$1"; }
+# This machine's CPU time so far, from /proc/stat's "cpu" line: total, idle (with iowait),
+# steal (in clock ticks).
+cpu_stat() { awk '/^cpu /{print $2+$3+$4+$5+$6+$7+$8+$9, $5+$6, $9}' /proc/stat; }
 
 jobs_run() { # label socket round twinvol-pid(node a) twinvol-pid(node b, or "")
   for job in "4k-randwrite-qd32:randwrite:4k:32" "1m-seqwrite-qd8:write:1M:8"; do
@@ -130,6 +134,7 @@ jobs_run() { # label socket round twinvol-pid(node a) twinvol-pid(node b, or "")
     fi
     local a0 b0=- a1 b1=- d0 d1
     d0=$(dev_w)
+    t0=$(cpu_stat)
     a0=$(cpu_s "$4")
     [ -z "$5" ] || b0=$(cpu_s_b "$5")
     # fio's JSON: bandwidth, IOPS, bytes written and fio's own CPU seconds (its usr/sys
@@ -138,6 +143,7 @@ jobs_run() { # label socket round twinvol-pid(node a) twinvol-pid(node b, or "")
       --iodepth="$qd" --size=256M --time_based --runtime="$RUNTIME" --output-format=json "${bwlog[@]}" \
       | python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; w=j["write"]; print("%.1f %.0f %d %.2f" % (w["bw_bytes"]/1048576, w["iops"], w["io_bytes"], (j["usr_cpu"]+j["sys_cpu"])/100*j["job_runtime"]/1000))')
     a1=$(cpu_s "$4")
+    t1=$(cpu_stat)
     d1=$(dev_w)
     [ -z "$5" ] || b1=$(cpu_s_b "$5")
     # CPU seconds per GiB written: node a's core (twinvol and fio) and node b (twinvol).
@@ -153,7 +159,14 @@ if "-" in a: print("- -")
 else:
     n, sec, ms = (int(y) - int(x) for x, y in zip(a, b))
     print("%.2f %.0f" % (ms / n, sec * 512 / 1024 / n) if n else "- -")' "$d0" "$d1")
-    echo "| $1 | $name | $mib MiB/s | $iops IOPS | $cpu_a | $cpu_b | $dev_ms | $dev_kib |"
+    # This machine's CPUs over the job: the share idle, and the share the hypervisor gave to
+    # others while a CPU here wanted to run (steal; it varied from 0 to 16% between runs of the
+    # same job on the development VM, see docs/BENCHMARKS.md, session 13).
+    read -r idle_pct steal_pct < <(python3 -c 'import sys
+a, b = (list(map(int, x.split())) for x in sys.argv[1:3])
+d = [y - x for x, y in zip(a, b)]
+print("%.0f %.0f" % (100 * d[1] / d[0], 100 * d[2] / d[0]) if d[0] else "- -")' "$t0" "$t1")
+    echo "| $1 | $name | $mib MiB/s | $iops IOPS | $cpu_a | $cpu_b | $dev_ms | $dev_kib | $idle_pct | $steal_pct |"
     echo "$3|$1|$name|$mib|$cpu_a|$cpu_b" >>"$W/results"
   done
 }
@@ -165,8 +178,8 @@ mkmd() {
   on_b "$TWINVOL_B" new-current-uuid --clear-bitmap --uuid 5eed --device "$B" >/dev/null
 }
 
-echo "| setup | job | bandwidth | IOPS | node a CPU s/GiB | node b CPU s/GiB | device ms/write | device KiB/write |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| setup | job | bandwidth | IOPS | node a CPU s/GiB | node b CPU s/GiB | device ms/write | device KiB/write | idle % here | steal % here |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 # no_peer ROUND: the jobs against `twinvol export` on DEV_A.
 no_peer() {
   mkmd
