@@ -5,7 +5,9 @@
 # Usage: benches/mirror_fio.sh DEV_A DEV_B ADDR_A ADDR_B [RUNTIME_SECS]
 #   DEV_A/DEV_B: files or block devices (overwritten!), ADDR_A/ADDR_B: replication IP:port of
 #   each node. Node a (the Primary, with fio) runs here; DEV_B is a path on node b.
-#   One machine: /var/tmp/a.img /var/tmp/b.img 127.0.0.1:7789 127.0.0.2:7790.
+#   One machine: /var/tmp/a.img /var/tmp/b.img 127.0.0.1:7789 127.0.0.2:7790. To give node b a
+#   store of its own, put DEV_B in RAM: on a tmpfs mounted with huge=always its writes cost
+#   node b a third less CPU than on /dev/shm (docs/BENCHMARKS.md, session 13).
 #   Two machines (e.g. EC2 instances with an EBS volume and a replication ENI each):
 #     RUN_B="ssh ec2-user@10.0.1.20 sudo" TWINVOL_B=/usr/local/bin/twinvol \
 #       benches/mirror_fio.sh /dev/nvme1n1 /dev/nvme1n1 10.0.1.10:7789 10.0.1.20:7789 30
