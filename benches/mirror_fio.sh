@@ -134,7 +134,7 @@ jobs_run() { # label socket round twinvol-pid(node a) twinvol-pid(node b, or "")
       mkdir -p "$BW_LOG_DIR"
       bwlog=(--write_bw_log="$BW_LOG_DIR/r$3-${1//[^a-z0-9]/_}-$name" --log_avg_msec=500)
     fi
-    local a0 b0=- a1 b1=- d0 d1
+    local a0 b0=- a1 b1=- d0 d1 t0 t1
     d0=$(dev_w)
     t0=$(cpu_stat)
     a0=$(cpu_s "$4")
@@ -148,26 +148,28 @@ jobs_run() { # label socket round twinvol-pid(node a) twinvol-pid(node b, or "")
     t1=$(cpu_stat)
     d1=$(dev_w)
     [ -z "$5" ] || b1=$(cpu_s_b "$5")
-    # CPU seconds per GiB written: node a's core (twinvol and fio) and node b (twinvol).
-    # ("-" where there is nothing to divide: no node b, or no byte written.)
-    read -r cpu_a cpu_b < <(python3 -c 'import sys; a0,a1,f,n,b0,b1=sys.argv[1:]; g=int(n)/2**30
-print("-" if not g else "%.3f" % ((float(a1)-float(a0)+float(f))/g), "-" if b0=="-" or not g else "%.3f" % ((float(b1)-float(b0))/g))' "$a0" "$a1" "$fio_s" "$bytes" "$b0" "$b1")
-    # DEV_A's device over the job (every writer on it): milliseconds each write spent in the
-    # device, and its size (a 1 MiB write split by the block layer shows as ~512 KiB). A
-    # slower device at the same queue depth shows here, not in twinvol's CPU figures.
-    read -r dev_ms dev_kib < <(python3 -c 'import sys
-a, b = sys.argv[1].split(), sys.argv[2].split()
-if "-" in a: print("- -")
-else:
-    n, sec, ms = (int(y) - int(x) for x, y in zip(a, b))
-    print("%.2f %.0f" % (ms / n, sec * 512 / 1024 / n) if n else "- -")' "$d0" "$d1")
-    # This machine's CPUs over the job: the share idle, and the share the hypervisor gave to
-    # others while a CPU here wanted to run (steal; it varied from 0 to 16% between runs of the
-    # same job on the development VM, see docs/BENCHMARKS.md, session 13).
-    read -r idle_pct steal_pct < <(python3 -c 'import sys
-a, b = (list(map(int, x.split())) for x in sys.argv[1:3])
-d = [y - x for x, y in zip(a, b)]
-print("%.0f %.0f" % (100 * d[1] / d[0], 100 * d[2] / d[0]) if d[0] else "- -")' "$t0" "$t1")
+    # The row's derived columns, from the readings before and after the job.
+    read -r cpu_a cpu_b dev_ms dev_kib idle_pct steal_pct < <(python3 - "$a0" "$a1" "$fio_s" "$bytes" "$b0" "$b1" "$d0" "$d1" "$t0" "$t1" <<'PY'
+import sys
+a0, a1, fio_s, n, b0, b1, d0, d1, t0, t1 = sys.argv[1:]
+# CPU seconds per GiB written: node a's core (twinvol and fio) and node b (twinvol).
+# ("-" where there is nothing to divide: no node b, or no byte written.)
+g = int(n) / 2**30
+out = ["-" if not g else "%.3f" % ((float(a1) - float(a0) + float(fio_s)) / g),
+       "-" if b0 == "-" or not g else "%.3f" % ((float(b1) - float(b0)) / g)]
+# DEV_A's device over the job (every writer on it): milliseconds each write spent in the
+# device, and its size (a 1 MiB write split by the block layer shows as ~512 KiB). A slower
+# device at the same queue depth shows here, not in twinvol's CPU figures.
+w, sec, ms = (0, 0, 0) if "-" in d0 else (int(y) - int(x) for x, y in zip(d0.split(), d1.split()))
+out += ["%.2f" % (ms / w), "%.0f" % (sec * 512 / 1024 / w)] if w else ["-", "-"]
+# This machine's CPUs over the job: the share idle, and the share the hypervisor gave to
+# others while a CPU here wanted to run (steal; it varied from 0 to 16% between runs of the
+# same job on the development VM, see docs/BENCHMARKS.md, session 13).
+d = [int(y) - int(x) for x, y in zip(t0.split(), t1.split())]
+out += ["%.0f" % (100 * d[1] / d[0]), "%.0f" % (100 * d[2] / d[0])] if d[0] else ["-", "-"]
+print(*out)
+PY
+    )
     echo "| $1 | $name | $mib MiB/s | $iops IOPS | $cpu_a | $cpu_b | $dev_ms | $dev_kib | $idle_pct | $steal_pct |"
     echo "$3|$1|$name|$mib|$cpu_a|$cpu_b" >>"$W/results"
   done

@@ -659,6 +659,12 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
     /// issued) and no resync ack may clear them while this connection lasts.
     fn mark_unsent(&self, st: &mut State, offset: u64, len: u64) {
         let _ = st.unsent.set(offset, len);
+        self.mark_unreplicated(st, offset, len);
+    }
+
+    /// A write the peer may not hold: its chunks become dirty, and the RPO clock starts if it
+    /// was not running.
+    fn mark_unreplicated(&self, st: &mut State, offset: u64, len: u64) {
         let _ = self.meta.borrow_mut().mark_dirty(offset, len);
         if st.oldest_unreplicated.is_none() {
             st.oldest_unreplicated = Some(Instant::now());
@@ -731,17 +737,11 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                     "the activity log is full of writes the peer has not acknowledged (a larger --al-extents avoids this)",
                 );
             }
-            if st.oldest_unreplicated.is_none() {
-                st.oldest_unreplicated = Some(Instant::now());
+            for r in &released {
+                self.mark_unreplicated(st, r.start, r.end - r.start);
             }
             released
         };
-        {
-            let mut m = self.meta.borrow_mut();
-            for r in &released {
-                let _ = m.mark_dirty(r.start, r.end - r.start);
-            }
-        }
         for r in released {
             self.complete_write(r);
         }

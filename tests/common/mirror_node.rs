@@ -303,15 +303,8 @@ pub fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
 
 /// Incompressible bytes (xorshift), different per seed.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut next = xorshift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    (0..len).map(|_| next() as u8).collect()
 }
 
 /// Device size for [`FioPass`] (sparse): one pass of 4 KiB random writes over it takes
