@@ -28,3 +28,16 @@ echo "$out" | grep -q '^| sync mirror | 4k-randwrite-qd32 | .* | \*\*' \
   || { echo "mirror_fio_netns.sh printed no sync ratio" >&2; exit 1; }
 echo "$out" | grep -Eq '^# sync: Data bytes sent [1-9]' \
   || { echo "mirror_fio_netns.sh: node a sent no Data to node b" >&2; exit 1; }
+echo "== benches/mirror_ab.sh smoke run (one pair of two names for one binary; figures not asserted)"
+smoke=$(mktemp -d /var/tmp/twinvol-smoke-XXXX)
+ln -s "$CARGO_TARGET_DIR/debug/twinvol" "$smoke/twinvol-a"
+ln -s "$CARGO_TARGET_DIR/debug/twinvol" "$smoke/twinvol-b"
+out=$(PAIRS=1 SIZE=300M JOBS=4k-randwrite-qd32 MODES=sync OUT="$smoke/runs" \
+  bash benches/mirror_ab.sh "$smoke/twinvol-a" "$smoke/twinvol-b" "$smoke/a.img" "$smoke/b.img" \
+  127.0.0.1:7793 127.0.0.2:7794 1)
+rm -rf "$smoke"
+echo "$out"
+for v in A B; do
+  echo "$out" | grep -q "^| sync mirror | 4k-randwrite-qd32 | $v | .* | \*\*" \
+    || { echo "mirror_ab.sh printed no median ratio for binary $v" >&2; exit 1; }
+done
