@@ -37,27 +37,27 @@ for pair in $(seq "$PAIRS"); do
   for v in $order; do
     bin=$BIN_A
     [ "$v" = A ] || bin=$BIN_B
-    log="$OUT/pair$pair-$v.txt"
+    log="$OUT/pair$pair-$v.txt" results="$OUT/pair$pair-$v.results"
     # The binaries are not the checkout's build by design; mirror_fio.sh's staleness check
     # would refuse them.
     if ! ALLOW_STALE=1 ROUNDS=1 JOBS="${JOBS:-1m-seqwrite-qd8}" MODES="${MODES:-sync}" \
-      TWINVOL="$bin" bash "$HERE/mirror_fio.sh" "$@" >"$log" 2>&1; then
+      TWINVOL="$bin" RESULTS="$results" bash "$HERE/mirror_fio.sh" "$@" >"$log" 2>&1; then
       echo "pair $pair, binary $v failed; its output:" >&2
       tail -30 "$log" >&2
       exit 1
     fi
-    grep -E '^\| (no peer[^|]*|sync mirror|async mirror) \| [^|]+ \| [0-9.]+ MiB/s' "$log" |
-      sed "s/^/$pair|$v/" | tee -a "$OUT/rows"
+    grep -E '^\| (no peer[^|]*|sync mirror|async mirror) \| [^|]+ \| [0-9.]+ MiB/s' "$log" | sed "s/^/$pair $v /"
+    sed "s/^/$pair|$v|/" "$results" >>"$OUT/rows"
   done
 done
 python3 - "$OUT/rows" <<'PY'
 import statistics, sys
-# Rows: "<pair>|<A or B>| <setup> | <job> | <MiB/s> MiB/s | <IOPS> | <node a s/GiB> | <node b> | ..."
+# Records: "<pair>|<A or B>|" and mirror_fio.sh's RESULTS record (round|setup|job|MiB/s|node a
+# s/GiB|node b s/GiB).
 runs = {}
 for line in open(sys.argv[1]):
-    f = [x.strip() for x in line.split("|")]
-    pair, v, setup, job, bw, ca, cb = f[0], f[1], f[2], f[3], f[4], f[6], f[7]
-    runs.setdefault((pair, v), {})[(setup, job)] = (float(bw.split()[0]), ca, cb)
+    pair, v, _, setup, job, bw, ca, cb = line.rstrip("\n").split("|")
+    runs.setdefault((pair, v), {})[(setup, job)] = (float(bw), ca, cb)
 table = {}
 for (pair, v), rows in runs.items():
     for (setup, job), (bw, ca, cb) in rows.items():

@@ -34,6 +34,8 @@
 #      file system (see below).
 #      SETTLE_SECS (default 0): idle seconds before every job, so that no job runs in the wake
 #      of the one before it (see docs/BENCHMARKS.md, session 8).
+#      RESULTS (default unset): a file to which each row is also appended as a record for
+#      programs, "round|setup|job|MiB/s|node a CPU s/GiB|node b CPU s/GiB" (benches/mirror_ab.sh).
 # Each row also shows DEV_A's block device over the job (all its writers): the milliseconds a
 # write spent in the device and the size of a write as the device saw it; and this machine's
 # CPUs over the job: the share idle and the share stolen by the hypervisor.
@@ -171,7 +173,9 @@ print(*out)
 PY
     )
     echo "| $1 | $name | $mib MiB/s | $iops IOPS | $cpu_a | $cpu_b | $dev_ms | $dev_kib | $idle_pct | $steal_pct |"
-    echo "$3|$1|$name|$mib|$cpu_a|$cpu_b" >>"$W/results"
+    local record="$3|$1|$name|$mib|$cpu_a|$cpu_b"
+    echo "$record" >>"$W/results"
+    [ -z "${RESULTS:-}" ] || echo "$record" >>"$RESULTS"
   done
 }
 
