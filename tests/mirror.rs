@@ -400,6 +400,124 @@ fn bit_flips_on_the_link_never_reach_a_disk_and_the_stream_recovers() {
     );
 }
 
+/// A key file at `dir/name` holding `key` (mode 0600).
+fn key_file(dir: &Path, name: &str, key: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, key).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+#[test]
+fn different_keys_are_named_in_both_statuses_logged_once_and_never_shown() {
+    let dir = scratch();
+    let d = dir.path();
+    let (key_a, key_b) = (
+        "tv-test-key-AAAA-7f3e9c2b41d85a60",
+        "tv-test-key-BBBB-0c6a5e8d27f91b34",
+    );
+    let (ka, kb) = (key_file(d, "a.key", key_a), key_file(d, "b.key", key_b));
+    let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
+    let mut a = node(d, ("a", "b"), (a_addr, b_addr), &ka, DEV, "");
+    let mut b = node(d, ("b", "a"), (b_addr, a_addr), &kb, DEV, "");
+    for n in [&a, &b] {
+        n.skip_initial_sync();
+    }
+    // Every log line, down to trace, is checked for the keys below.
+    b.start_logging(&["--secondary"], "trace");
+    a.start_logging(&["--primary"], "trace");
+    // a listens: the peer failed to prove a's key; b connects: a refused b's proof.
+    for (n, kind) in [(&a, "auth-failed"), (&b, "auth-rejected")] {
+        let s = n.wait_for(
+            "three failed attempts named in the status",
+            Duration::from_secs(30),
+            |s| s["link_error"]["attempts"].as_u64().unwrap_or(0) >= 3,
+        );
+        let e = &s["link_error"];
+        assert_eq!(e["kind"], kind, "{s:#}");
+        assert_eq!(e["needs_operator"], true, "{s:#}");
+        let m = e["message"].as_str().unwrap();
+        assert!(m.contains("replication.key_file"), "{m}");
+        assert_eq!(s["connection"]["state"], "connecting", "{s:#}");
+        assert_eq!(s["counters"]["connections"], 0, "{s:#}");
+    }
+    // A write on the Primary reaches only its own disk.
+    let mut c = Client::connect(&a);
+    let size = c.export.size;
+    c.write(0, &pattern(9, 65536)).unwrap();
+    c.flush().unwrap();
+    drop(c);
+    eprintln!("{:#}", b.status()["link_error"]);
+    // What an operator sees.
+    let out = Command::new(bin())
+        .args(["status", "--status-file"])
+        .arg(d.join("b.json"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    eprintln!("{text}");
+    assert!(text.contains("last error ("), "{text}");
+    assert!(text.contains("the replication keys differ"), "{text}");
+    assert!(
+        text.contains("next step: retrying will not fix this"),
+        "{text}"
+    );
+    // Each node logged the problem once at error level, however many attempts failed.
+    for n in [&a, &b] {
+        let log = n.log_text();
+        let errors = log
+            .lines()
+            .filter(|l| l.contains("ERROR") && l.contains("replication.key_file"))
+            .count();
+        assert_eq!(
+            errors, 1,
+            "{}: {errors} error lines about the key:\n{log}",
+            n.name
+        );
+    }
+    // Neither key, as text or hex, in any log line, status file or the status text.
+    let hex = |k: &str| k.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    let shown = [
+        a.log_text(),
+        b.log_text(),
+        a.status().to_string(),
+        b.status().to_string(),
+        text,
+    ];
+    for k in [key_a, key_b] {
+        for needle in [k.to_string(), hex(k), k[k.len() - 16..].to_string()] {
+            for (i, t) in shown.iter().enumerate() {
+                assert!(!t.contains(&needle), "key material in output {i}");
+            }
+        }
+    }
+    a.stop();
+    b.stop();
+    assert!(
+        b.data(size).iter().all(|&x| x == 0),
+        "b's disk changed without a connection"
+    );
+    // The same key on b: they connect, and the problem is gone from both statuses.
+    key_file(d, "b.key", key_a);
+    b.start(&["--secondary"]);
+    a.start(&["--primary"]);
+    let s = a.wait_connected_in_sync(IN_SYNC);
+    assert!(s["link_error"].is_null(), "{s:#}");
+    b.wait_for("the link error cleared", Duration::from_secs(10), |s| {
+        s["connection"]["state"] == "connected" && s["link_error"].is_null()
+    });
+    assert_eq!(
+        b.data(65536)[..],
+        pattern(9, 65536)[..],
+        "resynced after the fix"
+    );
+    a.stop();
+    b.stop();
+}
+
 fn split_brain(dir: &Path, policy: &str) -> (Node, Node, u64) {
     let extra = format!("split_brain_policy = \"{policy}\"");
     let (mut a, mut b) = pair(dir, &extra, &extra);
@@ -434,6 +552,10 @@ fn split_brain_with_disconnect_policy_copies_nothing_and_says_split_brain() {
         s["connection"]["refused"] == "split-brain"
     });
     eprintln!("{s:#}");
+    assert!(
+        s["link_error"].is_null(),
+        "the refusal, not a link error, explains it: {s:#}"
+    );
     b.wait_for("split brain", Duration::from_secs(30), |s| {
         s["connection"]["refused"] == "split-brain"
     });

@@ -52,6 +52,7 @@ fn base() -> VolumeStatus {
             activity_log_waits: 0,
         },
         current_generation: "7a3f00c19e2b4d11".into(),
+        link_error: None,
         verify: None,
     }
 }

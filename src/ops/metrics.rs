@@ -261,6 +261,21 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
             text(&r["connection"]["refused"], "unknown"),
         );
     }
+    let link_error = &r["link_error"];
+    w.gauge(
+        "twinvol_volume_link_failed_attempts",
+        None,
+        "Attempts in a row that failed to connect the replication link the same way (0 once connected).",
+        labels,
+        num(&link_error["attempts"]).unwrap_or(0.0),
+    );
+    w.gauge(
+        "twinvol_volume_link_needs_operator",
+        None,
+        "1 while the replication link fails in a way retrying cannot fix (keys, version, identity, addresses).",
+        labels,
+        if link_error["needs_operator"] == true { 1.0 } else { 0.0 },
+    );
     w.stateset(
         "twinvol_volume_mode",
         "Replication mode: sync acknowledges writes after the peer has them, async before.",
@@ -1034,6 +1049,7 @@ mod tests {
                 activity_log_waits: 6,
             },
             current_generation: "00ff".into(),
+            link_error: None,
             verify: None,
         }
     }
@@ -1128,6 +1144,32 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains("twinvol_volume_resync_left_bytes"), "{t}");
+    }
+
+    #[test]
+    fn a_link_error_shows_its_attempts_and_whether_the_operator_must_act() {
+        let mut s = serde_json::to_value(mirror_status()).unwrap();
+        let t = render_volume(&s);
+        assert!(
+            t.contains("twinvol_volume_link_failed_attempts{volume=\"data\"} 0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("twinvol_volume_link_needs_operator{volume=\"data\"} 0\n"),
+            "{t}"
+        );
+        s["connection"] = serde_json::json!({"state": "connecting"});
+        s["link_error"] = serde_json::json!({"kind": "auth-rejected", "message": "keys differ",
+            "needs_operator": true, "attempts": 4, "since_secs": 3.5});
+        let t = render_volume(&s);
+        assert!(
+            t.contains("twinvol_volume_link_failed_attempts{volume=\"data\"} 4\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("twinvol_volume_link_needs_operator{volume=\"data\"} 1\n"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -126,6 +126,21 @@ pub fn render_replication(r: &Value, peer: Option<(&str, &str)>, indent: &str) -
                 o,
                 "{indent}  writes since are only on this node (RPO below); they are resynced when the peer returns"
             );
+            let e = &r["link_error"];
+            if let Some(message) = e["message"].as_str() {
+                let _ = writeln!(
+                    o,
+                    "{indent}  last error ({} attempt(s) in {}): {message}",
+                    u(&e["attempts"]),
+                    duration(e["since_secs"].as_f64().unwrap_or(0.0) as u64)
+                );
+                if e["needs_operator"] == true {
+                    let _ = writeln!(
+                        o,
+                        "{indent}  next step: retrying will not fix this; correct the setting it names on one node"
+                    );
+                }
+            }
         }
         "refused" => {
             let (what, fix) = refusal(&r["connection"]);
@@ -299,6 +314,32 @@ mod tests {
     fn a_value_missing_fields_renders_without_panicking() {
         let t = render_mirror(&Value::Null);
         assert!(t.contains("replication: unknown"), "{t}");
+    }
+
+    #[test]
+    fn a_link_error_is_shown_while_connecting_with_a_next_step_only_when_retrying_cannot_fix_it() {
+        let status = |needs_operator: bool| {
+            serde_json::json!({
+                "connection": {"state": "connecting"},
+                "link_error": {
+                    "message": "peer 127.0.0.2:7790 refused this node's authentication: the replication keys differ",
+                    "needs_operator": needs_operator,
+                    "attempts": 7,
+                    "since_secs": 125.4,
+                },
+            })
+        };
+        let t = render_replication(&status(true), None, "");
+        assert!(
+            t.contains("  last error (7 attempt(s) in 2m05s): peer 127.0.0.2:7790 refused this node's authentication: the replication keys differ\n"),
+            "{t}"
+        );
+        assert!(t.contains("next step: retrying will not fix this"), "{t}");
+        let t = render_replication(&status(false), None, "");
+        assert!(t.contains("last error (7 attempt(s)"), "{t}");
+        assert!(!t.contains("next step"), "{t}");
+        let none = serde_json::json!({"connection": {"state": "connecting"}, "link_error": null});
+        assert!(!render_replication(&none, None, "").contains("last error"));
     }
 
     proptest::proptest! {

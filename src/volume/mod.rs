@@ -22,6 +22,7 @@
 //! borrowed across an `.await`.
 
 pub mod control;
+pub mod link_health;
 pub mod plan;
 pub mod run;
 pub mod session;
@@ -202,6 +203,8 @@ struct State {
     hold_expired: bool,
     /// Writes whose completion is being held.
     held_writes: u64,
+    /// Why the link is down, if it failed since the last connection.
+    link_health: link_health::LinkHealth,
 }
 
 /// One write in [`State::held_writes`] for as long as this lives.
@@ -277,6 +280,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             hold_until: None,
             hold_expired: false,
             held_writes: 0,
+            link_health: link_health::LinkHealth::default(),
         };
         Self {
             local,
@@ -523,7 +527,18 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             },
             verify: st.verify.clone(),
             current_generation: format!("{:016x}", sb.gen.current),
+            link_error: st.link_health.report(now),
         }
+    }
+
+    /// Records a failed attempt to connect, authenticate or keep the connection, for status
+    /// (`link_error`). Returns `true` when it is not the same kind of failure as the attempt
+    /// before (log it then: a retry loop logs each problem once).
+    pub fn link_failed(&self, kind: &'static str, message: String, needs_operator: bool) -> bool {
+        self.st
+            .borrow_mut()
+            .link_health
+            .failed(kind, message, needs_operator, Instant::now())
     }
 
     async fn wait_until(&self, mut ready: impl FnMut(&Self) -> bool) {

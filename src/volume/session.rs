@@ -158,6 +158,9 @@ impl Drop for AbortOnDrop {
 pub enum SessionEnd {
     /// The link failed or the peer left (reconnect at once).
     Lost(String),
+    /// The two nodes do not describe the same volume (device size, bitmap granularity):
+    /// only the operator can fix it (retry later, as after a refusal).
+    Misconfigured(String),
     /// The connection was refused by the plan (retry later).
     Refused(Refusal),
     /// Asked to stop (role change): reconnect at once.
@@ -201,10 +204,6 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             dirty_chunks: m.bitmap().dirty_chunks(),
             primary: self.role() == Role::Primary,
         }
-    }
-
-    fn set_connection(&self, c: Connection) {
-        self.st.borrow_mut().connection = c;
     }
 
     /// Runs one connection until it ends. Never panics on peer input. `sent` is the Hello the
@@ -259,7 +258,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 reason: DisconnectReason::VolumeMismatch,
                 detail: detail.clone(),
             });
-            return SessionEnd::Lost(detail);
+            return SessionEnd::Misconfigured(detail);
         }
         // Bitmap exchange.
         let encoded = Bytes::from(self.meta.borrow().bitmap().encode_rle());
@@ -310,7 +309,12 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 reason,
                 detail: format!("{r:?}"),
             });
-            self.set_connection(Connection::Refused { refusal: r.clone() });
+            {
+                // `connection` explains a refusal; the link itself works.
+                let mut st = self.st.borrow_mut();
+                st.connection = Connection::Refused { refusal: r.clone() };
+                st.link_health.connected();
+            }
             return SessionEnd::Refused(r);
         }
         // Apply the plan's bitmap and state changes before any data moves.
@@ -353,6 +357,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             });
             st.peer_primary = peer.primary;
             st.connection = Connection::Connected;
+            st.link_health.connected();
             st.counters.connections += 1;
             st.ahead = false;
             st.unsent.clear_all();
@@ -908,7 +913,7 @@ pub async fn keep_connected<T: BlockTarget + 'static, D: MetaDevice + 'static>(
 ) -> Result<(), LinkError> {
     let listen = vol.settings.node < vol.settings.peer;
     let after = |end: &SessionEnd| match end {
-        SessionEnd::Refused(_) => REFUSED_RETRY,
+        SessionEnd::Refused(_) | SessionEnd::Misconfigured(_) => REFUSED_RETRY,
         _ => Duration::from_millis(100),
     };
     if listen {
@@ -920,10 +925,11 @@ pub async fn keep_connected<T: BlockTarget + 'static, D: MetaDevice + 'static>(
             match l.accept().await {
                 Ok(link) => {
                     let end = vol.run_session(link, &sent).await;
+                    session_ended(&vol, &end);
                     tokio::time::sleep(after(&end)).await;
                 }
                 Err(e) => {
-                    tracing::warn!(volume = %vol.settings.volume, error = %e, "replication accept failed");
+                    link_failed(&vol, &e, "replication accept failed");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
@@ -937,14 +943,53 @@ pub async fn keep_connected<T: BlockTarget + 'static, D: MetaDevice + 'static>(
                     backoff = link::Backoff::new(link::BackoffPolicy::default());
                     let sent = cfg.hello.clone();
                     let end = vol.run_session(l, &sent).await;
+                    session_ended(&vol, &end);
                     tokio::time::sleep(after(&end)).await;
                 }
                 Err(e) => {
                     let d = backoff.next_delay_random().min(Duration::from_secs(1));
-                    tracing::debug!(volume = %vol.settings.volume, error = %e, retry_in = ?d, "replication connect failed");
+                    link_failed(&vol, &e, "replication connect failed");
+                    tracing::trace!(volume = %vol.settings.volume, retry_in = ?d, "replication connect retry");
                     tokio::time::sleep(d).await;
                 }
             }
         }
+    }
+}
+
+/// Records a failed connect or accept for status and logs it: at error level the first time
+/// a problem only the operator can fix appears (keys, version, identity, addresses), at warn
+/// the first time another one does, and at debug when it repeats, so a retry loop does not
+/// flood the log.
+fn link_failed<T: BlockTarget + 'static, D: MetaDevice + 'static>(
+    vol: &MirroredVolume<T, D>,
+    e: &LinkError,
+    what: &str,
+) {
+    let operator = e.needs_operator();
+    let new = vol.link_failed(e.kind(), e.to_string(), operator);
+    let v = &vol.settings.volume;
+    match (new, operator) {
+        (true, true) => {
+            tracing::error!(volume = %v, error = %e, "{what}; retrying, but only the operator can fix this")
+        }
+        (true, false) => tracing::warn!(volume = %v, error = %e, "{what}; retrying"),
+        (false, _) => tracing::debug!(volume = %v, error = %e, "{what} again"),
+    }
+}
+
+/// Records why a session ended, for status, when the link (not the plan or a role change)
+/// ended it.
+fn session_ended<T: BlockTarget + 'static, D: MetaDevice + 'static>(
+    vol: &MirroredVolume<T, D>,
+    end: &SessionEnd,
+) {
+    let (kind, message, operator) = match end {
+        SessionEnd::Lost(m) => ("session-lost", m, false),
+        SessionEnd::Misconfigured(m) => ("volume-mismatch", m, true),
+        SessionEnd::Refused(_) | SessionEnd::Dropped => return,
+    };
+    if vol.link_failed(kind, message.clone(), operator) && operator {
+        tracing::error!(volume = %vol.settings.volume, error = %message, "replication session refused; only the operator can fix this");
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::repl::resync::ProgressReport;
 
+use super::link_health::LinkProblem;
 use super::plan::Refusal;
 
 /// Role of this node for a volume.
@@ -129,6 +130,9 @@ pub struct VolumeStatus {
     pub verify: Option<VerifyStatus>,
     /// Current generation id (hex).
     pub current_generation: String,
+    /// Why the replication link is down: the last failure since the last connection (cleared
+    /// when a connection is made or the plan refuses one, which `connection` then explains).
+    pub link_error: Option<LinkProblem>,
 }
 
 /// An online verify (`twinvol verify`): progress while running, the result after.

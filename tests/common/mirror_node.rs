@@ -113,6 +113,11 @@ socket = "{sock}"
     /// Starts `twinvol mirror` with `role` (e.g. `--primary`) and waits for its first status
     /// snapshot (written after the signal handlers are installed).
     pub fn start(&mut self, role: &[&str]) {
+        self.start_logging(role, "info");
+    }
+
+    /// [`Self::start`] with `TWINVOL_LOG` at `level` (e.g. `trace` to see every log line).
+    pub fn start_logging(&mut self, role: &[&str], level: &str) {
         let _ = std::fs::remove_file(&self.status);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -135,7 +140,7 @@ socket = "{sock}"
             .arg("--status-file")
             .arg(&self.status)
             .args(role)
-            .env("TWINVOL_LOG", "info")
+            .env("TWINVOL_LOG", level)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

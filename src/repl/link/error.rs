@@ -168,6 +168,71 @@ pub enum LinkError {
     Random(String),
 }
 
+impl LinkError {
+    /// A stable name for this kind of failure, the same for every attempt that fails this way
+    /// (messages differ: they name each attempt's ephemeral port), for status and alerts.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Bind { .. } => "bind",
+            Self::Device { .. } => "interface",
+            Self::SocketOption { .. } => "socket-option",
+            Self::Connect { .. } => "connect",
+            Self::ConnectTimeout { .. } => "connect-timeout",
+            Self::Accept { .. } => "accept",
+            Self::NotPeer { .. } => "not-peer",
+            Self::HandshakeTimeout { .. } => "handshake-timeout",
+            Self::Io { .. } => "io",
+            Self::Closed { .. } => "closed",
+            Self::Wire { .. } => "corrupt-frame",
+            Self::Encode { .. } => "encode",
+            Self::Codec(_) => "codec-settings",
+            Self::AuthFailed { .. } => "auth-failed",
+            Self::AuthRejectedByPeer { .. } => "auth-rejected",
+            Self::PeerDisconnected { .. } => "peer-disconnected",
+            Self::Mismatch { .. } => "mismatch",
+            Self::Unexpected { .. } => "unexpected-message",
+            Self::Random(_) => "random",
+        }
+    }
+
+    /// Whether retrying cannot fix this: the nodes disagree on keys, protocol version, volume or
+    /// node identity, or this node's own settings (address, interface, codec) are unusable.
+    /// Everything else (the peer down or unreachable, a timeout, a broken or corrupted
+    /// connection) may pass by itself.
+    pub fn needs_operator(&self) -> bool {
+        use DisconnectReason as R;
+        match self {
+            Self::Bind { .. }
+            | Self::Device { .. }
+            | Self::SocketOption { .. }
+            | Self::Codec(_)
+            | Self::NotPeer { .. }
+            | Self::AuthFailed { .. }
+            | Self::AuthRejectedByPeer { .. }
+            | Self::Mismatch { .. }
+            | Self::Unexpected { .. } => true,
+            Self::PeerDisconnected { reason, .. } => matches!(
+                reason,
+                R::AuthFailed
+                    | R::ProtocolVersion
+                    | R::VolumeMismatch
+                    | R::NodeMismatch
+                    | R::SplitBrain
+                    | R::UnrelatedData
+            ),
+            Self::Connect { .. }
+            | Self::ConnectTimeout { .. }
+            | Self::Accept { .. }
+            | Self::HandshakeTimeout { .. }
+            | Self::Io { .. }
+            | Self::Closed { .. }
+            | Self::Wire { .. }
+            | Self::Encode { .. }
+            | Self::Random(_) => false,
+        }
+    }
+}
+
 /// Turns a bind errno into words an operator can act on.
 pub(super) fn bind_problem(e: &std::io::Error) -> String {
     match e.raw_os_error() {

@@ -120,6 +120,10 @@ async fn wrong_key_is_refused_on_both_sides_without_leaking_the_key() {
     let eb = b.unwrap_err();
     assert!(matches!(ea, LinkError::AuthFailed { .. }), "{ea:?}");
     assert!(matches!(eb, LinkError::AuthRejectedByPeer { .. }), "{eb:?}");
+    assert!(
+        ea.needs_operator() && eb.needs_operator(),
+        "retrying cannot fix a key"
+    );
     for text in [
         ea.to_string(),
         format!("{ea:?}"),
@@ -251,6 +255,7 @@ async fn connect_retrying_gives_up_after_the_attempt_limit_with_the_last_error()
         t0.elapsed()
     );
     assert!(matches!(e, LinkError::Connect { .. }), "{e:?}");
+    assert!(!e.needs_operator(), "a peer not up yet may come up");
     assert!(e.to_string().contains(&port.to_string()));
 }
 
