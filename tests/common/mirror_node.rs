@@ -517,7 +517,14 @@ pub fn fio_kill_rounds(
     let mut next = xorshift(seed);
     for round in 0..3 {
         let before = b.data(size);
+        let sent = a.counter("data_bytes_sent");
         let fio = FioPass::start(a, size, next() >> 32, dir, round);
+        // The random moment counts from fio's first write reaching the mirror, not from
+        // fio's start: on a loaded machine fio took longer than the shortest delay to connect,
+        // and the kill then came before any write was acknowledged.
+        a.wait_for("fio's first write sent", Duration::from_secs(30), |s| {
+            s["counters"]["data_bytes_sent"].as_u64().unwrap_or(0) > sent
+        });
         std::thread::sleep(Duration::from_millis(300 + next() % 700));
         if let Some(cut) = cut.as_mut() {
             cut(true);
