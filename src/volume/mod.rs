@@ -534,7 +534,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
     /// Records a failed attempt to connect, authenticate or keep the connection, for status
     /// (`link_error`). Returns `true` when it is not the same kind of failure as the attempt
     /// before (log it then: a retry loop logs each problem once).
-    pub fn link_failed(&self, kind: &'static str, message: String, needs_operator: bool) -> bool {
+    fn link_failed(&self, kind: &'static str, message: String, needs_operator: bool) -> bool {
         self.st
             .borrow_mut()
             .link_health
