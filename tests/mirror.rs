@@ -518,6 +518,42 @@ fn different_keys_are_named_in_both_statuses_logged_once_and_never_shown() {
     b.stop();
 }
 
+#[test]
+fn devices_of_different_sizes_never_connect_and_both_statuses_say_why() {
+    let dir = scratch();
+    let d = dir.path();
+    let k = write_key(d);
+    let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
+    let mut a = node(d, ("a", "b"), (a_addr, b_addr), &k, DEV, "");
+    let mut b = node(d, ("b", "a"), (b_addr, a_addr), &k, 2 * DEV, "");
+    a.start(&["--secondary"]);
+    b.start(&["--secondary"]);
+    for n in [&a, &b] {
+        let s = n.wait_for(
+            "the size mismatch in the status",
+            Duration::from_secs(30),
+            |s| s["link_error"]["needs_operator"] == true,
+        );
+        let m = s["link_error"]["message"].as_str().unwrap_or_default();
+        assert!(m.contains("same device size"), "{s:#}");
+        assert_eq!(s["counters"]["connections"], 0, "{s:#}");
+        assert_eq!(s["connection"]["state"], "connecting", "{s:#}");
+    }
+    // Retries come every 2 s, as after a refusal; the log says it once per node.
+    std::thread::sleep(Duration::from_secs(3));
+    for n in [&a, &b] {
+        let log = n.log_text();
+        let errors = log
+            .lines()
+            .filter(|l| l.contains("ERROR") && l.contains("same device size"))
+            .count();
+        assert_eq!(errors, 1, "{}:\n{log}", n.name);
+    }
+    a.stop();
+    b.stop();
+}
+
 fn split_brain(dir: &Path, policy: &str) -> (Node, Node, u64) {
     let extra = format!("split_brain_policy = \"{policy}\"");
     let (mut a, mut b) = pair(dir, &extra, &extra);
