@@ -172,27 +172,7 @@ impl LinkError {
     /// A stable name for this kind of failure, the same for every attempt that fails this way
     /// (messages differ: they name each attempt's ephemeral port), for status and alerts.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Bind { .. } => "bind",
-            Self::Device { .. } => "interface",
-            Self::SocketOption { .. } => "socket-option",
-            Self::Connect { .. } => "connect",
-            Self::ConnectTimeout { .. } => "connect-timeout",
-            Self::Accept { .. } => "accept",
-            Self::NotPeer { .. } => "not-peer",
-            Self::HandshakeTimeout { .. } => "handshake-timeout",
-            Self::Io { .. } => "io",
-            Self::Closed { .. } => "closed",
-            Self::Wire { .. } => "corrupt-frame",
-            Self::Encode { .. } => "encode",
-            Self::Codec(_) => "codec-settings",
-            Self::AuthFailed { .. } => "auth-failed",
-            Self::AuthRejectedByPeer { .. } => "auth-rejected",
-            Self::PeerDisconnected { .. } => "peer-disconnected",
-            Self::Mismatch { .. } => "mismatch",
-            Self::Unexpected { .. } => "unexpected-message",
-            Self::Random(_) => "random",
-        }
+        self.class().0
     }
 
     /// Whether retrying cannot fix this: the nodes disagree on keys, protocol version, volume or
@@ -200,35 +180,43 @@ impl LinkError {
     /// Everything else (the peer down or unreachable, a timeout, a broken or corrupted
     /// connection) may pass by itself.
     pub fn needs_operator(&self) -> bool {
+        self.class().1
+    }
+
+    /// One row per variant: its [`Self::kind`] and [`Self::needs_operator`].
+    fn class(&self) -> (&'static str, bool) {
         use DisconnectReason as R;
         match self {
-            Self::Bind { .. }
-            | Self::Device { .. }
-            | Self::SocketOption { .. }
-            | Self::Codec(_)
-            | Self::NotPeer { .. }
-            | Self::AuthFailed { .. }
-            | Self::AuthRejectedByPeer { .. }
-            | Self::Mismatch { .. }
-            | Self::Unexpected { .. } => true,
-            Self::PeerDisconnected { reason, .. } => matches!(
-                reason,
-                R::AuthFailed
-                    | R::ProtocolVersion
-                    | R::VolumeMismatch
-                    | R::NodeMismatch
-                    | R::SplitBrain
-                    | R::UnrelatedData
+            Self::Bind { .. } => ("bind", true),
+            Self::Device { .. } => ("interface", true),
+            Self::SocketOption { .. } => ("socket-option", true),
+            Self::Connect { .. } => ("connect", false),
+            Self::ConnectTimeout { .. } => ("connect-timeout", false),
+            Self::Accept { .. } => ("accept", false),
+            Self::NotPeer { .. } => ("not-peer", true),
+            Self::HandshakeTimeout { .. } => ("handshake-timeout", false),
+            Self::Io { .. } => ("io", false),
+            Self::Closed { .. } => ("closed", false),
+            Self::Wire { .. } => ("corrupt-frame", false),
+            Self::Encode { .. } => ("encode", false),
+            Self::Codec(_) => ("codec-settings", true),
+            Self::AuthFailed { .. } => ("auth-failed", true),
+            Self::AuthRejectedByPeer { .. } => ("auth-rejected", true),
+            Self::PeerDisconnected { reason, .. } => (
+                "peer-disconnected",
+                matches!(
+                    reason,
+                    R::AuthFailed
+                        | R::ProtocolVersion
+                        | R::VolumeMismatch
+                        | R::NodeMismatch
+                        | R::SplitBrain
+                        | R::UnrelatedData
+                ),
             ),
-            Self::Connect { .. }
-            | Self::ConnectTimeout { .. }
-            | Self::Accept { .. }
-            | Self::HandshakeTimeout { .. }
-            | Self::Io { .. }
-            | Self::Closed { .. }
-            | Self::Wire { .. }
-            | Self::Encode { .. }
-            | Self::Random(_) => false,
+            Self::Mismatch { .. } => ("mismatch", true),
+            Self::Unexpected { .. } => ("unexpected-message", true),
+            Self::Random(_) => ("random", false),
         }
     }
 }
