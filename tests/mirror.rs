@@ -554,6 +554,137 @@ fn devices_of_different_sizes_never_connect_and_both_statuses_say_why() {
     b.stop();
 }
 
+/// A tmpfs of a given size mounted on a directory, lazily unmounted when dropped.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(dir).unwrap();
+        sh(&format!(
+            "mount -t tmpfs -o size={size} twinvol-test {}",
+            dir.display()
+        ));
+        SmallFs(dir.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        sh(&format!(
+            "mount -o remount,size={size} {}",
+            self.0.display()
+        ));
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_secondary_whose_disk_fails_writes_is_outdated_before_the_primary_completes_them() {
+    let dir = scratch();
+    let d = dir.path();
+    let (mut a, mut b) = pair(d, "", "");
+    // b's device moves to a 16 MiB tmpfs: its sparse data region fills up after about 16 MiB
+    // of writes and every further write fails with ENOSPC, as a failing disk would fail them.
+    let small = SmallFs::mount(&d.join("small"), "16m");
+    let img = small.0.join("b.img");
+    sh(&format!(
+        "cp --sparse=always {} {}",
+        b.device.display(),
+        img.display()
+    ));
+    std::fs::remove_file(&b.device).unwrap();
+    std::os::unix::fs::symlink(&img, &b.device).unwrap();
+    let size = start_in_sync(&mut a, &mut b);
+    let gen_before = a.status()["current_generation"].clone();
+    let mut c = Client::connect(&a);
+    for i in 0..32u64 {
+        c.write(i * MIB, &pattern(100 + i, MIB as usize))
+            .unwrap_or_else(|e| panic!("write {i} failed on the Primary: {e}"));
+    }
+    c.flush().unwrap();
+    drop(c);
+    // Every write was acknowledged (sync mode): the counters are final once both status
+    // files were rewritten (every 100 ms).
+    std::thread::sleep(Duration::from_millis(500));
+    let sb = b.status();
+    assert_eq!(sb["disk"], "outdated", "{sb:#}");
+    let errors_b = sb["counters"]["local_apply_errors"].as_u64().unwrap();
+    assert!(errors_b > 0, "{sb:#}");
+    let sa = a.status();
+    assert_eq!(sa["connection"]["state"], "connected", "{sa:#}");
+    assert_eq!(sa["disk"], "up-to-date", "{sa:#}");
+    assert_ne!(
+        sa["current_generation"], gen_before,
+        "a new generation began on the Primary when the peer's copy fell behind"
+    );
+    assert_eq!(
+        sa["counters"]["peer_write_errors"].as_u64().unwrap(),
+        errors_b,
+        "every failed write reached the Primary as a failure: {sa:#}"
+    );
+    assert!(
+        sa["rpo_bytes"].as_u64().unwrap() > 0 && sa["rpo_seconds"].as_f64().unwrap() > 0.2,
+        "the failed writes stay dirty and the RPO clock runs: {sa:#}"
+    );
+    // One error line per node, however many writes failed.
+    for (n, what) in [
+        (&a, "the peer failed to store a write"),
+        (&b, "this copy failed to store a replicated write"),
+    ] {
+        let log = n.log_text();
+        let lines = log
+            .lines()
+            .filter(|l| l.contains("ERROR") && l.contains(what))
+            .count();
+        assert_eq!(lines, 1, "{}: {lines} lines of {what:?}:\n{log}", n.name);
+    }
+    // Both processes stop. The Outdated flag is on b's disk: a restart as Primary is refused.
+    a.stop();
+    b.stop();
+    let out = Command::new(bin())
+        .args(["mirror", "--config"])
+        .arg(&b.config)
+        .arg("--primary")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "b was promoted: {err}");
+    assert!(
+        err.contains("refusing to promote: this copy is outdated"),
+        "{err}"
+    );
+    // Room on b's disk again: both come back, the dirty regions resync, both copies match.
+    small.resize("128m");
+    b.start(&["--secondary"]);
+    a.start(&["--primary"]);
+    let s = a.wait_connected_in_sync(IN_SYNC);
+    assert!(
+        s["counters"]["resync_bytes_sent"].as_u64().unwrap() >= errors_b * MIB,
+        "the failed writes were resynced: {s:#}"
+    );
+    b.wait_for("b up to date", Duration::from_secs(30), |s| {
+        s["disk"] == "up-to-date"
+    });
+    a.stop();
+    b.stop();
+    assert_eq!(
+        a.data_checksum(size),
+        b.data_checksum(size),
+        "copies differ"
+    );
+    let got = b.data(32 * MIB);
+    for i in 0..32u64 {
+        let at = (i * MIB) as usize;
+        assert!(
+            got[at..at + MIB as usize] == pattern(100 + i, MIB as usize)[..],
+            "MiB {i} differs on b"
+        );
+    }
+}
+
 fn split_brain(dir: &Path, policy: &str) -> (Node, Node, u64) {
     let extra = format!("split_brain_policy = \"{policy}\"");
     let (mut a, mut b) = pair(dir, &extra, &extra);

@@ -50,6 +50,8 @@ fn base() -> VolumeStatus {
             wire_bytes_sent: 0,
             writes_sent: 0,
             activity_log_waits: 0,
+            local_apply_errors: 0,
+            peer_write_errors: 0,
         },
         current_generation: "7a3f00c19e2b4d11".into(),
         link_error: None,

@@ -376,7 +376,7 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
         }
     }
     let c = &r["counters"];
-    let counters: [(&'static str, Option<&'static str>, &'static str, &str); 13] = [
+    let counters: [(&'static str, Option<&'static str>, &'static str, &str); 15] = [
         (
             "twinvol_volume_data_sent_bytes",
             Some("bytes"),
@@ -406,6 +406,18 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
             None,
             "Replication frames refused because a CRC or framing check failed (never written).",
             "corrupt_frames",
+        ),
+        (
+            "twinvol_volume_local_apply_errors",
+            None,
+            "Replicated writes this node failed to store (each left this copy Outdated).",
+            "local_apply_errors",
+        ),
+        (
+            "twinvol_volume_peer_write_errors",
+            None,
+            "Writes the peer failed to store (each stayed dirty here; the peer's copy is Outdated).",
+            "peer_write_errors",
         ),
         (
             "twinvol_volume_connections",
@@ -1047,6 +1059,8 @@ mod tests {
                 wire_bytes_sent: 0,
                 writes_sent: 0,
                 activity_log_waits: 6,
+                local_apply_errors: 0,
+                peer_write_errors: 2,
             },
             current_generation: "00ff".into(),
             link_error: None,

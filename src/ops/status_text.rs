@@ -224,6 +224,13 @@ pub fn render_replication(r: &Value, peer: Option<(&str, &str)>, indent: &str) -
         u(&c["connections"]),
         u(&c["ahead_events"]),
     );
+    let (local_err, peer_err) = (u(&c["local_apply_errors"]), u(&c["peer_write_errors"]));
+    if local_err + peer_err > 0 {
+        let _ = writeln!(
+            o,
+            "{indent}write errors (!): {local_err} replicated write(s) failed on this disk, {peer_err} on the peer's; the failing copy is Outdated until a resync (`twinvol resync` after fixing its device)"
+        );
+    }
     let payload = u(&c["payload_bytes_sent"]);
     if payload > 0 {
         let wire = u(&c["wire_bytes_sent"]);
@@ -340,6 +347,24 @@ mod tests {
         assert!(!t.contains("next step"), "{t}");
         let none = serde_json::json!({"connection": {"state": "connecting"}, "link_error": null});
         assert!(!render_replication(&none, None, "").contains("last error"));
+    }
+
+    #[test]
+    fn write_errors_on_either_copy_are_shown_only_when_there_are_some() {
+        let status = |local: u64, peer: u64| {
+            serde_json::json!({
+                "connection": {"state": "connected"},
+                "counters": {"local_apply_errors": local, "peer_write_errors": peer},
+            })
+        };
+        let t = render_replication(&status(0, 3), None, "");
+        assert!(
+            t.contains(
+                "write errors (!): 0 replicated write(s) failed on this disk, 3 on the peer's"
+            ),
+            "{t}"
+        );
+        assert!(!render_replication(&status(0, 0), None, "").contains("write errors"));
     }
 
     proptest::proptest! {

@@ -205,6 +205,11 @@ struct State {
     held_writes: u64,
     /// Why the link is down, if it failed since the last connection.
     link_health: link_health::LinkHealth,
+    /// This Secondary failed to store a replicated write and has not been resynced since
+    /// (its copy is Outdated); the failure was logged once.
+    apply_failed: bool,
+    /// The peer failed a write during this connection (logged once per connection).
+    peer_failed_logged: bool,
 }
 
 /// One write in [`State::held_writes`] for as long as this lives.
@@ -281,6 +286,8 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             hold_expired: false,
             held_writes: 0,
             link_health: link_health::LinkHealth::default(),
+            apply_failed: false,
+            peer_failed_logged: false,
         };
         Self {
             local,
@@ -458,6 +465,35 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             .map_err(|e| self.meta_err(e))?;
         tracing::warn!(volume = %self.settings.volume, "this copy is OUTDATED: the Primary acknowledged writes it lacks; it cannot be promoted until resynced");
         Ok(true)
+    }
+
+    /// This Secondary failed to store a replicated write (`errno`): its copy lacks a write the
+    /// Primary completes on its own copy. Marks it Outdated before the failure is acknowledged
+    /// to the Primary, so that it is never promoted without force while it lacks the write (in
+    /// memory even if the metadata cannot be written). A resync from the Primary (the next
+    /// connection; `twinvol resync` starts one) clears it. Logged once until then.
+    fn apply_failed(&self, offset: u64, len: u64, errno: u32) {
+        let first = {
+            let mut st = self.st.borrow_mut();
+            st.counters.local_apply_errors += 1;
+            !std::mem::replace(&mut st.apply_failed, true)
+        };
+        let flags = self.meta.borrow().superblock().flags;
+        let durable = if flags.has(DiskFlags::OUTDATED) && !flags.has(DiskFlags::UP_TO_DATE) {
+            Ok(())
+        } else {
+            self.meta.borrow_mut().update_state(|_, f| {
+                f.set(DiskFlags::OUTDATED, true);
+                f.set(DiskFlags::UP_TO_DATE, false);
+            })
+        };
+        let error = std::io::Error::from_raw_os_error(errno as i32);
+        if first {
+            tracing::error!(volume = %self.settings.volume, offset, len, %error, "this copy failed to store a replicated write: it is OUTDATED and cannot be promoted without force until a resync from the Primary; check the device, then run `twinvol resync` (logged once; count: local_apply_errors)");
+        }
+        if let Err(e) = durable {
+            tracing::error!(volume = %self.settings.volume, error = %e, "cannot record the Outdated flag on disk either: do not promote this node; this process refuses to");
+        }
     }
 
     /// Persists the bitmap and records a clean shutdown (no write may be in flight).
@@ -790,6 +826,8 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                     .meta
                     .borrow_mut()
                     .mark_dirty(p.range.start, p.range.end - p.range.start);
+                // The peer lacks it: the RPO clock runs until a resync clears the bits.
+                st.oldest_unreplicated.get_or_insert(p.sent_at);
             }
         }
         if p.al_held {
@@ -823,10 +861,34 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 }
             }
             if status != 0 {
-                tracing::error!(volume = %self.settings.volume, seq, errno = status, "the peer failed a write; the region stays dirty");
+                st.counters.peer_write_errors += 1;
+                if !std::mem::replace(&mut st.peer_failed_logged, true) {
+                    tracing::error!(volume = %self.settings.volume, seq, errno = status, error = %std::io::Error::from_raw_os_error(status as i32), "the peer failed to store a write: its copy is Outdated, the region stays dirty here and is resynced at the next connection (logged once per connection; count: peer_write_errors)");
+                    drop(st);
+                    self.peer_copy_diverged();
+                }
             }
         }
         self.try_finish(seq);
+    }
+
+    /// The peer's copy lacks a write this Primary completes (the peer failed to store it): a
+    /// new generation begins here, durably and before that write completes, as when the peer
+    /// is lost. The next connection then sees this copy ahead of the peer's by the bitmap and
+    /// resyncs it, whatever happens to either process before.
+    fn peer_copy_diverged(&self) {
+        if self.role() != Role::Primary {
+            return;
+        }
+        let r = gen::random_id().map_err(|e| e.to_string()).and_then(|new| {
+            self.meta
+                .borrow_mut()
+                .update_state(|g, _| g.new_current(new))
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = r {
+            tracing::error!(volume = %self.settings.volume, error = %e, "cannot record the new generation after the peer failed a write; drop the connection (`twinvol resync`) to resync it");
+        }
     }
 
     fn local_done(&self, seq: u64) {

@@ -358,6 +358,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             st.peer_primary = peer.primary;
             st.connection = Connection::Connected;
             st.link_health.connected();
+            st.peer_failed_logged = false;
             st.counters.connections += 1;
             st.ahead = false;
             st.unsent.clear_all();
@@ -523,7 +524,13 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     tokio::task::spawn_local(async move {
                         let len = d.data.len() as u64;
                         let status = vol.apply(d.offset, d.data, d.flags.fua()).await;
-                        vol.st.borrow_mut().counters.data_bytes_applied += len;
+                        if status == 0 {
+                            vol.st.borrow_mut().counters.data_bytes_applied += len;
+                        } else {
+                            // Outdated before the Primary hears of the failure and completes
+                            // the write on its copy alone.
+                            vol.apply_failed(d.offset, len, status);
+                        }
                         let _ = tx.send(Message::Ack { seq: d.seq, status });
                         drop(slot);
                     });
@@ -706,6 +713,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         self.st.borrow_mut().resync = None;
         match r {
             Ok(()) => {
+                self.st.borrow_mut().apply_failed = false;
                 tracing::info!(volume = %self.settings.volume, "resync finished: this copy is up to date");
                 0
             }

@@ -91,6 +91,13 @@ pub struct Counters {
     /// the peer, so there it counts only waits for local writes to end.
     #[serde(default)]
     pub activity_log_waits: u64,
+    /// Replicated writes this node failed to store (Secondary): each left this copy Outdated.
+    #[serde(default)]
+    pub local_apply_errors: u64,
+    /// Writes the peer acknowledged with an error (Primary): each stayed dirty here, and the
+    /// peer's copy is Outdated until a resync.
+    #[serde(default)]
+    pub peer_write_errors: u64,
 }
 
 /// Everything an operator or the cluster daemon needs about one volume.
