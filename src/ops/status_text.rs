@@ -122,10 +122,17 @@ pub fn render_replication(r: &Value, peer: Option<(&str, &str)>, indent: &str) -
                 o,
                 "{indent}replication: DISCONNECTED, waiting for the peer{peer_text}"
             );
-            let _ = writeln!(
-                o,
-                "{indent}  writes since are only on this node (RPO below); they are resynced when the peer returns"
-            );
+            let _ = if r["role"] == "secondary" {
+                writeln!(
+                    o,
+                    "{indent}  this copy gets none of the Primary's writes meanwhile; they are resynced when the peer returns"
+                )
+            } else {
+                writeln!(
+                    o,
+                    "{indent}  writes since are only on this node (RPO below); they are resynced when the peer returns"
+                )
+            };
             let e = &r["link_error"];
             if let Some(message) = e["message"].as_str() {
                 let _ = writeln!(
@@ -347,6 +354,15 @@ mod tests {
         assert!(!t.contains("next step"), "{t}");
         let none = serde_json::json!({"connection": {"state": "connecting"}, "link_error": null});
         assert!(!render_replication(&none, None, "").contains("last error"));
+        // A Secondary takes no writes of its own: it is the one missing them.
+        let secondary =
+            serde_json::json!({"connection": {"state": "connecting"}, "role": "secondary"});
+        let t = render_replication(&secondary, None, "");
+        assert!(
+            t.contains("this copy gets none of the Primary's writes meanwhile"),
+            "{t}"
+        );
+        assert!(!t.contains("writes since are only on this node"), "{t}");
     }
 
     #[test]
