@@ -581,22 +581,28 @@ impl Drop for SmallFs {
     }
 }
 
+/// Moves `node`'s device onto a fresh tmpfs of `size` at `dir` (the device path becomes a
+/// symlink): its sparse data region fills up after about `size` of writes and every further
+/// write fails with ENOSPC, as a failing disk would fail them.
+fn device_on_small_fs(node: &Node, dir: &Path, size: &str) -> SmallFs {
+    let small = SmallFs::mount(dir, size);
+    let img = small.0.join("device.img");
+    sh(&format!(
+        "cp --sparse=always {} {}",
+        node.device.display(),
+        img.display()
+    ));
+    std::fs::remove_file(&node.device).unwrap();
+    std::os::unix::fs::symlink(&img, &node.device).unwrap();
+    small
+}
+
 #[test]
 fn a_secondary_whose_disk_fails_writes_is_outdated_before_the_primary_completes_them() {
     let dir = scratch();
     let d = dir.path();
     let (mut a, mut b) = pair(d, "", "");
-    // b's device moves to a 16 MiB tmpfs: its sparse data region fills up after about 16 MiB
-    // of writes and every further write fails with ENOSPC, as a failing disk would fail them.
-    let small = SmallFs::mount(&d.join("small"), "16m");
-    let img = small.0.join("b.img");
-    sh(&format!(
-        "cp --sparse=always {} {}",
-        b.device.display(),
-        img.display()
-    ));
-    std::fs::remove_file(&b.device).unwrap();
-    std::os::unix::fs::symlink(&img, &b.device).unwrap();
+    let small = device_on_small_fs(&b, &d.join("small"), "16m");
     let size = start_in_sync(&mut a, &mut b);
     let gen_before = a.status()["current_generation"].clone();
     let mut c = Client::connect(&a);
@@ -640,6 +646,12 @@ fn a_secondary_whose_disk_fails_writes_is_outdated_before_the_primary_completes_
             .filter(|l| l.contains("ERROR") && l.contains(what))
             .count();
         assert_eq!(lines, 1, "{}: {lines} lines of {what:?}:\n{log}", n.name);
+        let all = log.lines().filter(|l| l.contains("ERROR")).count();
+        assert_eq!(
+            all, 1,
+            "{}: {all} error lines for {errors_b} failed writes:\n{log}",
+            n.name
+        );
     }
     // Both processes stop. The Outdated flag is on b's disk: a restart as Primary is refused.
     a.stop();
@@ -683,6 +695,61 @@ fn a_secondary_whose_disk_fails_writes_is_outdated_before_the_primary_completes_
             "MiB {i} differs on b"
         );
     }
+}
+
+#[test]
+fn a_resync_target_whose_disk_fails_stays_inconsistent_until_a_resync_completes() {
+    let dir = scratch();
+    let d = dir.path();
+    let (mut a, mut b) = pair(d, "", "");
+    let small = device_on_small_fs(&b, &d.join("small"), "16m");
+    let size = start_in_sync(&mut a, &mut b);
+    // 32 MiB written while b is away: the resync when b returns overflows b's 16 MiB.
+    b.stop();
+    let mut c = Client::connect(&a);
+    for i in 0..32u64 {
+        c.write(i * MIB, &pattern(200 + i, MIB as usize)).unwrap();
+    }
+    c.flush().unwrap();
+    drop(c);
+    b.start(&["--secondary"]);
+    let sb = b.wait_for(
+        "resync data refused by b's device",
+        Duration::from_secs(30),
+        |s| s["counters"]["local_apply_errors"].as_u64().unwrap_or(0) > 0 && s["resync"].is_null(),
+    );
+    // The resync ran to its end, but b lacks regions: it must not call itself up to date.
+    std::thread::sleep(Duration::from_millis(500));
+    let sb2 = b.status();
+    assert_eq!(sb2["disk"], "inconsistent", "{sb:#}\n{sb2:#}");
+    let sa = a.status();
+    assert!(sa["rpo_bytes"].as_u64().unwrap() > 0, "{sa:#}");
+    for (n, what) in [
+        (&a, "the peer could not finish the resync"),
+        (&b, "this copy failed to store resync data"),
+    ] {
+        let log = n.log_text();
+        let lines = log
+            .lines()
+            .filter(|l| l.contains("ERROR") && l.contains(what))
+            .count();
+        assert_eq!(lines, 1, "{}: {lines} lines of {what:?}:\n{log}", n.name);
+    }
+    // Room again; b comes back and the next resync completes it.
+    small.resize("128m");
+    b.stop();
+    b.start(&["--secondary"]);
+    a.wait_connected_in_sync(IN_SYNC);
+    b.wait_for("b up to date", Duration::from_secs(30), |s| {
+        s["disk"] == "up-to-date"
+    });
+    a.stop();
+    b.stop();
+    assert_eq!(
+        a.data_checksum(size),
+        b.data_checksum(size),
+        "copies differ"
+    );
 }
 
 fn split_brain(dir: &Path, policy: &str) -> (Node, Node, u64) {

@@ -210,6 +210,9 @@ struct State {
     apply_failed: bool,
     /// The peer failed a write during this connection (logged once per connection).
     peer_failed_logged: bool,
+    /// This resync target failed to store resync data during the current resync: the resync
+    /// must not finish (logged once per resync).
+    resync_apply_failed: bool,
 }
 
 /// One write in [`State::held_writes`] for as long as this lives.
@@ -288,6 +291,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             link_health: link_health::LinkHealth::default(),
             apply_failed: false,
             peer_failed_logged: false,
+            resync_apply_failed: false,
         };
         Self {
             local,

@@ -417,6 +417,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             st.ahead = false;
             st.resync_lock = None;
             st.verify_lock = None;
+            st.resync_apply_failed = false;
             // Dropping the senders ends a verify waiting for digests.
             st.verify_waiters.clear();
             st.resync = None;
@@ -559,10 +560,12 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                             // This copy now holds the region: a later connection must not ask
                             // for it again.
                             let _ = vol.meta.borrow_mut().clear_dirty(r.offset, len);
+                            vol.st.borrow_mut().counters.resync_bytes_applied += len;
+                        } else {
+                            vol.resync_apply_failed(r.offset, len, s);
                         }
                         {
                             let mut st = vol.st.borrow_mut();
-                            st.counters.resync_bytes_applied += len;
                             if let Some(run) = st.resync.as_mut() {
                                 run.progress.advance(len);
                             }
@@ -682,13 +685,31 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         match self.local.write_bytes(offset, data, fua).await {
             Ok(()) => 0,
             Err(e) => {
-                tracing::error!(volume = %self.settings.volume, error = %e, "applying a replicated write failed");
+                // The callers mark the copy and log the first failure; this is every one.
+                tracing::debug!(volume = %self.settings.volume, error = %e, "applying a replicated write failed");
                 e.raw_errno() as u32
             }
         }
     }
 
+    /// This resync target failed to store resync data (`errno`): the resync must not finish,
+    /// so this copy stays Inconsistent (it is already, since the resync began) and the source
+    /// keeps the region dirty. Logged once per resync.
+    fn resync_apply_failed(&self, offset: u64, len: u64, errno: u32) {
+        let mut st = self.st.borrow_mut();
+        st.counters.local_apply_errors += 1;
+        if !std::mem::replace(&mut st.resync_apply_failed, true) {
+            let error = std::io::Error::from_raw_os_error(errno as i32);
+            tracing::error!(volume = %self.settings.volume, offset, len, %error, "this copy failed to store resync data: it stays INCONSISTENT and the resync will not finish; check the device, then run `twinvol resync` (logged once per resync; count: local_apply_errors)");
+        }
+    }
+
     async fn finish_as_target(&self, source: &Hello) -> u32 {
+        // Every piece before ResyncDone has been applied (the receiver drained them).
+        if std::mem::replace(&mut self.st.borrow_mut().resync_apply_failed, false) {
+            self.st.borrow_mut().resync = None;
+            return libc::EIO as u32;
+        }
         if let Err(e) = self.local.flush().await {
             return e.raw_errno() as u32;
         }
@@ -863,8 +884,18 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             })
         };
         let Some((_, rx)) = done else { return };
-        if rx.await != Ok(true) {
-            return;
+        match rx.await {
+            Ok(true) => {}
+            Ok(false) => {
+                // The peer failed to store some of it (or to record the end): it stays
+                // Inconsistent, and the pieces it failed stay dirty here.
+                tracing::error!(volume = %self.settings.volume, left = self.meta.borrow().bitmap().dirty_bytes(), "the peer could not finish the resync (it failed to store resync data or to record the end): its copy stays Inconsistent; after its device is fixed, `twinvol resync` copies what is left");
+                if self.session_is(session_id) {
+                    self.st.borrow_mut().resync = None;
+                }
+                return;
+            }
+            Err(_) => return,
         }
         if by_generation {
             let r = self.meta.borrow_mut().update_state(|g, f| {
