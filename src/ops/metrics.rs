@@ -410,13 +410,13 @@ fn replication(w: &mut Writer, labels: Labels<'_>, r: &Value) {
         (
             "twinvol_volume_local_apply_errors",
             None,
-            "Replicated writes this node failed to store (each left this copy Outdated).",
+            "Replicated writes this node failed to store (each left this copy Outdated, or Inconsistent during a resync).",
             "local_apply_errors",
         ),
         (
             "twinvol_volume_peer_write_errors",
             None,
-            "Writes the peer failed to store (each stayed dirty here; the peer's copy is Outdated).",
+            "Writes the peer failed to store (each stayed dirty here; the peer's copy is Outdated, or Inconsistent during a resync).",
             "peer_write_errors",
         ),
         (

@@ -235,7 +235,7 @@ pub fn render_replication(r: &Value, peer: Option<(&str, &str)>, indent: &str) -
     if local_err + peer_err > 0 {
         let _ = writeln!(
             o,
-            "{indent}write errors (!): {local_err} replicated write(s) failed on this disk, {peer_err} on the peer's; the failing copy is Outdated until a resync (`twinvol resync` after fixing its device)"
+            "{indent}write errors (!): {local_err} replicated write(s) failed on this disk, {peer_err} on the peer's; the failing copy is Outdated (Inconsistent if it was being resynced) until a resync completes (`twinvol resync` after fixing its device)"
         );
     }
     let payload = u(&c["payload_bytes_sent"]);

@@ -867,7 +867,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             if status != 0 {
                 st.counters.peer_write_errors += 1;
                 if !std::mem::replace(&mut st.peer_failed_logged, true) {
-                    tracing::error!(volume = %self.settings.volume, seq, errno = status, error = %std::io::Error::from_raw_os_error(status as i32), "the peer failed to store a write: its copy is Outdated, the region stays dirty here and is resynced at the next connection (logged once per connection; count: peer_write_errors)");
+                    tracing::error!(volume = %self.settings.volume, seq, errno = status, error = %std::io::Error::from_raw_os_error(status as i32), "the peer failed to store a write: its copy is Outdated (Inconsistent during a resync), the region stays dirty here and is resynced at the next connection (logged once per connection; count: peer_write_errors)");
                     drop(st);
                     self.peer_copy_diverged();
                 }

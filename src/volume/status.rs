@@ -91,11 +91,12 @@ pub struct Counters {
     /// the peer, so there it counts only waits for local writes to end.
     #[serde(default)]
     pub activity_log_waits: u64,
-    /// Replicated writes this node failed to store (Secondary): each left this copy Outdated.
+    /// Replicated writes this node failed to store (Secondary): each left this copy Outdated
+    /// (Inconsistent when it was a resync write).
     #[serde(default)]
     pub local_apply_errors: u64,
     /// Writes the peer acknowledged with an error (Primary): each stayed dirty here, and the
-    /// peer's copy is Outdated until a resync.
+    /// peer's copy is Outdated (Inconsistent during a resync) until a resync completes.
     #[serde(default)]
     pub peer_write_errors: u64,
 }
