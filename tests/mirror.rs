@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::mirror_node::{
-    fio_kill_rounds, pattern, write_key, xorshift, Client, FioPass, MirrorNode, FIO_DEV,
+    fio_kill_rounds, key_file, pattern, write_key, xorshift, Client, FioPass, MirrorNode, FIO_DEV,
 };
 use common::{bin, scratch, sh};
 
@@ -64,13 +64,25 @@ fn pair(dir: &Path, extra_a: &str, extra_b: &str) -> (Node, Node) {
 /// [`pair`] on devices of `dev_size` bytes.
 fn pair_sized(dir: &Path, dev_size: u64, extra_a: &str, extra_b: &str) -> (Node, Node) {
     let k = write_key(dir);
-    let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
-    let a = node(dir, ("a", "b"), (a_addr, b_addr), &k, dev_size, extra_a);
-    let b = node(dir, ("b", "a"), (b_addr, a_addr), &k, dev_size, extra_b);
+    let (a, b) = pair_of(dir, (&k, &k), (dev_size, dev_size), (extra_a, extra_b));
     for n in [&a, &b] {
         n.skip_initial_sync();
     }
+    (a, b)
+}
+
+/// Nodes "a" (127.0.0.1, listens) and "b" (127.0.0.2, connects), each with its own key file,
+/// device size and extra replication settings, on fresh devices (no initial sync skipped).
+fn pair_of(
+    dir: &Path,
+    (key_a, key_b): (&Path, &Path),
+    (size_a, size_b): (u64, u64),
+    (extra_a, extra_b): (&str, &str),
+) -> (Node, Node) {
+    let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
+    let a = node(dir, ("a", "b"), (a_addr, b_addr), key_a, size_a, extra_a);
+    let b = node(dir, ("b", "a"), (b_addr, a_addr), key_b, size_b, extra_b);
     (a, b)
 }
 
@@ -400,15 +412,6 @@ fn bit_flips_on_the_link_never_reach_a_disk_and_the_stream_recovers() {
     );
 }
 
-/// A key file at `dir/name` holding `key` (mode 0600).
-fn key_file(dir: &Path, name: &str, key: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let p = dir.join(name);
-    std::fs::write(&p, key).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    p
-}
-
 #[test]
 fn different_keys_are_named_in_both_statuses_logged_once_and_never_shown() {
     let dir = scratch();
@@ -417,11 +420,11 @@ fn different_keys_are_named_in_both_statuses_logged_once_and_never_shown() {
         "tv-test-key-AAAA-7f3e9c2b41d85a60",
         "tv-test-key-BBBB-0c6a5e8d27f91b34",
     );
-    let (ka, kb) = (key_file(d, "a.key", key_a), key_file(d, "b.key", key_b));
-    let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
-    let mut a = node(d, ("a", "b"), (a_addr, b_addr), &ka, DEV, "");
-    let mut b = node(d, ("b", "a"), (b_addr, a_addr), &kb, DEV, "");
+    let (ka, kb) = (
+        key_file(d, "a.key", key_a.as_bytes()),
+        key_file(d, "b.key", key_b.as_bytes()),
+    );
+    let (mut a, mut b) = pair_of(d, (&ka, &kb), (DEV, DEV), ("", ""));
     for n in [&a, &b] {
         n.skip_initial_sync();
     }
@@ -467,15 +470,13 @@ fn different_keys_are_named_in_both_statuses_logged_once_and_never_shown() {
     );
     // Each node logged the problem once at error level, however many attempts failed.
     for n in [&a, &b] {
-        let log = n.log_text();
-        let errors = log
-            .lines()
-            .filter(|l| l.contains("ERROR") && l.contains("replication.key_file"))
-            .count();
+        let errors = n.error_lines("replication.key_file");
         assert_eq!(
-            errors, 1,
-            "{}: {errors} error lines about the key:\n{log}",
-            n.name
+            errors,
+            1,
+            "{}: {errors} error lines about the key:\n{}",
+            n.name,
+            n.log_text()
         );
     }
     // Neither key, as text or hex, in any log line, status file or the status text.
@@ -501,7 +502,7 @@ fn different_keys_are_named_in_both_statuses_logged_once_and_never_shown() {
         "b's disk changed without a connection"
     );
     // The same key on b: they connect, and the problem is gone from both statuses.
-    key_file(d, "b.key", key_a);
+    key_file(d, "b.key", key_a.as_bytes());
     b.start(&["--secondary"]);
     a.start(&["--primary"]);
     let s = a.wait_connected_in_sync(IN_SYNC);
@@ -523,10 +524,7 @@ fn devices_of_different_sizes_never_connect_and_both_statuses_say_why() {
     let dir = scratch();
     let d = dir.path();
     let k = write_key(d);
-    let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
-    let mut a = node(d, ("a", "b"), (a_addr, b_addr), &k, DEV, "");
-    let mut b = node(d, ("b", "a"), (b_addr, a_addr), &k, 2 * DEV, "");
+    let (mut a, mut b) = pair_of(d, (&k, &k), (DEV, 2 * DEV), ("", ""));
     a.start(&["--secondary"]);
     b.start(&["--secondary"]);
     for n in [&a, &b] {
@@ -543,12 +541,13 @@ fn devices_of_different_sizes_never_connect_and_both_statuses_say_why() {
     // Retries come every 2 s, as after a refusal; the log says it once per node.
     std::thread::sleep(Duration::from_secs(3));
     for n in [&a, &b] {
-        let log = n.log_text();
-        let errors = log
-            .lines()
-            .filter(|l| l.contains("ERROR") && l.contains("same device size"))
-            .count();
-        assert_eq!(errors, 1, "{}:\n{log}", n.name);
+        assert_eq!(
+            n.error_lines("same device size"),
+            1,
+            "{}:\n{}",
+            n.name,
+            n.log_text()
+        );
     }
     a.stop();
     b.stop();
@@ -640,13 +639,8 @@ fn a_secondary_whose_disk_fails_writes_is_outdated_before_the_primary_completes_
         (&a, "the peer failed to store a write"),
         (&b, "this copy failed to store a replicated write"),
     ] {
-        let log = n.log_text();
-        let lines = log
-            .lines()
-            .filter(|l| l.contains("ERROR") && l.contains(what))
-            .count();
+        let (lines, all, log) = (n.error_lines(what), n.error_lines(""), n.log_text());
         assert_eq!(lines, 1, "{}: {lines} lines of {what:?}:\n{log}", n.name);
-        let all = log.lines().filter(|l| l.contains("ERROR")).count();
         assert_eq!(
             all, 1,
             "{}: {all} error lines for {errors_b} failed writes:\n{log}",
@@ -728,12 +722,14 @@ fn a_resync_target_whose_disk_fails_stays_inconsistent_until_a_resync_completes(
         (&a, "the peer could not finish the resync"),
         (&b, "this copy failed to store resync data"),
     ] {
-        let log = n.log_text();
-        let lines = log
-            .lines()
-            .filter(|l| l.contains("ERROR") && l.contains(what))
-            .count();
-        assert_eq!(lines, 1, "{}: {lines} lines of {what:?}:\n{log}", n.name);
+        let lines = n.error_lines(what);
+        assert_eq!(
+            lines,
+            1,
+            "{}: {lines} lines of {what:?}:\n{}",
+            n.name,
+            n.log_text()
+        );
     }
     // Room again; b comes back and the next resync completes it.
     small.resize("128m");

@@ -122,17 +122,15 @@ pub fn render_replication(r: &Value, peer: Option<(&str, &str)>, indent: &str) -
                 o,
                 "{indent}replication: DISCONNECTED, waiting for the peer{peer_text}"
             );
-            let _ = if r["role"] == "secondary" {
-                writeln!(
-                    o,
-                    "{indent}  this copy gets none of the Primary's writes meanwhile; they are resynced when the peer returns"
-                )
+            let meanwhile = if r["role"] == "secondary" {
+                "this copy gets none of the Primary's writes meanwhile"
             } else {
-                writeln!(
-                    o,
-                    "{indent}  writes since are only on this node (RPO below); they are resynced when the peer returns"
-                )
+                "writes since are only on this node (RPO below)"
             };
+            let _ = writeln!(
+                o,
+                "{indent}  {meanwhile}; they are resynced when the peer returns"
+            );
             let e = &r["link_error"];
             if let Some(message) = e["message"].as_str() {
                 let _ = writeln!(

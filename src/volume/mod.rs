@@ -451,23 +451,24 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         if self.role() != Role::Secondary || self.st.borrow().session.is_some() {
             return Ok(false);
         }
-        if self
-            .meta
-            .borrow()
-            .superblock()
-            .flags
-            .has(DiskFlags::OUTDATED)
-        {
+        if !self.flag_outdated().map_err(|e| self.meta_err(e))? {
             return Ok(false);
         }
-        self.meta
-            .borrow_mut()
-            .update_state(|_, f| {
-                f.set(DiskFlags::OUTDATED, true);
-                f.set(DiskFlags::UP_TO_DATE, false);
-            })
-            .map_err(|e| self.meta_err(e))?;
         tracing::warn!(volume = %self.settings.volume, "this copy is OUTDATED: the Primary acknowledged writes it lacks; it cannot be promoted until resynced");
+        Ok(true)
+    }
+
+    /// Sets Outdated and clears UpToDate in the superblock (in memory even when the write
+    /// fails), unless they are so already. Returns whether the flags changed.
+    fn flag_outdated(&self) -> Result<bool, StoreError> {
+        let flags = self.meta.borrow().superblock().flags;
+        if flags.has(DiskFlags::OUTDATED) && !flags.has(DiskFlags::UP_TO_DATE) {
+            return Ok(false);
+        }
+        self.meta.borrow_mut().update_state(|_, f| {
+            f.set(DiskFlags::OUTDATED, true);
+            f.set(DiskFlags::UP_TO_DATE, false);
+        })?;
         Ok(true)
     }
 
@@ -482,15 +483,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             st.counters.local_apply_errors += 1;
             !std::mem::replace(&mut st.apply_failed, true)
         };
-        let flags = self.meta.borrow().superblock().flags;
-        let durable = if flags.has(DiskFlags::OUTDATED) && !flags.has(DiskFlags::UP_TO_DATE) {
-            Ok(())
-        } else {
-            self.meta.borrow_mut().update_state(|_, f| {
-                f.set(DiskFlags::OUTDATED, true);
-                f.set(DiskFlags::UP_TO_DATE, false);
-            })
-        };
+        let durable = self.flag_outdated();
         let error = std::io::Error::from_raw_os_error(errno as i32);
         if first {
             tracing::error!(volume = %self.settings.volume, offset, len, %error, "this copy failed to store a replicated write: it is OUTDATED and cannot be promoted without force until a resync from the Primary; check the device, then run `twinvol resync` (logged once; count: local_apply_errors)");

@@ -43,8 +43,13 @@ impl Drop for MirrorNode {
 
 /// Writes the pre-shared key file both nodes use (mode 0600).
 pub fn write_key(dir: &Path) -> PathBuf {
-    let p = dir.join("key");
-    std::fs::write(&p, [0x5au8; 32]).unwrap();
+    key_file(dir, "key", &[0x5au8; 32])
+}
+
+/// A key file at `dir/name` holding `key` (mode 0600).
+pub fn key_file(dir: &Path, name: &str, key: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, key).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
@@ -184,6 +189,14 @@ socket = "{sock}"
     /// Everything the process logged.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Error-level lines of the log that contain `what` ("" counts them all).
+    pub fn error_lines(&self, what: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("ERROR") && l.contains(what))
+            .count()
     }
 
     /// The latest status snapshot (`null` before the first).
