@@ -424,8 +424,34 @@ fn run_cloud(config: PathBuf, command: twinvol::cloud::cli::CloudCommand) -> any
     Ok(())
 }
 
+/// Commands that print a result and exit end quietly when their reader goes away
+/// (`twinvol status | head -1`): SIGPIPE gets its default action back, as for any Unix filter.
+/// Long-running commands keep Rust's default (SIGPIPE ignored): a client or a log reader that
+/// goes away must not kill a server, and they treat EPIPE as an error of that one stream.
+fn prints_and_exits(c: &Command) -> bool {
+    !matches!(
+        c,
+        Command::Export(_)
+            | Command::Attach(_)
+            | Command::Mirror(_)
+            | Command::Run { .. }
+            | Command::Demo(_)
+    )
+}
+
+fn default_sigpipe() {
+    // SAFETY: called in `main` before any thread starts; SIG_DFL is a valid disposition for
+    // SIGPIPE and no handler of ours is replaced.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if prints_and_exits(&cli.command) {
+        default_sigpipe();
+    }
     // A process that serves a kernel block device must be an IO flusher, locked in memory and
     // unattractive to the OOM killer, set before any thread starts (docs/KERNEL.md).
     let prepare = matches!(cli.command, Command::Attach(_))

@@ -10,6 +10,15 @@
 //! the standby serves every write acknowledged on the old Primary from its own copy, and that
 //! the returning node is resynced to an identical copy.
 
+/// A line of the demo's report on stdout; a reader that went away (`| head`) does not stop
+/// the demo (its nodes must still be stopped cleanly).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
@@ -951,25 +960,26 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let deadline = Duration::from_millis(args.timeout_ms) + Duration::from_secs(20);
-    println!("== twinvol demo in {}", dir.display());
+    say!("== twinvol demo in {}", dir.display());
     if args.netns {
-        println!(
+        say!(
             "   two nodes in two network namespaces, one veth pair per heartbeat path, an uplink to each witness"
         );
     } else {
-        println!("   two nodes on this machine: node-a 127.0.0.1 (priority 10), node-b 127.0.0.2 (priority 20)");
+        say!("   two nodes on this machine: node-a 127.0.0.1 (priority 10), node-b 127.0.0.2 (priority 20)");
     }
-    println!(
+    say!(
         "   heartbeats every {} ms on two paths, peer lost after {} ms; lab cloud provider",
-        args.interval_ms, args.timeout_ms
+        args.interval_ms,
+        args.timeout_ms
     );
     let mut lab = Lab::new(&dir, &bin, &o).context("setting up the lab")?;
-    println!(
+    say!(
         "   each node has its own volume ({}, {}), mirrored synchronously over the replication path;",
         lab.volumes[0].display(),
         lab.volumes[1].display()
     );
-    println!("   both start as zero-filled copies of one generation, so no initial sync is needed");
+    say!("   both start as zero-filled copies of one generation, so no initial sync is needed");
     lab.start(0).context("starting node-a")?;
     lab.start(1).context("starting node-b")?;
     let s = lab.wait_for(0, deadline, is_primary).with_context(|| {
@@ -978,7 +988,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             lab.log_tail(0, 30)
         )
     })?;
-    println!(
+    say!(
         "\n== node-a is Primary (export {})",
         s["volumes"][0]["export"]
     );
@@ -991,7 +1001,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             lab.log_tail(1, 30)
         )
     })?;
-    println!("== node-b is Secondary and sees node-a on both paths");
+    say!("== node-b is Secondary and sees node-a on both paths");
 
     let mut active = 0usize;
     let mut samples = Vec::new();
@@ -1009,13 +1019,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
         c.flush().context("NBD flush")?;
         drop(c);
-        println!(
+        say!(
             "\n== round {round}: wrote and flushed {} blocks (4 KiB) through NBD on {}",
             acked.len(),
             NAMES[active]
         );
         let killed_at = lab.kill(active);
-        println!("== SIGKILL {} at {killed_at}", NAMES[active]);
+        say!("== SIGKILL {} at {killed_at}", NAMES[active]);
         let s = lab
             .wait_for(standby, deadline, is_primary)
             .with_context(|| {
@@ -1029,13 +1039,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         let at = s["primary_since_unix_ms"].as_u64().unwrap_or_else(unix_ms);
         let ms = at.saturating_sub(killed_at);
         samples.push(ms);
-        println!(
+        say!(
             "== {} took over in {ms} ms (SIGKILL -> Primary, exported, start hook done)",
             NAMES[standby]
         );
         if let Some(steps) = s["last_sequence"]["steps"].as_array() {
             for st in steps {
-                println!(
+                say!(
                     "     {:<18} {:>5} ms  {}",
                     st["name"].as_str().unwrap_or(""),
                     st["elapsed_ms"],
@@ -1043,13 +1053,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        println!(
+        say!(
             "   cloud plan of {} (lab provider: what it would change on AWS):",
             NAMES[standby]
         );
         let plan = lab.plan(standby);
         for l in plan.lines().skip(plan_seen[standby]) {
-            println!("     {l}");
+            say!("     {l}");
         }
         plan_seen[standby] = plan.lines().count();
         let mut c = NbdClient::connect(&lab.exports[standby])
@@ -1067,7 +1077,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 acked.len()
             );
         }
-        println!(
+        say!(
             "== verified all {} acknowledged writes on {}'s own copy",
             acked.len(),
             NAMES[standby]
@@ -1080,9 +1090,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 && s["role"] == "secondary"
         })
         .with_context(|| format!("{} did not come back as Secondary", NAMES[active]))?;
-        println!(
+        say!(
             "== {} is back as Secondary (switchback = intelligent: the service stays on {})",
-            NAMES[active], NAMES[standby]
+            NAMES[active],
+            NAMES[standby]
         );
         // The returning node's copy missed the writes made since it died (and its activity
         // log marks its own last writes dirty): it resyncs from the new Primary.
@@ -1111,7 +1122,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 crcs[1]
             );
         }
-        println!(
+        say!(
             "== {} resynced {} KiB from {} (the regions dirty on either side, not the whole {} MiB); both copies identical (crc32 {:08x})",
             NAMES[active],
             resynced / 1024,
@@ -1122,8 +1133,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         active = standby;
     }
     let t = timings(samples);
-    println!("\n== report");
-    println!(
+    say!("\n== report");
+    say!(
         "   failovers: {}   median {} ms   max {} ms   (heartbeat {} ms / timeout {} ms)",
         t.runs_ms.len(),
         t.median_ms,
@@ -1131,12 +1142,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.interval_ms,
         args.timeout_ms
     );
-    println!("   runs (ms): {:?}", t.runs_ms);
-    println!(
+    say!("   runs (ms): {:?}", t.runs_ms);
+    say!(
         "   logs: {}/node-a.log, node-b.log; plans: node-a-plan.jsonl, node-b-plan.jsonl",
         dir.display()
     );
-    println!("   demo PASSED");
+    say!("   demo PASSED");
     Ok(())
 }
 

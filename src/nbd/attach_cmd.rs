@@ -262,7 +262,7 @@ pub fn run_attach(o: AttachOptions) -> Result<(), AttachError> {
     };
     let fds: Vec<OwnedFd> = streams.into_iter().map(OwnedFd::from).collect();
     let attached = kernel::attach(&params, fds)?;
-    eprintln!(
+    crate::stderr_line!(
         "twinvol: {} attached to {what} ({} bytes); `twinvol detach {}` to release it",
         o.device.display(),
         neg.size,

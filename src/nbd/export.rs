@@ -337,7 +337,7 @@ async fn accept_loop(
             return Err(e);
         }
     };
-    eprintln!(
+    crate::stderr_line!(
         "twinvol: serving {} on {}",
         opts.path.display(),
         listener.uri(&opts.name)

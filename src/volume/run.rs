@@ -229,7 +229,7 @@ async fn serve(
         tokio::task::spawn_local(async move {
             if let Err(e) = super::session::keep_connected(vol, link_cfg).await {
                 tracing::error!(volume = %name, error = %e, "replication stopped");
-                eprintln!("twinvol: error: volume {name}: replication: {e}");
+                crate::stderr_line!("twinvol: error: volume {name}: replication: {e}");
                 std::process::exit(1);
             }
         })
@@ -391,7 +391,7 @@ where
             continue;
         }
         let listener = Listener::bind(&endpoint).await?;
-        eprintln!(
+        crate::stderr_line!(
             "twinvol: volume {} Primary, serving {}",
             vol.settings().volume,
             listener.uri(&name)
