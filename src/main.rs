@@ -317,9 +317,14 @@ struct ExportArgs {
     /// Export name clients ask for (default: the empty name).
     #[arg(long, default_value = "")]
     name: String,
-    /// Refuse writes.
+    /// Refuse writes. On a mirrored volume's device only its data area is served.
     #[arg(long)]
     read_only: bool,
+    /// Serve a mirrored volume's device (one with twinvol metadata) as a Primary without its
+    /// peer: refused unless the copy is up to date; starts a new generation and records every
+    /// write in the dirty bitmap, so the peer is resynced from this copy later.
+    #[arg(long, conflicts_with_all = ["read_only", "stdio", "threads"])]
+    degraded_primary: bool,
     /// Force the I/O engine (default: io_uring if the kernel allows it, else sync).
     #[arg(long, value_enum)]
     engine: Option<EngineKind>,
@@ -381,6 +386,40 @@ fn run_export(a: ExportArgs) -> anyhow::Result<()> {
         shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
         ..Default::default()
     };
+    use twinvol::meta::store::Probed;
+    // A mirrored volume's device is served only with its metadata in the loop (or read-only,
+    // its data area alone).
+    let probed = export::probe_device(&a.path)?;
+    let reserved_tail = match (&probed, a.degraded_primary) {
+        (Probed::Metadata { .. }, true) => {
+            twinvol::volume::degraded::run(twinvol::volume::degraded::DegradedOptions {
+                path: a.path,
+                endpoint,
+                name: a.name,
+                engine: a.engine,
+                cache: a.cache,
+                server,
+            })?;
+            return Ok(());
+        }
+        (_, true) => anyhow::bail!(
+            "{} holds no valid twinvol metadata: --degraded-primary serves a mirrored volume's device only (export a plain device without it)",
+            a.path.display()
+        ),
+        (Probed::Nothing, false) => 0,
+        (
+            Probed::Metadata {
+                device_len,
+                data_size,
+                ..
+            },
+            false,
+        ) if a.read_only => device_len.saturating_sub(*data_size),
+        (Probed::Metadata { .. } | Probed::Damaged(_), false) => {
+            export::refuse_probed(&a.path, &probed)?;
+            0
+        }
+    };
     export::run(ExportOptions {
         path: a.path,
         endpoint,
@@ -390,6 +429,7 @@ fn run_export(a: ExportArgs) -> anyhow::Result<()> {
         cache: a.cache,
         server,
         threads: a.threads.unwrap_or_else(export::default_threads),
+        reserved_tail,
     })?;
     Ok(())
 }

@@ -408,14 +408,27 @@ fn run_early_attach(dir: &Path, conf: &str) -> std::process::Output {
     out
 }
 
+/// A file-backed mirrored volume's device, in sync with its (absent) peer: metadata created
+/// and the initial sync skipped, as after `new-current-uuid --clear-bitmap` on both nodes.
+fn synced_volume_device(dir: &Path, name: &str) -> PathBuf {
+    let disk = common::sparse_file(dir, name, 16 << 20);
+    let d = disk.to_str().unwrap();
+    common::sh(&format!(
+        "{b} create-md --device {d} && {b} new-current-uuid --clear-bitmap --device {d}",
+        b = bin().display()
+    ));
+    disk
+}
+
 #[test]
 fn early_attach_exports_each_volume_on_its_socket_and_attaches_it() {
     let dir = scratch();
-    let disk = common::sparse_file(dir.path(), "root.img", 8 << 20);
+    let root = synced_volume_device(dir.path(), "root.img");
+    let logs = synced_volume_device(dir.path(), "logs.img");
     let conf = format!(
         "# comment\n\nroot {} /dev/nbd3 \nlogs\t{}\t/dev/nbd4",
-        disk.display(),
-        disk.display()
+        root.display(),
+        logs.display()
     );
     let out = run_early_attach(dir.path(), &conf);
     assert!(
@@ -440,6 +453,12 @@ fn early_attach_exports_each_volume_on_its_socket_and_attaches_it() {
             ),
         ],
         "the last line has no newline and must still be attached"
+    );
+    let exports = std::fs::read_to_string(dir.path().join("export.log")).unwrap_or_default();
+    assert_eq!(
+        exports.matches("as a degraded Primary").count(),
+        2,
+        "each volume is served with its metadata in the loop: {exports}"
     );
 }
 

@@ -11,6 +11,7 @@
 //! read-modify-write for requests that are not aligned for direct I/O.
 
 pub mod buf;
+pub mod claim;
 mod file;
 mod runtime;
 mod sync;

@@ -107,12 +107,9 @@ pub enum MetaCliError {
         #[source]
         source: io::Error,
     },
-    /// The device is mounted or held by a running twinvol.
-    #[error("{path} is in use (mounted, or held by a running twinvol); stop what holds it before changing its metadata")]
-    Busy {
-        /// The path.
-        path: PathBuf,
-    },
+    /// The device is mounted or owned by another process (a running twinvol).
+    #[error("{0}; stop it before changing the metadata")]
+    Busy(#[source] crate::engine::claim::ClaimError),
     /// Reading or writing the metadata failed.
     #[error("{path}: {source}")]
     Store {
@@ -197,14 +194,13 @@ pub fn parse_hex_id(s: &str) -> Result<u64, String> {
 }
 
 fn open_dev(path: &Path, writable: bool) -> Result<FileDevice, MetaCliError> {
-    FileDevice::open(path, writable).map_err(|source| match source.raw_os_error() {
-        Some(libc::EBUSY) => MetaCliError::Busy {
-            path: path.to_path_buf(),
-        },
-        _ => MetaCliError::Open {
+    use crate::engine::claim::ClaimError;
+    FileDevice::open(path, writable).map_err(|e| match e {
+        ClaimError::Open { source, .. } => MetaCliError::Open {
             path: path.to_path_buf(),
             source,
         },
+        busy @ ClaimError::InUse { .. } => MetaCliError::Busy(busy),
     })
 }
 

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::engine::buf::AlignedBuf;
+use crate::engine::claim::{ClaimError, DeviceClaim};
 
 /// Alignment of every metadata I/O.
 pub const META_ALIGN: u64 = 4096;
@@ -46,35 +47,42 @@ fn check_aligned(offset: u64, len: usize) -> io::Result<()> {
 /// A file or block device opened for metadata I/O: O_DIRECT when the filesystem allows it
 /// (tmpfs does not), durability through `fdatasync`.
 ///
-/// Invariant: `len` is the size at open time.
+/// Invariant: `len` is the size at open time; a device open for writing is claimed by this
+/// process for as long as the value lives.
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
     len: u64,
     direct: bool,
     path: PathBuf,
+    /// Held while open for writing: this process owns the device.
+    _claim: Option<DeviceClaim>,
 }
 
 impl FileDevice {
-    /// Opens `path` (a regular file or a block device) read-only or read-write. A block
-    /// device opened for writing is claimed with O_EXCL, so it fails with EBUSY while the
-    /// device is mounted or held by another exclusive opener (a running twinvol).
-    pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
-        let meta = std::fs::metadata(path)?;
+    /// Opens `path` (a regular file or a block device) read-only or read-write. A device
+    /// opened for writing is claimed first ([`DeviceClaim`]): it fails with
+    /// [`ClaimError::InUse`] while the device is mounted or owned by another process (a
+    /// running twinvol), and no other process can claim it while this one is open.
+    pub fn open(path: &Path, writable: bool) -> Result<Self, ClaimError> {
+        let open_err = |source| ClaimError::Open {
+            device: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(open_err)?;
         let ft = meta.file_type();
         if !ft.is_file() && !ft.is_block_device() {
-            return Err(io::Error::new(
+            return Err(open_err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "neither a regular file nor a block device",
-            ));
+            )));
         }
-        let excl = if writable && ft.is_block_device() {
-            libc::O_EXCL
+        let claim = if writable {
+            Some(DeviceClaim::take(path)?)
         } else {
-            0
+            None
         };
         let open = |flags: i32| {
-            let flags = flags | excl;
             std::fs::OpenOptions::new()
                 .read(true)
                 .write(writable)
@@ -83,15 +91,16 @@ impl FileDevice {
         };
         let (mut file, direct) = match open(libc::O_DIRECT) {
             Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0)?, false),
-            Err(e) => return Err(e),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0).map_err(open_err)?, false),
+            Err(e) => return Err(open_err(e)),
         };
-        let len = file.seek(SeekFrom::End(0))?;
+        let len = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         Ok(Self {
             file,
             len,
             direct,
             path: path.to_path_buf(),
+            _claim: claim,
         })
     }
 

@@ -205,6 +205,60 @@ fn read_block<D: MetaDevice>(
     Ok(b)
 }
 
+/// What a device's tail holds, for commands that must not serve a mirrored volume's device
+/// behind its metadata's back (`twinvol export`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probed {
+    /// No twinvol superblock: blank, another format, or too small to hold one.
+    Nothing,
+    /// Valid twinvol metadata.
+    Metadata {
+        /// The device's length in bytes.
+        device_len: u64,
+        /// Bytes of data before the metadata area.
+        data_size: u64,
+        /// The current generation id.
+        current: u64,
+        /// The disk-state flags.
+        flags: DiskFlags,
+    },
+    /// A twinvol superblock that fails its checks (torn, corrupted, or newer format): still
+    /// twinvol's, so nothing may serve the device as plain data.
+    Damaged(String),
+}
+
+/// Looks for twinvol metadata at the device's tail, writing nothing.
+pub fn probe<D: MetaDevice>(dev: &mut D) -> Result<Probed, StoreError> {
+    let ours =
+        |e: &FormatError| !matches!(e, FormatError::Blank { .. } | FormatError::BadMagic { .. });
+    match inspect(dev) {
+        Ok(i) => Ok(Probed::Metadata {
+            device_len: dev.len(),
+            data_size: i.superblock.data_size,
+            current: i.superblock.gen.current,
+            flags: i.superblock.flags,
+        }),
+        Err(StoreError::DeviceTooSmall { .. }) => Ok(Probed::Nothing),
+        Err(StoreError::NoSuperblock { a, b }) if !ours(&a) && !ours(&b) => Ok(Probed::Nothing),
+        Err(e @ (StoreError::NoSuperblock { .. } | StoreError::AreaMismatch { .. })) => {
+            Ok(Probed::Damaged(e.to_string()))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// [`probe`] on the file or block device at `path`, opened read-only (not claimed).
+pub fn probe_path(path: &std::path::Path) -> Result<Probed, StoreError> {
+    let mut dev = super::device::FileDevice::open(path, false).map_err(|e| StoreError::Io {
+        what: format!("opening {} to look for twinvol metadata", path.display()),
+        source: match e {
+            crate::engine::claim::ClaimError::Open { source, .. } => source,
+            other => io::Error::other(other.to_string()),
+        },
+    })?;
+    probe(&mut dev)
+}
+
 /// Reads and checks a metadata area without writing anything.
 pub fn inspect<D: MetaDevice>(dev: &mut D) -> Result<Inspection, StoreError> {
     let len = dev.len();

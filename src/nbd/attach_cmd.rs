@@ -171,7 +171,11 @@ pub fn run_attach(o: AttachOptions) -> Result<(), AttachError> {
             );
         }
     } else {
-        // Serve the device in-process: one socket pair per connection, server ends on a data-path thread.
+        // Serve the device in-process: one socket pair per connection, server ends on a data-path
+        // thread. Only a plain device: a mirrored volume's goes through its export.
+        super::export::refuse_metadata_device(&o.source)?;
+        let claim = crate::engine::claim::DeviceClaim::take(&o.source)
+            .map_err(super::export::ExportError::from)?;
         let kind =
             super::export::choose_engine(o.engine).map_err(super::export::ExportError::from)?;
         let mut server_ends = Vec::with_capacity(n);
@@ -190,6 +194,8 @@ pub fn run_attach(o: AttachOptions) -> Result<(), AttachError> {
             std::thread::Builder::new()
                 .name("twinvol-data".into())
                 .spawn(move || {
+                    // Owned for as long as this thread serves the device.
+                    let _claim = claim;
                     let r = crate::engine::block_on(kind, async move {
                         let mut open = OpenOptions::new(&path);
                         open.cache = CacheMode::None;

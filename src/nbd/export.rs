@@ -46,6 +46,9 @@ pub struct ExportOptions {
     pub server: ServerConfig,
     /// Data-path threads (each with its own ring); at least 1.
     pub threads: usize,
+    /// Bytes at the device's end that are not served (a twinvol metadata area, served
+    /// read-only without it).
+    pub reserved_tail: u64,
 }
 
 /// Default number of data-path threads: one per core, at most 4.
@@ -62,6 +65,26 @@ pub enum ExportError {
     /// Opening the device or starting the runtime failed.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// Another process owns the device.
+    #[error(transparent)]
+    InUse(#[from] crate::engine::claim::ClaimError),
+    /// The device is a mirrored volume's: its metadata must see every write.
+    #[error("{path} holds twinvol metadata ({detail}): serving it as a plain device would write behind its dirty bitmap, and the two copies could differ with nothing recording where. Run it with `twinvol run` (or `twinvol mirror`); `twinvol export --read-only` serves its data area only; `twinvol export --degraded-primary` serves it as a Primary without its peer, recording every write for the resync")]
+    HoldsMetadata {
+        /// The device.
+        path: PathBuf,
+        /// What was found.
+        detail: String,
+    },
+    /// The metadata could not be looked for.
+    #[error("{path}: {source}")]
+    Probe {
+        /// The device.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::meta::store::StoreError,
+    },
     /// The listener could not be created.
     #[error("cannot listen on {endpoint}: {source} ({fix})")]
     Listen {
@@ -85,6 +108,39 @@ pub enum ExportError {
     /// The final flush failed: some acknowledged writes may not be durable.
     #[error("final flush failed: {0}")]
     Flush(crate::block::BlockError),
+}
+
+/// What the device's tail holds (twinvol metadata or not), as an export decides on it.
+pub fn probe_device(path: &std::path::Path) -> Result<crate::meta::store::Probed, ExportError> {
+    crate::meta::store::probe_path(path).map_err(|source| ExportError::Probe {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Refuses a device that holds twinvol metadata (or what is left of it): only the mirrored
+/// volume may write it.
+pub fn refuse_metadata_device(path: &std::path::Path) -> Result<(), ExportError> {
+    refuse_probed(path, &probe_device(path)?)
+}
+
+/// [`refuse_metadata_device`] for a device already probed.
+pub fn refuse_probed(
+    path: &std::path::Path,
+    probed: &crate::meta::store::Probed,
+) -> Result<(), ExportError> {
+    use crate::meta::store::Probed;
+    let detail = match probed {
+        Probed::Nothing => return Ok(()),
+        Probed::Metadata {
+            data_size, current, ..
+        } => format!("{data_size} data bytes, generation {current:016x}"),
+        Probed::Damaged(why) => format!("damaged: {why}"),
+    };
+    Err(ExportError::HoldsMetadata {
+        path: path.to_path_buf(),
+        detail,
+    })
 }
 
 /// Picks the engine: the forced one, or io_uring when the kernel allows it, else sync.
@@ -112,6 +168,8 @@ pub fn choose_engine(forced: Option<EngineKind>) -> Result<EngineKind, EngineErr
 /// share the payload byte budget and the read-modify-write lock, and FLUSH (fdatasync) acts on
 /// the inode, so CAN_MULTI_CONN holds across threads as it does within one.
 pub fn run(opts: ExportOptions) -> Result<(), ExportError> {
+    // Held until the export has stopped: this process owns the device.
+    let _claim = crate::engine::claim::DeviceClaim::take(&opts.path)?;
     let kind = choose_engine(opts.engine)?;
     if opts.endpoint == Endpoint::Stdio {
         return engine::block_on(kind, serve_stdio(kind, opts))?;
@@ -184,6 +242,7 @@ fn open_options(opts: &ExportOptions) -> OpenOptions {
     let mut open = OpenOptions::new(&opts.path);
     open.read_only = opts.read_only;
     open.cache = opts.cache;
+    open.reserved_tail = opts.reserved_tail;
     open
 }
 

@@ -22,6 +22,7 @@
 //! borrowed across an `.await`.
 
 pub mod control;
+pub mod degraded;
 pub mod link_health;
 pub mod plan;
 pub mod run;
@@ -247,6 +248,9 @@ pub struct MirroredVolume<T, D: MetaDevice> {
     settings: Settings,
     /// Frames and bytes the connection writers sent, cumulative over connections.
     sent_traffic: crate::repl::link::SentTraffic,
+    /// The data device's claim when the metadata (which claims its own device) lives
+    /// elsewhere: this process owns both for the volume's lifetime.
+    _data_claim: Option<crate::engine::claim::DeviceClaim>,
 }
 
 fn eio(what: String, e: impl std::fmt::Display) -> BlockError {
@@ -301,7 +305,15 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             wake: Notify::new(),
             settings,
             sent_traffic: Default::default(),
+            _data_claim: None,
         }
+    }
+
+    /// Keeps `claim` (the data device's, see [`crate::engine::claim`]) for the volume's
+    /// lifetime.
+    pub fn holding(mut self, claim: Option<crate::engine::claim::DeviceClaim>) -> Self {
+        self._data_claim = claim;
+        self
     }
 
     /// Fixed settings.

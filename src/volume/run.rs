@@ -78,6 +78,15 @@ pub enum MirrorError {
         /// Why.
         why: String,
     },
+    /// The device (or its metadata device) is owned by another process.
+    #[error("volume {volume}: {source}")]
+    InUse {
+        /// Volume.
+        volume: String,
+        /// Who holds it.
+        #[source]
+        source: crate::engine::claim::ClaimError,
+    },
     /// The engine.
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
@@ -146,6 +155,69 @@ pub fn run(args: MirrorArgs) -> Result<(), MirrorError> {
     engine::block_on(kind, serve(kind, cfg.node.id.clone(), v, args))?
 }
 
+/// The local leg of a mirrored volume: the device claimed and opened with the engine (its
+/// metadata area, if internal, kept out of the data it serves) and its metadata store, plus the
+/// data device's own claim when the metadata lives on another device. Call on the data-path
+/// runtime.
+pub fn open_local(
+    kind: engine::EngineKind,
+    volume: &str,
+    device: &Path,
+    metadata: &MetadataPlacement,
+    cache: engine::CacheMode,
+) -> Result<
+    (
+        Engine,
+        MetaStore<FileDevice>,
+        Option<crate::engine::claim::DeviceClaim>,
+    ),
+    MirrorError,
+> {
+    let meta_path = match metadata {
+        MetadataPlacement::Internal => device.to_path_buf(),
+        MetadataPlacement::External { device } => device.clone(),
+    };
+    let meta_err = |why: String| MirrorError::Meta {
+        volume: volume.to_string(),
+        path: meta_path.clone(),
+        why,
+    };
+    let in_use = |source| MirrorError::InUse {
+        volume: volume.to_string(),
+        source,
+    };
+    let dev = FileDevice::open(&meta_path, true).map_err(|e| match e {
+        busy @ crate::engine::claim::ClaimError::InUse { .. } => in_use(busy),
+        other => meta_err(other.to_string()),
+    })?;
+    // The metadata device is claimed by `dev`; an external metadata area leaves the data device
+    // to claim on its own.
+    let data_claim = match metadata {
+        MetadataPlacement::Internal => None,
+        MetadataPlacement::External { .. } => {
+            Some(crate::engine::claim::DeviceClaim::take(device).map_err(in_use)?)
+        }
+    };
+    let (store, findings) = MetaStore::open(dev).map_err(|e| meta_err(e.to_string()))?;
+    for f in findings {
+        tracing::warn!(volume, finding = ?f, "metadata repaired at open");
+    }
+    let data_size = store.superblock().data_size;
+    let mut open = OpenOptions::new(device);
+    open.cache = cache;
+    if matches!(metadata, MetadataPlacement::Internal) {
+        open.reserved_tail = store.device().len().saturating_sub(data_size);
+    }
+    let local = Engine::open(kind, &open)?;
+    if local.info().size != data_size {
+        return Err(meta_err(format!(
+            "the metadata describes {data_size} data bytes but the device exports {}",
+            local.info().size
+        )));
+    }
+    Ok((local, store, data_claim))
+}
+
 /// A mirrored volume opened from its configuration, Secondary and disconnected, plus the link
 /// settings to run [`super::session::keep_connected`] with. Call on the data-path runtime
 /// ([`engine::block_on`]): the io_uring engine binds to it.
@@ -161,33 +233,7 @@ pub fn open_volume(
             fix: "add a [volume.replication] table".into(),
         });
     };
-    let meta_path = match &r.metadata {
-        MetadataPlacement::Internal => v.device.clone(),
-        MetadataPlacement::External { device } => device.clone(),
-    };
-    let meta_err = |why: String| MirrorError::Meta {
-        volume: v.name.clone(),
-        path: meta_path.clone(),
-        why,
-    };
-    let dev = FileDevice::open(&meta_path, true).map_err(|e| meta_err(e.to_string()))?;
-    let (store, findings) = MetaStore::open(dev).map_err(|e| meta_err(e.to_string()))?;
-    for f in findings {
-        tracing::warn!(volume = %v.name, finding = ?f, "metadata repaired at open");
-    }
-    let data_size = store.superblock().data_size;
-    let mut open = OpenOptions::new(&v.device);
-    open.cache = v.cache;
-    if matches!(r.metadata, MetadataPlacement::Internal) {
-        open.reserved_tail = store.device().len().saturating_sub(data_size);
-    }
-    let local = Engine::open(kind, &open)?;
-    if local.info().size != data_size {
-        return Err(meta_err(format!(
-            "the metadata describes {data_size} data bytes but the device exports {}",
-            local.info().size
-        )));
-    }
+    let (local, store, data_claim) = open_local(kind, &v.name, &v.device, &r.metadata, v.cache)?;
     let key = load_key_file(&r.key_file).map_err(|e| MirrorError::Link {
         volume: v.name.clone(),
         why: e.to_string(),
@@ -205,7 +251,7 @@ pub fn open_volume(
         checksum_resync: r.checksum_resync,
         outdate_wait: Duration::from_millis(r.outdate_wait_ms),
     };
-    let vol = MirroredVolume::new(local, store, settings);
+    let vol = MirroredVolume::new(local, store, settings).holding(data_claim);
     let mut link_cfg = LinkConfig::new(r.address, r.peer, key, vol.hello());
     link_cfg.interface = r.interface.clone();
     link_cfg.compression_level = r.compression_level;
