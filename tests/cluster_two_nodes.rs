@@ -142,26 +142,36 @@ fn all_paths_cut_while_both_live_the_standby_fences_the_primary_before_promoting
 }
 
 #[test]
-fn fence_race_when_both_lose_each_other_at_once_exactly_one_fences() {
+fn nodes_that_never_heard_each_other_neither_fence_nor_promote_until_they_meet() {
+    // Both start with every path cut (and replication with it): neither knows whether the
+    // other holds newer data or serves, so neither fences nor promotes (the start-up gate).
     let d = tempfile::tempdir().unwrap();
     let mut l = lab(d.path(), &options());
-    // Both start with every path cut: each sees the other lost at the same moment.
     l.cut_path(0, true).unwrap();
     l.cut_path(1, true).unwrap();
     l.start(A).unwrap();
     l.start(B).unwrap();
-    let s = l
-        .wait_for(A, Duration::from_secs(15), is_primary)
+    for n in [A, B] {
+        l.wait_for(n, Duration::from_secs(15), |s| {
+            s["peer_view"]["state"] == "lost"
+                && s["reason"].as_str().unwrap_or("").contains("start-up gate")
+        })
+        .unwrap_or_else(|| panic!("{} does not name the gate:\n{}", n, l.log(n)));
+    }
+    never_two_primaries(&l, Duration::from_secs(5)); // longer than node-b's fence delay
+    for n in [A, B] {
+        assert_eq!(role(&l, n).as_deref(), Some("secondary"));
+        assert!(!l.exited(n), "nobody was fenced");
+        assert!(!l.plan(n).contains("\"fence\""), "{}", l.plan(n));
+        let reason = l.status(n).unwrap()["reason"].to_string();
+        assert!(reason.contains("promote --force"), "{reason}");
+    }
+    // They meet: the preferred node takes the service, exactly one Primary.
+    l.cut_path(0, false).unwrap();
+    l.cut_path(1, false).unwrap();
+    l.wait_for(A, Duration::from_secs(15), is_primary)
         .unwrap_or_else(|| panic!("node-a never promoted:\n{}", l.log(A)));
-    assert_eq!(s["role"], "primary");
-    std::thread::sleep(Duration::from_secs(3)); // longer than node-b's fence delay
-    assert!(l.exited(B), "node-b was fenced by node-a");
-    let fences_a = l.plan(A).matches("\"fence\"").count();
-    let fences_b = l.plan(B).matches("\"fence\"").count();
-    assert_eq!((fences_a, fences_b), (1, 0), "exactly one node fenced");
-    // node-b either logged its fence delay or was stopped before its first decision; it
-    // never started fencing.
-    assert!(!l.log(B).contains("fencing the peer"), "{}", l.log(B));
+    never_two_primaries(&l, Duration::from_secs(2));
 }
 
 #[test]
@@ -170,7 +180,13 @@ fn failing_start_hook_stops_bring_up_and_leaves_the_node_safe_with_a_clear_statu
     let mut o = options();
     o.nodes[A].start_hook = "echo 'database refused to start' >&2; exit 7".into();
     let mut l = lab(d.path(), &o);
-    l.start(A).unwrap(); // alone: the peer is lost, fenced ("already stopped"), then bring-up
+    l.start(A).unwrap(); // alone: the start-up gate holds until the operator forces it
+    l.wait_for(A, Duration::from_secs(15), |s| {
+        s["reason"].as_str().unwrap_or("").contains("start-up gate")
+    })
+    .unwrap_or_else(|| panic!("node-a does not wait at the gate:\n{}", l.log(A)));
+    let a = l.request(A, &Request::Promote { force: true }).unwrap();
+    assert!(!a.ok, "the bring-up fails at the hook: {}", a.message);
     let s = l
         .wait_for(A, Duration::from_secs(15), |s| {
             s["last_sequence"]["failed_at"].is_string()
@@ -470,4 +486,201 @@ fn a_clean_stop_of_the_primary_hands_the_service_over_without_fencing_it() {
             && s["volumes"][0]["disk"] == "up-to-date"
     })
     .unwrap_or_else(|| panic!("node-a did not come back behind node-b:\n{}", l.log(A)));
+}
+
+/// `twinvol show-md --json` of node `n`'s volume (the node must be stopped or the read is of
+/// its last persisted state).
+fn show_md(l: &Lab, n: usize) -> serde_json::Value {
+    let out = std::process::Command::new(BIN)
+        .args(["show-md", "--json", "--device"])
+        .arg(&l.volumes[n])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn block(i: u64) -> Vec<u8> {
+    (0..4096u64).map(|j| (i * 131 + j * 7) as u8).collect()
+}
+
+#[test]
+fn a_cleanly_stopped_secondary_is_outdated_and_never_promotes_alone_with_its_stale_copy() {
+    let d = tempfile::tempdir().unwrap();
+    let mut o = options();
+    o.outdate_wait_ms = 15_000;
+    let mut l = started(d.path(), &o);
+    l.wait_for(B, Duration::from_secs(15), |s| {
+        s["volumes"][0]["disk"] == "up-to-date"
+            && s["volumes"][0]["replication"]["connection"]["state"] == "connected"
+    })
+    .unwrap_or_else(|| panic!("node-b never in sync:\n{}", l.log(B)));
+    // The documented upgrade path: stop the Secondary cleanly.
+    assert!(l.stop(B), "node-b exits cleanly:\n{}", l.log(B));
+    let flags = show_md(&l, B)["flags"].to_string();
+    assert!(flags.contains("outdated"), "node-b marked itself: {flags}");
+    // node-a was told before node-b left: its first write does not wait for node-b.
+    let mut c = NbdClient::connect(&l.exports[A]).unwrap();
+    let t = Instant::now();
+    c.write(0, &block(0)).unwrap();
+    let first = t.elapsed();
+    assert!(
+        first < Duration::from_secs(1),
+        "the first write after the planned stop took {first:?} (outdate_wait_ms is 15 s)"
+    );
+    for i in 1..32 {
+        c.write(i * 4096, &block(i)).unwrap();
+    }
+    c.flush().unwrap();
+    drop(c);
+    l.wait_for(A, Duration::from_secs(5), |s| {
+        s["volumes"][0]["replication"]["newest"] == "peer-outdated"
+    })
+    .unwrap_or_else(|| panic!("node-a did not record node-b outdated:\n{}", l.log(A)));
+    // node-a dies; the stale node-b boots alone: it must not serve its old copy.
+    l.kill(A);
+    l.start(B).unwrap();
+    l.wait_for(B, Duration::from_secs(15), |s| {
+        s["peer_view"]["state"] == "lost"
+    })
+    .unwrap_or_else(|| panic!("node-b never gave up on node-a:\n{}", l.log(B)));
+    never_two_primaries(&l, Duration::from_secs(5));
+    let s = l.status(B).unwrap();
+    assert_eq!(s["role"], "secondary", "{s}");
+    assert_eq!(s["volumes"][0]["disk"], "outdated", "{s}");
+    assert!(
+        s["reason"].as_str().unwrap().contains("--force"),
+        "status names the way out: {s}"
+    );
+    assert!(!l.plan(B).contains("\"fence\""), "{}", l.plan(B));
+    // node-a returns: it takes the service back with every write, and node-b is resynced.
+    l.start(A).unwrap();
+    l.wait_for(A, Duration::from_secs(20), is_primary)
+        .unwrap_or_else(|| panic!("node-a did not take the service back:\n{}", l.log(A)));
+    l.wait_for(B, Duration::from_secs(20), |s| {
+        s["volumes"][0]["disk"] == "up-to-date"
+    })
+    .unwrap_or_else(|| panic!("node-b was not resynced:\n{}", l.log(B)));
+    let mut c = NbdClient::connect(&l.exports[A]).unwrap();
+    for i in 0..32 {
+        assert_eq!(c.read(i * 4096, 4096).unwrap(), block(i), "block {i}");
+    }
+    drop(c);
+    never_two_primaries(&l, Duration::from_secs(1));
+}
+
+#[test]
+fn after_a_fencing_failover_the_new_primary_acknowledges_its_first_write_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let mut o = options();
+    o.outdate_wait_ms = 15_000;
+    let mut l = started(d.path(), &o);
+    l.kill(A);
+    l.wait_for(B, Duration::from_secs(15), is_primary)
+        .unwrap_or_else(|| panic!("node-b did not take over:\n{}", l.log(B)));
+    assert!(l.plan(B).contains("\"fence\""), "{}", l.plan(B));
+    let mut c = NbdClient::connect(&l.exports[B]).unwrap();
+    let t = Instant::now();
+    c.write(8192, &block(2)).unwrap();
+    let first = t.elapsed();
+    assert!(
+        first < Duration::from_secs(1),
+        "the new Primary held its first write {first:?}: the old one is fenced, nothing waits for it"
+    );
+    l.wait_for(B, Duration::from_secs(5), |s| {
+        s["volumes"][0]["replication"]["newest"] == "peer-outdated"
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "node-b did not record the fenced node-a outdated:\n{}",
+            l.log(B)
+        )
+    });
+}
+
+/// A copy of node `n`'s configuration with its own state directory, control socket,
+/// heartbeat and replication ports: what a second daemon started by mistake looks like.
+fn second_config(l: &Lab, n: usize, dir: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&l.configs[n]).unwrap();
+    let port = || {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let out: Vec<String> = text
+        .lines()
+        .map(|line| {
+            let t = line.trim_start();
+            if t.starts_with("state_dir = ") {
+                format!("state_dir = \"{}\"", dir.join("state").display())
+            } else if t.starts_with("control_socket = ") {
+                format!(
+                    "control_socket = \"{}\"",
+                    dir.join("control.sock").display()
+                )
+            } else if t.starts_with("local = ") || t.starts_with("address = ") {
+                let key = t.split(' ').next().unwrap_or("local");
+                let ip = if n == A { "127.0.0.1" } else { "127.0.0.2" };
+                format!("{key} = \"{ip}:{}\"", port())
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    let p = dir.join("second.toml");
+    std::fs::write(&p, out.join("\n")).unwrap();
+    p
+}
+
+#[test]
+fn a_second_daemon_on_the_same_device_is_refused_and_nobody_is_fenced() {
+    let d = tempfile::tempdir().unwrap();
+    let l = started(d.path(), &options());
+    let second_dir = d.path().join("second");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let cfg = second_config(&l, A, &second_dir);
+    let log = second_dir.join("second.log");
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("TWINVOL_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the second daemon must stop at once with an error, it ran on: {err}"
+    );
+    let pid = std::fs::read_to_string(d.path().join("node-a").join("twinvol.pid")).unwrap();
+    assert!(
+        err.contains(&format!("already in use by pid {}", pid.trim())),
+        "names the owner (pid {pid}): {err}"
+    );
+    never_two_primaries(&l, Duration::from_secs(4));
+    assert_eq!(role(&l, A).as_deref(), Some("primary"));
+    assert_eq!(l.status(B).unwrap()["peer_view"]["role"], "primary");
+    for n in [A, B] {
+        assert!(!l.plan(n).contains("\"fence\""), "{}", l.plan(n));
+    }
+    assert!(!second_dir.join("state").join("twinvol.pid").exists());
 }

@@ -348,19 +348,17 @@ fn the_daemon_metrics_endpoint_is_parsed_by_a_real_openmetrics_parser_and_shows_
         ),
         0.0
     );
-    // fence = "off" and no cloud provider: the node asked whether the peer instance is stopped
-    // and got no answer that counts as proof.
-    let asking = value(
-        &m,
-        "twinvol_fence_state",
-        &[("twinvol_fence_state", "querying")],
+    // The peer was never heard since this daemon started: the start-up gate holds, so the node
+    // neither fences nor asks the cloud about it (it waits for the peer or an operator).
+    assert_eq!(
+        value(
+            &m,
+            "twinvol_fence_state",
+            &[("twinvol_fence_state", "idle")]
+        ),
+        1.0,
+        "fence state idle at the start-up gate"
     );
-    let no_proof = value(
-        &m,
-        "twinvol_fence_state",
-        &[("twinvol_fence_state", "failed")],
-    );
-    assert_eq!(asking + no_proof, 1.0, "fence state querying or failed");
     assert_eq!(
         value(
             &m,

@@ -55,6 +55,7 @@ fn base() -> VolumeStatus {
         },
         current_generation: "7a3f00c19e2b4d11".into(),
         link_error: None,
+        newest: None,
         verify: None,
     }
 }

@@ -16,11 +16,13 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UdpSocket, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::announce::Announcer;
 use super::bringup::{self, HookResult, Hooks, Sequence};
 use super::control::{Answer, Request};
-use super::decide::{Action, Controller, FenceState, Inputs, Params, WitnessView};
+use super::decide::{Action, Controller, FenceState, Inputs, NewestProof, Params, WitnessView};
 use super::heartbeat::{
-    self, DiskState, Heartbeat, Role, FLAG_PEER_OUTDATED, FLAG_WANTS_PRIMARY, FLAG_YIELDING,
+    self, DiskState, Heartbeat, Role, FLAG_CANNOT_PROMOTE, FLAG_PEER_OUTDATED, FLAG_PROMOTING,
+    FLAG_WANTS_PRIMARY, FLAG_YIELDING,
 };
 use super::liveness::{Event, PeerMonitor, PeerView};
 use super::mirrored::MirroredControl;
@@ -163,6 +165,15 @@ struct Status {
     witness_probes: Vec<Probe>,
     fence: FenceState,
     reason: String,
+    /// The peer was heard since this daemon started (the start-up gate is passed).
+    heard_since_start: bool,
+    /// Why this node's metadata says its copy is the newest, if it does.
+    newest: Option<NewestProof>,
+    /// This node announces a promotion and waits for the peer to acknowledge it.
+    promoting: bool,
+    /// Misconfigurations seen (authenticated heartbeats from an unexpected address, node or
+    /// path; two processes sending as the peer), newest last.
+    misconfigured: Vec<String>,
     volumes: Vec<VolumeStatus>,
     last_sequence: Option<Sequence>,
     primary_since_unix_ms: Option<u64>,
@@ -206,16 +217,21 @@ struct RoleFile {
     unix_ms: u64,
 }
 
-/// Local state the heartbeat sender advertises.
+/// Local state the heartbeat sender advertises. Every change notifies the sender, which
+/// sends a round at once (a state change is announced without waiting for the interval);
+/// `nudge` is bumped to send one without a change (answering a peer's change).
 #[derive(Debug, Clone, Copy)]
 struct Advert {
     role: Role,
     disk: DiskState,
     flags: u8,
+    nudge: u64,
 }
 
 enum Msg {
     Heartbeat(usize, Result<Heartbeat, String>),
+    /// An authenticated heartbeat that does not fit the configuration (address, node, path).
+    Misconfigured(usize, String),
     Witness(bool, Vec<Probe>),
     Fenced(Report),
     CloudChecked(CheckReport, Duration),
@@ -255,6 +271,12 @@ struct Node {
     tx: mpsc::Sender<Msg>,
     /// What the Route 53 health endpoint answers (failover-routing mode).
     health: crate::ops::health::HealthState,
+    /// Heartbeat sequence numbers and acknowledgements (shared with the sender task).
+    announcer: Arc<std::sync::Mutex<Announcer>>,
+    /// The peer's (role, disk, flags) in its newest heartbeat: a change is answered at once.
+    peer_state: Option<(Role, DiskState, u8)>,
+    /// Misconfigurations seen, each once (the status shows them).
+    misconfigured: Vec<String>,
 }
 
 impl Node {
@@ -348,16 +370,101 @@ impl Node {
         if self.controller.yielding() || self.cut_off() || self.leaving {
             flags |= FLAG_YIELDING;
         }
+        if self.cut_off() || self.leaving {
+            flags |= FLAG_CANNOT_PROMOTE;
+        }
         if self.controller.wants_primary() {
             flags |= FLAG_WANTS_PRIMARY;
         }
         if self.role() == Role::Primary && self.peer_lacks_writes() {
             flags |= FLAG_PEER_OUTDATED;
         }
+        if self.controller.promoting() {
+            flags |= FLAG_PROMOTING;
+        }
         Advert {
             role: self.role(),
             disk: self.disk(),
             flags,
+            nudge: 0,
+        }
+    }
+
+    /// Publishes the advert; the sender sends a round at once when role, disk or flags
+    /// changed.
+    fn advertise(&self) {
+        let a = self.advert();
+        self.advert.send_if_modified(|cur| {
+            let changed = cur.flags != a.flags || cur.role != a.role || cur.disk != a.disk;
+            *cur = Advert {
+                nudge: cur.nudge,
+                ..a
+            };
+            changed
+        });
+    }
+
+    /// Why every mirrored volume's metadata says its copy is the newest (the first volume's
+    /// reason), or `None` when one does not or there is no mirrored volume.
+    fn newest(&self) -> Option<NewestProof> {
+        let mut proof = None;
+        for v in self
+            .volumes
+            .iter()
+            .filter(|v| v.status().replication.is_some())
+        {
+            match v.newest_proof() {
+                None => return None,
+                Some(p) => {
+                    proof.get_or_insert(p);
+                }
+            }
+        }
+        proof
+    }
+
+    /// A replication link to the peer is connected (the peer's process is alive).
+    fn link_connected(&self) -> bool {
+        self.volumes.iter().any(|v| v.link_connected())
+    }
+
+    /// Records a misconfiguration once (logged at error level the first time).
+    fn misconfigured(&mut self, what: String) {
+        if !self.misconfigured.contains(&what) {
+            tracing::error!(problem = %what, "MISCONFIGURATION");
+            self.misconfigured.push(what);
+            if self.misconfigured.len() > 8 {
+                self.misconfigured.remove(0);
+            }
+        }
+    }
+
+    /// A verified heartbeat from the peer on path `i`.
+    fn on_heartbeat(&mut self, i: usize, hb: Heartbeat) {
+        if hb.flags & FLAG_PEER_OUTDATED != 0 && self.role() == Role::Secondary {
+            self.peer_says_outdated();
+        }
+        let now = self.now();
+        for ev in self.monitor.on_heartbeat(now, i, &hb) {
+            self.log_event(ev);
+        }
+        if !self.monitor.is_newest(&hb) {
+            return;
+        }
+        if let Ok(mut a) = self.announcer.lock() {
+            a.heard(&hb);
+        }
+        // A change of the peer's state is answered at once (it may be waiting for this node
+        // to acknowledge its promotion announcement).
+        let state = (hb.role, hb.disk, hb.flags);
+        if self.peer_state.is_some_and(|p| p != state) {
+            self.advert
+                .send_modify(|a| a.nudge = a.nudge.wrapping_add(1));
+        }
+        self.peer_state = Some(state);
+        // Only the newest state counts: a stale "outdated" must not release writes.
+        if hb.disk != DiskState::UpToDate && self.role() == Role::Primary {
+            self.peer_is_outdated();
         }
     }
 
@@ -412,6 +519,10 @@ impl Node {
             witness_probes: self.probes.clone(),
             fence: self.controller.fence_state().clone(),
             reason: self.controller.reason().to_string(),
+            heard_since_start: self.monitor.heard_since_start(),
+            newest: self.newest(),
+            promoting: self.controller.promoting(),
+            misconfigured: self.misconfigured.clone(),
             volumes: self.volumes.iter().map(|v| v.status()).collect(),
             last_sequence: self.last_sequence.clone(),
             primary_since_unix_ms: self.primary_since,
@@ -532,14 +643,35 @@ impl Node {
                     if s.role == Role::Primary {
                         return self.answer(false, "refused: the peer is Primary; run `twinvol switchover` (or demote the peer) first");
                     }
+                    if s.promoting {
+                        return self.answer(false, "refused: the peer has announced its own promotion; wait for it, or demote it first");
+                    }
+                    if !force && self.disk() != DiskState::UpToDate {
+                        return self.answer(
+                            false,
+                            format!(
+                                "refused: disk is {:?}; `twinvol promote --force` accepts it",
+                                self.disk()
+                            ),
+                        );
+                    }
+                    // The peer is alive: the promotion is announced first, and carried out
+                    // once the peer acknowledged it (it then never promotes at the same time).
+                    self.controller.request_promotion(force);
+                    self.advertise();
+                    return self.answer(true, "promotion announced to the peer; it completes once the peer acknowledges it");
                 }
-                let proof = matches!(peer, PeerView::Alive(_))
-                    || matches!(
-                        self.controller.fence_state(),
-                        FenceState::Fenced | FenceState::PeerStopped(_)
-                    );
+                let proof = matches!(
+                    self.controller.fence_state(),
+                    FenceState::Fenced | FenceState::PeerStopped(_)
+                );
                 if !force && !proof {
-                    return self.answer(false, "refused: the peer is not reachable and was not fenced, so it may still serve; check that it is stopped, then run `twinvol promote --force`");
+                    let why = if self.monitor.heard_since_start() {
+                        "the peer is not reachable and was not fenced, so it may still serve"
+                    } else {
+                        "the peer has not been heard since this daemon started, so it may hold newer data or still serve"
+                    };
+                    return self.answer(false, format!("refused: {why}; check that it is stopped, then run `twinvol promote --force`"));
                 }
                 if !force && self.disk() != DiskState::UpToDate {
                     return self.answer(
@@ -551,7 +683,20 @@ impl Node {
                     );
                 }
                 if force {
-                    tracing::warn!("FORCED PROMOTION requested by the operator: disk-state and proof checks bypassed");
+                    let generations: Vec<String> = self
+                        .volumes
+                        .iter()
+                        .filter_map(|v| {
+                            v.status().replication.map(|r| {
+                                format!("{} at generation {}", v.name(), r.current_generation)
+                            })
+                        })
+                        .collect();
+                    tracing::warn!(
+                        copies = %generations.join(", "),
+                        peer_heard = self.monitor.heard_since_start(),
+                        "FORCED PROMOTION by the operator: disk-state and proof checks bypassed. Writes the peer acknowledged that this copy lacks are lost for the service, and if the peer also wrote, the next connection is a split brain"
+                    );
                 }
                 self.controller.clear_operator_flags();
                 let ok = self.promote(force, "operator promote").await;
@@ -607,9 +752,12 @@ impl Node {
                     self.answer(true, "asked the peer to hand over")
                 }
                 (Role::Secondary, PeerView::Alive(_)) => {
-                    self.controller.clear_operator_flags();
+                    self.controller.request_promotion(false);
                     self.publish();
-                    self.answer(true, "both Secondary: this node will take the service")
+                    self.answer(
+                        true,
+                        "both Secondary: this node announces its promotion and takes the service once the peer acknowledges",
+                    )
                 }
                 (Role::Secondary, _) => self.answer(
                     false,
@@ -714,29 +862,35 @@ impl Node {
 
     async fn tick(&mut self) {
         self.maybe_check_cloud();
-        let a = self.advert();
-        self.advert.send_if_modified(|cur| {
-            let changed = cur.flags != a.flags || cur.role != a.role || cur.disk != a.disk;
-            *cur = a;
-            changed
-        });
+        self.advertise();
         let now = self.now();
         for ev in self.monitor.tick(now) {
             self.log_event(ev);
         }
         self.check_application().await;
+        let peer = self.monitor.view();
+        let intent_acked = match (peer, self.announcer.lock()) {
+            (PeerView::Alive(s), Ok(a)) => a.intent_acked(&s),
+            _ => false,
+        };
         let inputs = Inputs {
             now,
             role: self.role(),
             disk: self.disk(),
-            peer: self.monitor.view(),
+            peer,
             witness: self.witness,
+            heard_since_start: self.monitor.heard_since_start(),
+            newest: self.newest(),
+            link_connected: self.link_connected(),
+            intent_acked,
         };
         let before = self.controller.reason().to_string();
         let action = self.controller.decide(inputs);
         if self.controller.reason() != before {
             tracing::info!(decision = self.controller.reason(), "decision");
         }
+        // An announcement raised or withdrawn goes out at once.
+        self.advertise();
         match action {
             Action::None => {}
             Action::Fence => {
@@ -759,8 +913,21 @@ impl Node {
             }
             Action::Promote => {
                 let why = self.controller.reason().to_string();
-                self.promote(false, &why).await;
+                let force = self.controller.promotion_forced();
+                let peer_down = matches!(
+                    self.controller.fence_state(),
+                    FenceState::Fenced | FenceState::PeerStopped(_)
+                );
+                self.promote(force, &why).await;
                 if self.role() == Role::Primary {
+                    if peer_down {
+                        // The old Primary is stopped: nothing this node writes alone can be
+                        // lost by its promotion, so no write waits for it (and the fact is
+                        // recorded for the start-up gate).
+                        for v in self.volumes.iter_mut() {
+                            v.peer_outdated();
+                        }
+                    }
                     self.controller.clear_operator_flags();
                     self.publish();
                 }
@@ -789,6 +956,10 @@ impl Node {
                 self.peer_lost_at = Some(Instant::now());
                 tracing::warn!(peer = %self.cfg.peer, "PEER LOST: no heartbeat on any path")
             }
+            Event::TwoSenders { earlier, current } => self.misconfigured(format!(
+                "two processes send heartbeats as node {} (incarnations {earlier:016x} and {current:016x}): a second daemon runs with the peer's configuration, or old datagrams are replayed",
+                self.cfg.peer
+            )),
         }
     }
 }
@@ -933,6 +1104,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         format!("cannot create state_dir {}", cl.state_dir.display()),
         "check cluster.state_dir and permissions",
     ))?;
+    // The volumes first: their devices are claimed, so a second daemon pointed at them by
+    // mistake stops here, before it sends a heartbeat or touches the pid file.
+    let volumes = build_volumes(&cfg)?;
+    let control = bind_control(&cl.control_socket)?;
     let pid_file = cl.state_dir.join("twinvol.pid");
     std::fs::write(&pid_file, std::process::id().to_string()).map_err(setup_err(
         format!("cannot write {}", pid_file.display()),
@@ -950,45 +1125,57 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .iter()
         .map(|h| bind_udp(h.local).map(Arc::new))
         .collect::<Result<_, _>>()?;
-    let control = bind_control(&cl.control_socket)?;
     let cloud = Arc::new(build_cloud(&cfg, &cl).await?);
 
     let (tx, mut rx) = mpsc::channel::<Msg>(1024);
-    let (advert_tx, advert_rx) = watch::channel(Advert {
+    let (advert_tx, mut advert_rx) = watch::channel(Advert {
         role: Role::Secondary,
         disk: DiskState::UpToDate,
         flags: 0,
+        nudge: 0,
     });
+    let announcer = {
+        let mut incarnation = [0u8; 8];
+        let _ = getrandom::fill(&mut incarnation);
+        let incarnation = u64::from_be_bytes(incarnation) ^ unix_ms();
+        Arc::new(std::sync::Mutex::new(Announcer::new(
+            &cfg.node.id,
+            cl.priority,
+            incarnation,
+        )))
+    };
 
-    // Heartbeat sender: one round per interval, the same sequence number on every path.
+    // Heartbeat sender: one round per interval, and one at once when the advertised state
+    // changes; the same sequence number on every path.
     {
         let sockets = sockets.clone();
         let key = key.clone();
         let paths: Vec<SocketAddr> = cl.heartbeats.iter().map(|h| h.peer).collect();
-        let node_id = cfg.node.id.clone();
-        let priority = cl.priority;
         let interval = cl.interval();
-        let mut incarnation = [0u8; 8];
-        let _ = getrandom::fill(&mut incarnation);
-        let incarnation = u64::from_be_bytes(incarnation) ^ unix_ms();
+        let announcer = announcer.clone();
         tokio::spawn(async move {
-            let mut seq = 0u64;
             let mut t = tokio::time::interval(interval);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                t.tick().await;
-                seq += 1;
-                let a = *advert_rx.borrow();
+                tokio::select! {
+                    _ = t.tick() => {}
+                    changed = advert_rx.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        // The next periodic round counts from this one.
+                        t.reset();
+                    }
+                }
+                let a = *advert_rx.borrow_and_update();
+                let round = match announcer.lock() {
+                    Ok(mut ann) => ann.next_round(a.role, a.disk, a.flags),
+                    Err(_) => return,
+                };
                 for (i, (s, peer)) in sockets.iter().zip(&paths).enumerate() {
                     let hb = Heartbeat {
-                        node_id: node_id.clone(),
                         path: i as u8,
-                        role: a.role,
-                        disk: a.disk,
-                        flags: a.flags,
-                        priority,
-                        incarnation,
-                        seq,
+                        ..round.clone()
                     };
                     let bytes = heartbeat::encode(&hb, &key);
                     if let Err(e) = s.send_to(&bytes, peer).await {
@@ -998,12 +1185,16 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             }
         });
     }
-    // Receivers: only the configured peer address on that path, only the configured peer id.
+    // Receivers: a datagram counts only if its MAC verifies, from the configured peer address
+    // on that path, with the peer's node id and that path's index. An authenticated one that
+    // fails the rest is a misconfiguration (another node with this cluster's key, a wrong
+    // address, or a second daemon), reported rather than ignored.
     for (i, s) in sockets.iter().enumerate() {
         let s = s.clone();
         let key = key.clone();
         let tx = tx.clone();
         let want_peer = cl.heartbeats[i].peer;
+        let path_name = cl.heartbeats[i].name.clone();
         let peer_id = cl.peer.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 512];
@@ -1012,21 +1203,19 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                let r = if from.ip() != want_peer.ip() {
-                    Err(format!(
-                        "datagram from {from}, not the configured peer {want_peer}"
-                    ))
-                } else {
-                    match heartbeat::decode(&buf[..n], &key) {
-                        Ok(hb) if hb.node_id == peer_id && hb.path as usize == i => Ok(hb),
-                        Ok(hb) => Err(format!(
-                            "heartbeat from node {:?} on path {}, expected {peer_id:?} on path {i}",
-                            hb.node_id, hb.path
-                        )),
-                        Err(e) => Err(e.to_string()),
-                    }
+                let msg = match heartbeat::decode(&buf[..n], &key) {
+                    Ok(hb) if from.ip() != want_peer.ip() => Msg::Misconfigured(i, format!(
+                        "path {path_name}: an authenticated heartbeat of node {:?} came from {from}, but cluster.heartbeat[{i}].peer is {want_peer}: another node uses this cluster's key, or the peer's address is configured wrong",
+                        hb.node_id
+                    )),
+                    Ok(hb) if hb.node_id != peer_id || hb.path as usize != i => Msg::Misconfigured(i, format!(
+                        "path {path_name}: an authenticated heartbeat from {from} says node {:?} on path {}, expected node {peer_id:?} on path {i}: check cluster.peer and the order of [[cluster.heartbeat]] on both nodes",
+                        hb.node_id, hb.path
+                    )),
+                    Ok(hb) => Msg::Heartbeat(i, Ok(hb)),
+                    Err(e) => Msg::Heartbeat(i, Err(format!("from {from}: {e}"))),
                 };
-                if tx.send(Msg::Heartbeat(i, r)).await.is_err() {
+                if tx.send(msg).await.is_err() {
                     return;
                 }
             }
@@ -1130,7 +1319,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     let mut node = Node {
         node_id: cfg.node.id.clone(),
-        volumes: build_volumes(&cfg)?,
+        volumes,
         cloud,
         hooks,
         monitor: PeerMonitor::new(cl.heartbeats.len(), cl.timeout()),
@@ -1162,6 +1351,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         tx,
         cfg: cl.clone(),
         health: start_health_endpoints(&cfg).await?,
+        announcer,
+        peer_state: None,
+        misconfigured: Vec::new(),
     };
     node.publish();
     tracing::info!(node = %node.node_id, peer = %cl.peer, priority = cl.priority, paths = cl.heartbeats.len(), "twinvol daemon running");
@@ -1189,25 +1381,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             _ = watchdog.tick(), if watchdog_on => sm.watchdog(),
             _ = ticker.tick() => sm.fed_while(operation_limit, node.tick()).await,
             Some(m) = rx.recv() => match m {
-                Msg::Heartbeat(i, Ok(hb)) => {
-                    if hb.flags & FLAG_PEER_OUTDATED != 0 && node.role() == Role::Secondary {
-                        node.peer_says_outdated();
-                    }
-                    let now = node.now();
-                    for ev in node.monitor.on_heartbeat(now, i, &hb) {
-                        node.log_event(ev);
-                    }
-                    // Only the newest state counts: a stale "outdated" must not release writes.
-                    if hb.disk != DiskState::UpToDate
-                        && node.role() == Role::Primary
-                        && node.monitor.is_newest(&hb)
-                    {
-                        node.peer_is_outdated();
-                    }
-                }
+                Msg::Heartbeat(i, Ok(hb)) => node.on_heartbeat(i, hb),
                 Msg::Heartbeat(i, Err(why)) => {
                     node.monitor.refused(i);
                     tracing::debug!(path = i, %why, "heartbeat refused");
+                }
+                Msg::Misconfigured(i, what) => {
+                    node.monitor.refused(i);
+                    node.misconfigured(what);
                 }
                 Msg::Witness(ok, probes) => {
                     node.witness = match (ok, node.witness) {
@@ -1245,19 +1426,59 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // service without fencing this instance (a vanished Primary would be fenced).
     node.leaving = true;
     if node.role() == Role::Primary {
-        sm.fed_while(operation_limit, node.demote("daemon stopping"))
-            .await;
+        let peer_can_take_over =
+            matches!(node.monitor.view(), PeerView::Alive(_)) || node.link_connected();
+        let why = if peer_can_take_over {
+            "daemon stopping: handing the service over to the peer"
+        } else {
+            // Nobody to hand over to: the service stops here, and this copy is recorded as
+            // the newest so that this node may start it again alone.
+            for v in node.volumes.iter_mut() {
+                if let Err(e) = tokio::task::block_in_place(|| v.record_clean_primary_stop()) {
+                    tracing::error!(error = %e, "cannot record the clean stop of the Primary");
+                }
+            }
+            "daemon stopping with no peer to hand the service over to: the service stops"
+        };
+        sm.fed_while(operation_limit, node.demote(why)).await;
     } else {
         node.publish();
     }
     if matches!(node.monitor.view(), PeerView::Alive(_)) {
-        // Keep heartbeating (the sender task runs on) until the peer has heard it.
-        let linger = Duration::from_millis(cl.heartbeat_interval_ms.saturating_mul(2));
+        // Keep heartbeating (the sender task runs on) and answering the peer's heartbeats
+        // (it announces its promotion and waits for this node's acknowledgement) until the
+        // peer serves, or a heartbeat timeout has passed.
+        let linger = Duration::from_millis(
+            cl.heartbeat_timeout_ms
+                .max(cl.heartbeat_interval_ms.saturating_mul(2)),
+        );
         tracing::info!(
             linger_ms = linger.as_millis() as u64,
-            "standing down: letting the peer hear it before exit"
+            "standing down: waiting for the peer to take the service before exit"
         );
-        tokio::time::sleep(linger).await;
+        let deadline = tokio::time::Instant::now() + linger;
+        let mut seen_heartbeat = false;
+        loop {
+            let peer_serves =
+                matches!(node.monitor.view(), PeerView::Alive(s) if s.role == Role::Primary);
+            // Judged on a heartbeat processed since the stop began, not on an older one.
+            if peer_serves && seen_heartbeat {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                Some(m) = rx.recv() => match m {
+                    Msg::Heartbeat(i, Ok(hb)) => {
+                        node.on_heartbeat(i, hb);
+                        seen_heartbeat = true;
+                    }
+                    Msg::Control(_, reply) => {
+                        let _ = reply.send(node.answer(false, "the daemon is stopping"));
+                    }
+                    _ => {}
+                },
+            }
+        }
     }
     let _ = std::fs::remove_file(&cl.control_socket);
     let _ = std::fs::remove_file(&pid_file);

@@ -3,22 +3,31 @@
 //! one [`Action`] and a sentence saying why.
 //!
 //! Invariants:
-//! - A Secondary promotes only when its disk is UpToDate and either the peer is alive and
-//!   not Primary (and stands down or is less preferred), or the peer is lost, this node is
-//!   not isolated, and it has proof the peer is down (the peer was fenced, or with
-//!   `fence = "off"` the cloud reports the peer instance stopped).
+//! - A Secondary promotes only when its disk is UpToDate (or the operator forces it) and
+//!   either the peer is alive and not Primary (and stands down, is less preferred, or the
+//!   operator asked) and has acknowledged this node's promotion announcement without
+//!   announcing one of its own first, or the peer is lost, this node is not isolated, and it
+//!   has proof the peer is down (the peer was fenced, or with `fence = "off"` the cloud
+//!   reports the peer instance stopped).
+//! - Start-up gate: a node that has not heard its peer since it started neither fences nor
+//!   promotes on its own unless its own metadata proves its copy is the newest
+//!   ([`NewestProof`]); then it promotes without fencing the peer it never heard.
+//! - Never fences while a replication link to the peer is connected (the peer is alive).
 //! - An isolated node (no witness reachable and no peer heartbeat) never promotes; an
 //!   isolated Primary demotes after the isolation grace.
 //! - Only a non-isolated node fences, and only a Secondary fences. The less-preferred node
 //!   waits `fence_delay` first, unless the peer was last seen Primary (a Primary never
 //!   fences, so no race is possible and the standby fences at once).
 //! - Of two Primaries that see each other, the less-preferred one demotes at once.
+//! - Of two Secondaries that announce a promotion at the same time, the less-preferred one
+//!   withdraws; a node that has heard the peer's announcement announces none of its own.
 
 use std::time::Duration;
 
 use super::heartbeat::{DiskState, Role};
 use super::liveness::PeerView;
 use crate::config::cluster::{FenceMode, Switchback};
+pub use crate::volume::NewestProof;
 
 /// What the witness probes last said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -106,6 +115,15 @@ pub struct Inputs {
     pub peer: PeerView,
     /// The witness.
     pub witness: WitnessView,
+    /// The peer was heard at least once since this daemon started.
+    pub heard_since_start: bool,
+    /// This node's metadata proves its copy is the newest (every mirrored volume's does).
+    pub newest: Option<NewestProof>,
+    /// A replication link to the peer is connected: the peer's process is alive.
+    pub link_connected: bool,
+    /// The peer's newest heartbeat acknowledged one of ours that announced this node's
+    /// promotion ([`Controller::promoting`]); always true for a peer too old to acknowledge.
+    pub intent_acked: bool,
 }
 
 /// The decision state of one node.
@@ -121,6 +139,11 @@ pub struct Controller {
     reason: String,
     /// The peer's role in its last heartbeat.
     last_peer_role: Option<Role>,
+    /// This node announces that it is about to promote (heartbeat flag).
+    promoting: bool,
+    /// The operator asked for a promotion while the peer is alive (`force`: accept a disk
+    /// that is not UpToDate).
+    operator_promote: Option<bool>,
 }
 
 impl Controller {
@@ -133,7 +156,32 @@ impl Controller {
             wants_primary: false,
             reason: "starting".into(),
             last_peer_role: None,
+            promoting: false,
+            operator_promote: None,
         }
+    }
+
+    /// Whether this node announces a promotion (heartbeat flag).
+    pub fn promoting(&self) -> bool {
+        self.promoting
+    }
+
+    /// Operator promote while the peer is alive as a Secondary: the promotion goes through the
+    /// announcement like any other, ahead of the preference order.
+    pub fn request_promotion(&mut self, force: bool) {
+        self.yielding = false;
+        self.operator_promote = Some(force);
+    }
+
+    /// Whether an operator promotion is pending.
+    pub fn promotion_requested(&self) -> bool {
+        self.operator_promote.is_some()
+    }
+
+    /// Whether the pending promotion is an operator's `promote --force` (the bring-up then
+    /// accepts a disk that is not UpToDate).
+    pub fn promotion_forced(&self) -> bool {
+        self.operator_promote == Some(true)
     }
 
     /// Why the last decision was taken (for status).
@@ -157,6 +205,8 @@ impl Controller {
     pub fn stand_down(&mut self) {
         self.yielding = true;
         self.wants_primary = false;
+        self.promoting = false;
+        self.operator_promote = None;
     }
     /// Operator switchover on the Secondary: ask the Primary to hand over.
     pub fn request_handover(&mut self) {
@@ -191,10 +241,18 @@ impl Controller {
         };
     }
 
-    /// A promotion finished (either way): the fencing proof is used up.
+    /// A promotion finished (either way): the fencing proof and the announcement are used up.
     pub fn promotion_done(&mut self) {
         self.fence = FenceState::Idle;
         self.wants_primary = false;
+        self.promoting = false;
+        self.operator_promote = None;
+    }
+
+    /// Takes back a promotion announcement (and a pending operator request, whose reason is
+    /// then the decision's).
+    fn withdraw(&mut self) {
+        self.promoting = false;
     }
 
     fn isolated(&self, i: &Inputs) -> Option<Duration> {
@@ -293,7 +351,9 @@ impl Controller {
     }
 
     fn decide_secondary(&mut self, i: Inputs, preferred: bool) -> Action {
-        if i.disk != DiskState::UpToDate {
+        let forced = self.operator_promote == Some(true);
+        if i.disk != DiskState::UpToDate && !forced {
+            self.withdraw();
             return self.say(
                 Action::None,
                 format!(
@@ -305,6 +365,8 @@ impl Controller {
         match i.peer {
             PeerView::Alive(s) => {
                 if s.role == Role::Primary {
+                    self.withdraw();
+                    self.operator_promote = None;
                     if self.wants_primary {
                         return self.say(
                             Action::None,
@@ -314,34 +376,75 @@ impl Controller {
                     return self.say(Action::None, "Secondary; peer is Primary");
                 }
                 if self.yielding {
+                    self.withdraw();
                     return self.say(Action::None, "Secondary; standing down by operator request (run `twinvol promote` to take the service)");
                 }
-                if s.yielding {
+                // The peer announced first (this node had not announced when it heard it), or
+                // both announced at once and the peer is preferred: it takes the service.
+                if s.promoting && !(self.promoting && preferred) {
+                    self.withdraw();
+                    self.operator_promote = None;
                     return self.say(
-                        Action::Promote,
-                        "both Secondary and the peer stands down: taking the service",
+                        Action::None,
+                        "Secondary; the peer announced its promotion: it takes the service",
                     );
                 }
-                if s.disk != DiskState::UpToDate {
-                    return self.say(
-                        Action::Promote,
-                        "both Secondary and only this node is UpToDate: taking the service",
-                    );
-                }
-                if preferred {
-                    self.say(Action::Promote, "both Secondary: this node is preferred")
+                let why = if self.operator_promote.is_some() {
+                    "operator promote"
+                } else if s.yielding {
+                    "both Secondary and the peer stands down: taking the service"
+                } else if s.disk != DiskState::UpToDate {
+                    "both Secondary and only this node is UpToDate: taking the service"
+                } else if preferred {
+                    "both Secondary: this node is preferred"
                 } else {
-                    self.say(
+                    self.withdraw();
+                    return self.say(
                         Action::None,
                         "Secondary; both Secondary, the preferred peer takes the service",
-                    )
-                }
+                    );
+                };
+                self.announce_then_promote(i, why, s.cannot_promote)
             }
             PeerView::Unknown => {
+                self.withdraw();
                 self.say(Action::None, "Secondary; waiting for the peer's heartbeat")
             }
-            PeerView::Lost => self.peer_lost(i, preferred),
+            PeerView::Lost => {
+                self.withdraw();
+                self.peer_lost(i, preferred)
+            }
         }
+    }
+
+    /// A promotion while the peer is alive: first announced in the heartbeats, carried out
+    /// once the peer's heartbeat acknowledges the announcement (the peer then knows, and does
+    /// not promote itself: two decisions on stale heartbeats cannot both go through). A peer
+    /// that says it cannot promote (stopping, or cut off: it may never hear the announcement)
+    /// is not waited for; the announcement still goes out, so that a peer that changes its
+    /// mind meanwhile hears it, or sees this node Primary, before it acts.
+    fn announce_then_promote(&mut self, i: Inputs, why: &str, peer_cannot_promote: bool) -> Action {
+        if peer_cannot_promote {
+            self.promoting = true;
+            return self.say(
+                Action::Promote,
+                format!("{why}; the peer says it cannot promote"),
+            );
+        }
+        if !self.promoting {
+            self.promoting = true;
+            return self.say(
+                Action::None,
+                format!("{why}; announcing the promotion to the peer first"),
+            );
+        }
+        if !i.intent_acked {
+            return self.say(
+                Action::None,
+                format!("{why}; promotion announced, waiting for the peer to acknowledge it"),
+            );
+        }
+        self.say(Action::Promote, format!("{why}; the peer acknowledged"))
     }
 
     fn peer_lost(&mut self, i: Inputs, preferred: bool) -> Action {
@@ -350,6 +453,16 @@ impl Controller {
                 Action::None,
                 "Secondary; peer lost but no witness is reachable: this node may be the isolated one and will not promote",
             );
+        }
+        if i.link_connected {
+            self.fence = FenceState::Idle;
+            return self.say(
+                Action::None,
+                "Secondary; no heartbeat on any path, but the replication link to the peer is connected: the peer is alive, so it is neither fenced nor replaced (check the heartbeat paths)",
+            );
+        }
+        if !i.heard_since_start {
+            return self.gate(i);
         }
         if self.p.fence == FenceMode::Off {
             return self.peer_lost_without_fencing(i);
@@ -389,6 +502,33 @@ impl Controller {
                 self.fence = FenceState::Idle;
                 self.say(Action::None, "peer lost: fencing starts at the next decision")
             }
+        }
+    }
+
+    /// The start-up gate: the peer was never heard since this daemon started. Without proof
+    /// that this copy is the newest, wait; with it, promote, without fencing a peer this node
+    /// never heard (`fence = "off"` still asks the cloud first).
+    fn gate(&mut self, i: Inputs) -> Action {
+        match i.newest {
+            None => self.say(
+                Action::None,
+                "Secondary; waiting for the peer (start-up gate): not heard since this daemon started, and this copy may lack writes the peer acknowledged. Start the peer; or, after checking that it is down and holds nothing newer, run `twinvol promote --force`",
+            ),
+            Some(proof) if self.p.fence == FenceMode::Off => {
+                let a = self.peer_lost_without_fencing(i);
+                if a == Action::Promote {
+                    self.say(
+                        Action::Promote,
+                        format!("peer never heard since start, reported stopped, and this copy is the newest ({proof}): promoting"),
+                    )
+                } else {
+                    a
+                }
+            }
+            Some(proof) => self.say(
+                Action::Promote,
+                format!("peer never heard since start and this copy is the newest ({proof}): promoting without fencing a peer this node never heard"),
+            ),
         }
     }
 
@@ -442,16 +582,26 @@ mod tests {
         Duration::from_secs(n)
     }
 
-    fn alive(role: Role, priority: u16) -> PeerView {
-        PeerView::Alive(PeerStatus {
+    fn status(role: Role, priority: u16) -> PeerStatus {
+        PeerStatus {
             role,
             disk: DiskState::UpToDate,
             priority,
             yielding: false,
             wants_primary: false,
-        })
+            promoting: false,
+            cannot_promote: false,
+            ack: Default::default(),
+            version: crate::cluster::heartbeat::VERSION,
+        }
     }
 
+    fn alive(role: Role, priority: u16) -> PeerView {
+        PeerView::Alive(status(role, priority))
+    }
+
+    /// Inputs of a node that has heard its peer since start, holds no newest-copy proof, has
+    /// no replication link up, and whose promotion announcements are acknowledged at once.
     fn inputs(now: u64, role: Role, peer: PeerView, witness: WitnessView) -> Inputs {
         Inputs {
             now: s(now),
@@ -459,7 +609,20 @@ mod tests {
             disk: DiskState::UpToDate,
             peer,
             witness,
+            heard_since_start: true,
+            newest: None,
+            link_connected: false,
+            intent_acked: true,
         }
+    }
+
+    /// Decides twice (announce, then act on the acknowledgement) and returns the second.
+    fn decide_acked(c: &mut Controller, i: Inputs) -> Action {
+        let first = c.decide(i);
+        if first != Action::None || !c.promoting() {
+            return first;
+        }
+        c.decide(i)
     }
 
     #[test]
@@ -750,21 +913,27 @@ mod tests {
         let mut a = Controller::new(params(10));
         let mut b = Controller::new(params(20));
         assert_eq!(
-            a.decide(inputs(
-                1,
-                Role::Secondary,
-                alive(Role::Secondary, 20),
-                WitnessView::Reachable
-            )),
+            decide_acked(
+                &mut a,
+                inputs(
+                    1,
+                    Role::Secondary,
+                    alive(Role::Secondary, 20),
+                    WitnessView::Reachable
+                )
+            ),
             Action::Promote
         );
         assert_eq!(
-            b.decide(inputs(
-                1,
-                Role::Secondary,
-                alive(Role::Secondary, 10),
-                WitnessView::Reachable
-            )),
+            decide_acked(
+                &mut b,
+                inputs(
+                    1,
+                    Role::Secondary,
+                    alive(Role::Secondary, 10),
+                    WitnessView::Reachable
+                )
+            ),
             Action::None
         );
     }
@@ -814,19 +983,14 @@ mod tests {
         );
         let mut b = Controller::new(params(20));
         let yielding_a = PeerView::Alive(PeerStatus {
-            role: Role::Secondary,
-            disk: DiskState::UpToDate,
-            priority: 10,
             yielding: true,
-            wants_primary: false,
+            ..status(Role::Secondary, 10)
         });
         assert_eq!(
-            b.decide(inputs(
-                1,
-                Role::Secondary,
-                yielding_a,
-                WitnessView::Reachable
-            )),
+            decide_acked(
+                &mut b,
+                inputs(1, Role::Secondary, yielding_a, WitnessView::Reachable)
+            ),
             Action::Promote
         );
     }
@@ -835,11 +999,8 @@ mod tests {
     fn switchover_from_the_standby_makes_the_primary_hand_over() {
         let mut a = Controller::new(params(10));
         let wants = PeerView::Alive(PeerStatus {
-            role: Role::Secondary,
-            disk: DiskState::UpToDate,
-            priority: 20,
-            yielding: false,
             wants_primary: true,
+            ..status(Role::Secondary, 20)
         });
         assert_eq!(
             a.decide(inputs(1, Role::Primary, wants, WitnessView::Reachable)),
@@ -855,5 +1016,174 @@ mod tests {
         i.disk = DiskState::Inconsistent;
         assert_eq!(c.decide(i), Action::None);
         assert!(c.reason().contains("--force"));
+    }
+
+    fn never_heard(now: u64) -> Inputs {
+        Inputs {
+            heard_since_start: false,
+            ..inputs(now, Role::Secondary, PeerView::Lost, WitnessView::Reachable)
+        }
+    }
+
+    #[test]
+    fn a_node_that_never_heard_its_peer_neither_fences_nor_promotes_without_proof() {
+        for priority in [10, 20] {
+            let mut c = Controller::new(params(priority));
+            for t in 5..60 {
+                assert_eq!(c.decide(never_heard(t)), Action::None);
+            }
+            assert_eq!(c.fence_state(), &FenceState::Idle, "never fenced");
+            assert!(c.reason().contains("start-up gate"), "{}", c.reason());
+            assert!(c.reason().contains("promote --force"), "{}", c.reason());
+        }
+    }
+
+    #[test]
+    fn a_node_whose_metadata_proves_it_newest_promotes_alone_without_fencing() {
+        for proof in [NewestProof::PrimaryAtCleanStop, NewestProof::PeerOutdated] {
+            let mut c = Controller::new(params(20));
+            let i = Inputs {
+                newest: Some(proof),
+                ..never_heard(5)
+            };
+            assert_eq!(c.decide(i), Action::Promote, "{proof:?}");
+            assert_eq!(
+                c.fence_state(),
+                &FenceState::Idle,
+                "no fence of a peer never heard"
+            );
+            assert!(c.reason().contains("newest"), "{}", c.reason());
+        }
+    }
+
+    #[test]
+    fn with_fence_off_a_proven_newest_node_still_asks_whether_the_peer_is_stopped() {
+        use crate::cloud::PeerInstance;
+        let mut p = params(10);
+        p.fence = FenceMode::Off;
+        let mut c = Controller::new(p);
+        let i = Inputs {
+            newest: Some(NewestProof::PeerOutdated),
+            ..never_heard(5)
+        };
+        assert_eq!(c.decide(i), Action::QueryPeer);
+        c.peer_instance_done(s(5), PeerInstance::Stopped("stopped".into()));
+        assert_eq!(c.decide(i), Action::Promote);
+    }
+
+    #[test]
+    fn a_peer_heard_once_since_start_is_fenced_as_before_when_lost() {
+        let mut c = Controller::new(params(10));
+        assert_eq!(
+            c.decide(inputs(
+                9,
+                Role::Secondary,
+                PeerView::Lost,
+                WitnessView::Reachable
+            )),
+            Action::Fence
+        );
+    }
+
+    #[test]
+    fn a_connected_replication_link_is_proof_of_life_and_nothing_is_fenced() {
+        let mut c = Controller::new(params(10));
+        let i = Inputs {
+            link_connected: true,
+            ..inputs(9, Role::Secondary, PeerView::Lost, WitnessView::Reachable)
+        };
+        for _ in 0..5 {
+            assert_eq!(c.decide(i), Action::None);
+        }
+        assert!(c.reason().contains("replication link"), "{}", c.reason());
+        assert_eq!(c.fence_state(), &FenceState::Idle);
+    }
+
+    #[test]
+    fn a_promotion_waits_for_the_peer_to_acknowledge_its_announcement() {
+        let mut c = Controller::new(params(10));
+        let mut i = inputs(
+            1,
+            Role::Secondary,
+            alive(Role::Secondary, 20),
+            WitnessView::Reachable,
+        );
+        i.intent_acked = false;
+        assert_eq!(c.decide(i), Action::None);
+        assert!(c.promoting(), "announced");
+        assert_eq!(c.decide(i), Action::None, "not before the acknowledgement");
+        assert!(c.reason().contains("acknowledge"), "{}", c.reason());
+        i.intent_acked = true;
+        assert_eq!(c.decide(i), Action::Promote);
+    }
+
+    #[test]
+    fn a_node_that_heard_the_peers_announcement_does_not_announce_its_own() {
+        let mut a = Controller::new(params(10));
+        let b_promoting = PeerView::Alive(PeerStatus {
+            promoting: true,
+            ..status(Role::Secondary, 20)
+        });
+        let i = inputs(1, Role::Secondary, b_promoting, WitnessView::Reachable);
+        assert_eq!(decide_acked(&mut a, i), Action::None);
+        assert!(
+            !a.promoting(),
+            "even the preferred node lets the first announcer go"
+        );
+        assert!(a.reason().contains("announced"), "{}", a.reason());
+    }
+
+    #[test]
+    fn of_two_simultaneous_announcements_the_less_preferred_withdraws() {
+        let mut a = Controller::new(params(10));
+        let mut b = Controller::new(params(20));
+        let quiet = |p| {
+            inputs(
+                1,
+                Role::Secondary,
+                alive(Role::Secondary, p),
+                WitnessView::Reachable,
+            )
+        };
+        // Both announce before hearing the other.
+        let mut ib = quiet(10);
+        ib.peer = PeerView::Alive(PeerStatus {
+            disk: DiskState::Outdated,
+            ..status(Role::Secondary, 10)
+        });
+        ib.intent_acked = false;
+        let mut ia = quiet(20);
+        ia.intent_acked = false;
+        assert_eq!(a.decide(ia), Action::None);
+        assert_eq!(b.decide(ib), Action::None);
+        assert!(a.promoting() && b.promoting());
+        // Each hears the other's announcement.
+        let promoting = |p| {
+            PeerView::Alive(PeerStatus {
+                promoting: true,
+                ..status(Role::Secondary, p)
+            })
+        };
+        ia.peer = promoting(20);
+        ia.intent_acked = true;
+        ib.peer = promoting(10);
+        ib.intent_acked = true;
+        assert_eq!(b.decide(ib), Action::None);
+        assert!(!b.promoting(), "the less preferred withdraws");
+        assert_eq!(a.decide(ia), Action::Promote);
+    }
+
+    #[test]
+    fn an_operator_promotion_with_the_peer_alive_goes_through_the_announcement() {
+        let mut b = Controller::new(params(20));
+        b.request_promotion(false);
+        let i = inputs(
+            1,
+            Role::Secondary,
+            alive(Role::Secondary, 10),
+            WitnessView::Reachable,
+        );
+        assert_eq!(decide_acked(&mut b, i), Action::Promote, "{}", b.reason());
+        assert!(b.reason().contains("operator"), "{}", b.reason());
     }
 }

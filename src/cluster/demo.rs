@@ -5,7 +5,8 @@
 //! relay in this process that a test can cut, an HTTP witness per node that a test can
 //! switch off, and the `lab` cloud provider. Each node has its OWN file-backed volume with
 //! internal metadata, mirrored synchronously to the peer over the replication path (TCP,
-//! straight between the nodes' addresses); both start as zero-filled copies of one generation
+//! through a relay in this process that is cut with that path, as a real network cut would);
+//! both start as zero-filled copies of one generation
 //! (`new-current-uuid --clear-bitmap`), so no initial sync is needed. The demo checks that
 //! the standby serves every write acknowledged on the old Primary from its own copy, and that
 //! the returning node is resynced to an identical copy.
@@ -129,6 +130,76 @@ fn relay(listen: SocketAddr, from_ip: std::net::IpAddr, to: SocketAddr) -> std::
         }
     });
     Ok(Relay { cut })
+}
+
+/// A TCP relay of the replication connection in one direction (on loopback the replication
+/// path's traffic passes through it, so cutting that path cuts replication too, as on a real
+/// network): connections it accepts are forwarded from `from_ip`; cut, it resets every open
+/// connection and refuses new ones.
+struct TcpRelay {
+    cut: Arc<AtomicBool>,
+    open: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl TcpRelay {
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::SeqCst);
+        if cut {
+            if let Ok(mut open) = self.open.lock() {
+                for s in open.drain(..) {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        }
+    }
+}
+
+fn tcp_relay(
+    listen: SocketAddr,
+    from_ip: std::net::IpAddr,
+    to: SocketAddr,
+) -> std::io::Result<TcpRelay> {
+    let l = std::net::TcpListener::bind(listen)?;
+    let cut = Arc::new(AtomicBool::new(false));
+    let open: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+    let (c, o) = (cut.clone(), open.clone());
+    std::thread::spawn(move || {
+        for client in l.incoming() {
+            let Ok(client) = client else { continue };
+            if c.load(Ordering::SeqCst) {
+                continue; // dropped: the connection is reset
+            }
+            let server = (|| {
+                let sock = socket2::Socket::new(
+                    socket2::Domain::for_address(to),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                sock.bind(&SocketAddr::new(from_ip, 0).into())?;
+                sock.connect(&to.into())?;
+                Ok::<_, std::io::Error>(std::net::TcpStream::from(sock))
+            })();
+            let Ok(server) = server else { continue };
+            let pairs = [
+                (client.try_clone(), server.try_clone()),
+                (server.try_clone(), client.try_clone()),
+            ];
+            if let Ok(mut open) = o.lock() {
+                open.push(client);
+                open.push(server);
+            }
+            for (from, to) in pairs {
+                let (Ok(mut from), Ok(mut to)) = (from, to) else {
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    Ok(TcpRelay { cut, open })
 }
 
 /// An HTTP witness that answers 200, or nothing once switched off.
@@ -391,6 +462,8 @@ pub struct Lab {
     pub volumes: [PathBuf; 2],
     children: [Option<Child>; 2],
     relays: Vec<(usize, Relay)>,
+    /// Loopback only: the replication connections pass through these (cut with path 1).
+    repl_relays: Vec<TcpRelay>,
     witnesses: [Witness; 2],
     netns: Option<Netns>,
 }
@@ -459,7 +532,8 @@ impl Lab {
         let mut sockets = [PathBuf::new(), PathBuf::new()];
         let mut exports = [PathBuf::new(), PathBuf::new()];
         let mut volumes = [PathBuf::new(), PathBuf::new()];
-        // Replication addresses: the second ("replication") path's addresses.
+        // Replication addresses: the second ("replication") path's addresses. On loopback each
+        // node reaches its peer through a relay (`repl_peer`), cut together with path 1.
         let mut repl = [String::new(), String::new()];
         for n in 0..2 {
             repl[n] = match &netns {
@@ -471,6 +545,24 @@ impl Lab {
                     format!("{}:{port}", IPS[n])
                 }
             };
+        }
+        let mut repl_peer = [repl[1].clone(), repl[0].clone()];
+        let mut repl_relays = Vec::new();
+        if netns.is_none() {
+            for n in 0..2 {
+                // Node n's connections to its peer: accepted on the peer's IP, forwarded from
+                // node n's IP (the peer checks where a connection comes from).
+                let listen: SocketAddr = format!("{}:0", IPS[1 - n])
+                    .parse()
+                    .map_err(std::io::Error::other)?;
+                let l = std::net::TcpListener::bind(listen)?;
+                let at = l.local_addr()?;
+                drop(l);
+                let to: SocketAddr = repl[1 - n].parse().map_err(std::io::Error::other)?;
+                let from: std::net::IpAddr = IPS[n].parse().map_err(std::io::Error::other)?;
+                repl_relays.push(tcp_relay(at, from, to)?);
+                repl_peer[n] = at.to_string();
+            }
         }
         for n in 0..2 {
             let nd = dir.join(NAMES[n]);
@@ -560,7 +652,7 @@ record = "db.lab.internal."
                 volume = volume.display(),
                 export = exports[n].display(),
                 raddr = repl[n],
-                rpeer = repl[1 - n],
+                rpeer = repl_peer[n],
                 prio = if n == 0 { 10 } else { 20 },
                 peer_prio = if n == 0 { 20 } else { 10 },
                 key = key.display(),
@@ -615,6 +707,7 @@ record = "db.lab.internal."
             volumes,
             children: [None, None],
             relays,
+            repl_relays,
             witnesses,
             netns,
         })
@@ -677,7 +770,8 @@ record = "db.lab.internal."
         }
     }
 
-    /// Cuts (or restores) heartbeat path `p` in both directions.
+    /// Cuts (or restores) heartbeat path `p` in both directions; path 1 carries the
+    /// replication connection too, which is cut with it.
     pub fn cut_path(&self, p: usize, cut: bool) -> std::io::Result<()> {
         if let Some(ns) = &self.netns {
             return ns.cut(p, cut);
@@ -685,6 +779,11 @@ record = "db.lab.internal."
         for (path, r) in &self.relays {
             if *path == p {
                 r.cut.store(cut, Ordering::SeqCst);
+            }
+        }
+        if p == 1 {
+            for r in &self.repl_relays {
+                r.set_cut(cut);
             }
         }
         Ok(())

@@ -1,8 +1,15 @@
 //! The heartbeat datagram: a pure codec, authenticated with the pre-shared key.
 //!
 //! Layout (big-endian): magic `TVHB` (4) | version (1) | path index (1) | role (1) | disk (1) |
-//! flags (1) | node id length (1) | priority (2) | incarnation (8) | sequence (8) | node id |
+//! flags (1) | node id length (1) | priority (2) | incarnation (8) | sequence (8) |
+//! [version 2: acknowledged incarnation (8) | acknowledged sequence (8)] | node id |
 //! HMAC-SHA256 (32) over everything before it.
+//!
+//! Version 2 adds the acknowledgement: the newest heartbeat the sender has received from its
+//! peer (the peer's incarnation and sequence number). A node announcing a promotion
+//! ([`FLAG_PROMOTING`]) knows from it when the peer has heard the announcement. Version 1
+//! datagrams (no acknowledgement) are still decoded, and a node answers a version-1 peer in
+//! version 1, so a pair can be upgraded one node at a time.
 //!
 //! Invariant: [`decode`] returns a [`Heartbeat`] only for a datagram whose MAC verifies under
 //! the key; anything else is an error and changes no state.
@@ -11,10 +18,13 @@ use crate::repl::wire::auth::PreSharedKey;
 
 /// First bytes of every heartbeat.
 pub const MAGIC: [u8; 4] = *b"TVHB";
-/// The only version spoken.
-pub const VERSION: u8 = 1;
+/// The version sent to peers that speak it (version 1 is still understood).
+pub const VERSION: u8 = 2;
+/// The version without acknowledgements.
+pub const VERSION_1: u8 = 1;
 const LABEL: &[u8] = b"twinvol heartbeat v1";
-const FIXED: usize = 4 + 1 + 1 + 1 + 1 + 1 + 1 + 2 + 8 + 8;
+const FIXED_V1: usize = 4 + 1 + 1 + 1 + 1 + 1 + 1 + 2 + 8 + 8;
+const FIXED_V2: usize = FIXED_V1 + 8 + 8;
 const MAC_LEN: usize = 32;
 /// Longest node id carried.
 pub const MAX_NODE_ID: usize = 64;
@@ -48,6 +58,22 @@ pub const FLAG_WANTS_PRIMARY: u8 = 2;
 /// Flag: this Primary has acknowledged writes its peer does not have (a mirrored volume is
 /// disconnected with unreplicated bytes): the peer's copy is outdated and must not be promoted.
 pub const FLAG_PEER_OUTDATED: u8 = 4;
+/// Flag: this Secondary announces that it is about to promote; it waits until the peer's
+/// heartbeat acknowledges one carrying this flag, and the peer does not promote meanwhile.
+pub const FLAG_PROMOTING: u8 = 8;
+/// Flag: this node will not promote whatever it hears (it is stopping, or it hears nothing
+/// from the peer and reaches no witness): a peer promoting now need not wait for its
+/// acknowledgement, which may never come (a one-way partition).
+pub const FLAG_CANNOT_PROMOTE: u8 = 16;
+
+/// The newest heartbeat a node has received from its peer, echoed in its own heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ack {
+    /// The peer's incarnation (0: nothing received yet).
+    pub incarnation: u64,
+    /// The peer's sequence number in that incarnation.
+    pub seq: u64,
+}
 
 /// One heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +94,10 @@ pub struct Heartbeat {
     pub incarnation: u64,
     /// Increases by one per send round (the same value goes out on every path).
     pub seq: u64,
+    /// The newest heartbeat received from the peer (version 2; default in version 1).
+    pub ack: Ack,
+    /// Wire version: [`VERSION`], or [`VERSION_1`] for a peer that speaks only that.
+    pub version: u8,
 }
 
 /// Why a datagram was refused.
@@ -81,12 +111,14 @@ pub enum DecodeError {
     BadMac,
 }
 
-/// Encodes and authenticates a heartbeat; node ids longer than [`MAX_NODE_ID`] are cut.
+/// Encodes and authenticates a heartbeat in `hb.version` (version 1 leaves the acknowledgement
+/// out); node ids longer than [`MAX_NODE_ID`] are cut.
 pub fn encode(hb: &Heartbeat, key: &PreSharedKey) -> Vec<u8> {
     let id = &hb.node_id.as_bytes()[..hb.node_id.len().min(MAX_NODE_ID)];
-    let mut b = Vec::with_capacity(FIXED + id.len() + MAC_LEN);
+    let v1 = hb.version == VERSION_1;
+    let mut b = Vec::with_capacity(FIXED_V2 + id.len() + MAC_LEN);
     b.extend_from_slice(&MAGIC);
-    b.push(VERSION);
+    b.push(if v1 { VERSION_1 } else { VERSION });
     b.push(hb.path);
     b.push(match hb.role {
         Role::Secondary => 0,
@@ -102,6 +134,10 @@ pub fn encode(hb: &Heartbeat, key: &PreSharedKey) -> Vec<u8> {
     b.extend_from_slice(&hb.priority.to_be_bytes());
     b.extend_from_slice(&hb.incarnation.to_be_bytes());
     b.extend_from_slice(&hb.seq.to_be_bytes());
+    if !v1 {
+        b.extend_from_slice(&hb.ack.incarnation.to_be_bytes());
+        b.extend_from_slice(&hb.ack.seq.to_be_bytes());
+    }
     b.extend_from_slice(id);
     let tag = key.tag(LABEL, &[&b]);
     b.extend_from_slice(&tag);
@@ -110,22 +146,24 @@ pub fn encode(hb: &Heartbeat, key: &PreSharedKey) -> Vec<u8> {
 
 /// Decodes and verifies a datagram.
 pub fn decode(buf: &[u8], key: &PreSharedKey) -> Result<Heartbeat, DecodeError> {
-    if buf.len() < FIXED + MAC_LEN {
+    if buf.len() < FIXED_V1 + MAC_LEN {
         return Err(DecodeError::Malformed("too short"));
     }
     if buf[..4] != MAGIC {
         return Err(DecodeError::Malformed("bad magic"));
     }
-    if buf[4] != VERSION {
-        return Err(DecodeError::Malformed("unknown version"));
-    }
+    let (version, fixed) = match buf[4] {
+        VERSION_1 => (VERSION_1, FIXED_V1),
+        VERSION => (VERSION, FIXED_V2),
+        _ => return Err(DecodeError::Malformed("unknown version")),
+    };
     let id_len = buf[9] as usize;
-    if id_len > MAX_NODE_ID || buf.len() != FIXED + id_len + MAC_LEN {
+    if id_len > MAX_NODE_ID || buf.len() != fixed + id_len + MAC_LEN {
         return Err(DecodeError::Malformed("length mismatch"));
     }
-    let body = &buf[..FIXED + id_len];
+    let body = &buf[..fixed + id_len];
     let mut tag = [0u8; MAC_LEN];
-    tag.copy_from_slice(&buf[FIXED + id_len..]);
+    tag.copy_from_slice(&buf[fixed + id_len..]);
     if !key.verify_tag(LABEL, &[body], &tag) {
         return Err(DecodeError::BadMac);
     }
@@ -145,9 +183,17 @@ pub fn decode(buf: &[u8], key: &PreSharedKey) -> Result<Heartbeat, DecodeError> 
         a.copy_from_slice(&buf[i..i + 8]);
         u64::from_be_bytes(a)
     };
-    let node_id = std::str::from_utf8(&buf[FIXED..FIXED + id_len])
+    let node_id = std::str::from_utf8(&buf[fixed..fixed + id_len])
         .map_err(|_| DecodeError::Malformed("node id is not UTF-8"))?
         .to_string();
+    let ack = if version == VERSION_1 {
+        Ack::default()
+    } else {
+        Ack {
+            incarnation: u64_at(FIXED_V1),
+            seq: u64_at(FIXED_V1 + 8),
+        }
+    };
     Ok(Heartbeat {
         node_id,
         path: buf[5],
@@ -157,6 +203,8 @@ pub fn decode(buf: &[u8], key: &PreSharedKey) -> Result<Heartbeat, DecodeError> 
         priority: u16::from_be_bytes([buf[10], buf[11]]),
         incarnation: u64_at(12),
         seq: u64_at(20),
+        ack,
+        version,
     })
 }
 
@@ -179,7 +227,24 @@ mod tests {
             priority: 10,
             incarnation: 0xfeed,
             seq: 42,
+            ack: Ack {
+                incarnation: 0xbeef,
+                seq: 7,
+            },
+            version: VERSION,
         }
+    }
+
+    #[test]
+    fn a_version_1_heartbeat_round_trips_without_its_acknowledgement() {
+        let k = key(1);
+        let mut h = hb();
+        h.version = VERSION_1;
+        let bytes = encode(&h, &k);
+        assert_eq!(bytes[4], 1);
+        assert_eq!(bytes.len(), FIXED_V1 + h.node_id.len() + MAC_LEN);
+        h.ack = Ack::default();
+        assert_eq!(decode(&bytes, &k).unwrap(), h);
     }
 
     #[test]
@@ -210,13 +275,16 @@ mod tests {
     proptest! {
         #[test]
         fn any_heartbeat_round_trips(id in "[a-z0-9_-]{1,64}", path: u8, primary: bool, disk in 0u8..3,
-                                     flags: u8, priority: u16, inc: u64, seq: u64) {
+                                     flags: u8, priority: u16, inc: u64, seq: u64,
+                                     ack_inc: u64, ack_seq: u64) {
             let k = key(9);
             let h = Heartbeat {
                 node_id: id, path,
                 role: if primary { Role::Primary } else { Role::Secondary },
                 disk: [DiskState::UpToDate, DiskState::Inconsistent, DiskState::Outdated][disk as usize],
                 flags, priority, incarnation: inc, seq,
+                ack: Ack { incarnation: ack_inc, seq: ack_seq },
+                version: VERSION,
             };
             prop_assert_eq!(decode(&encode(&h, &k), &k).unwrap(), h);
         }

@@ -15,7 +15,10 @@
 
 use std::time::Duration;
 
-use super::heartbeat::{DiskState, Heartbeat, Role, FLAG_WANTS_PRIMARY, FLAG_YIELDING};
+use super::heartbeat::{
+    Ack, DiskState, Heartbeat, Role, FLAG_CANNOT_PROMOTE, FLAG_PROMOTING, FLAG_WANTS_PRIMARY,
+    FLAG_YIELDING,
+};
 
 /// What the last heartbeat said about the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -30,6 +33,15 @@ pub struct PeerStatus {
     pub yielding: bool,
     /// It asks us to hand over.
     pub wants_primary: bool,
+    /// It announced that it is about to promote.
+    pub promoting: bool,
+    /// It will not promote whatever it hears (stopping, or cut off from this node).
+    pub cannot_promote: bool,
+    /// The newest heartbeat of ours it had received when it sent this one.
+    #[serde(skip)]
+    pub ack: Ack,
+    /// Its heartbeat version (1: it sends no acknowledgements).
+    pub version: u8,
 }
 
 /// The peer as the heartbeats show it.
@@ -55,6 +67,14 @@ pub enum Event {
     PeerFound,
     /// The last path went down or none came up within the timeout.
     PeerLost,
+    /// A heartbeat came from the incarnation the current one replaced: two processes send
+    /// heartbeats as the peer (or an old datagram was replayed). Reported, never acted on.
+    TwoSenders {
+        /// The incarnation heard before.
+        earlier: u64,
+        /// The current one.
+        current: u64,
+    },
 }
 
 /// One path's state.
@@ -83,6 +103,8 @@ pub struct PeerMonitor {
     status_from: Option<(u64, u64)>,
     lost: bool,
     ever_found: bool,
+    /// The incarnation the current one replaced.
+    retired: Option<u64>,
 }
 
 impl PeerMonitor {
@@ -95,7 +117,14 @@ impl PeerMonitor {
             status_from: None,
             lost: false,
             ever_found: false,
+            retired: None,
         }
+    }
+
+    /// Whether a valid heartbeat of the peer arrived since this monitor started (the
+    /// start-up gate: a node that never heard its peer neither fences nor promotes on its own).
+    pub fn heard_since_start(&self) -> bool {
+        self.ever_found
     }
 
     /// Counts a refused datagram on `path`.
@@ -130,6 +159,17 @@ impl PeerMonitor {
             // First heartbeat, or the peer restarted (see the module doc).
             _ => true,
         };
+        if let Some((inc, _)) = self.status_from {
+            if inc != hb.incarnation {
+                if self.retired == Some(hb.incarnation) {
+                    ev.push(Event::TwoSenders {
+                        earlier: hb.incarnation,
+                        current: inc,
+                    });
+                }
+                self.retired = Some(inc);
+            }
+        }
         if newest {
             self.status_from = Some((hb.incarnation, hb.seq));
             self.last_status = Some(PeerStatus {
@@ -138,6 +178,10 @@ impl PeerMonitor {
                 priority: hb.priority,
                 yielding: hb.flags & FLAG_YIELDING != 0,
                 wants_primary: hb.flags & FLAG_WANTS_PRIMARY != 0,
+                promoting: hb.flags & FLAG_PROMOTING != 0,
+                cannot_promote: hb.flags & FLAG_CANNOT_PROMOTE != 0,
+                ack: hb.ack,
+                version: hb.version,
             });
         }
         if !was_up {
@@ -218,7 +262,29 @@ mod tests {
             priority: 20,
             incarnation: 7,
             seq,
+            ack: Ack::default(),
+            version: crate::cluster::heartbeat::VERSION,
         }
+    }
+
+    #[test]
+    fn an_incarnation_heard_again_after_it_was_replaced_is_reported_as_two_senders() {
+        let mut m = PeerMonitor::new(1, T);
+        m.on_heartbeat(ms(0), 0, &hb(1, 0));
+        let mut other = hb(1, 0);
+        other.incarnation = 99;
+        assert!(!m
+            .on_heartbeat(ms(10), 0, &other)
+            .iter()
+            .any(|e| matches!(e, Event::TwoSenders { .. })));
+        let ev = m.on_heartbeat(ms(20), 0, &hb(2, 0));
+        assert!(
+            ev.contains(&Event::TwoSenders {
+                earlier: 7,
+                current: 99
+            }),
+            "{ev:?}"
+        );
     }
 
     #[test]

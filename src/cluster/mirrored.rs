@@ -4,7 +4,9 @@
 //! io_uring engine binds to the thread's ring). This module starts that thread, opens the
 //! device and its metadata there, keeps the replication connection up (`volume::session`), and
 //! serves commands from the cluster core over a channel: promote (the replication role change;
-//! a promotion starts a new generation id), demote, start and stop the NBD export. A snapshot
+//! a promotion starts a new generation id), demote, start and stop the NBD export. At shutdown
+//! a Secondary connected to its Primary marks its copy Outdated and tells the Primary before
+//! the connection ends (a planned stop never leaves the Primary waiting for it). A snapshot
 //! of the volume's status is refreshed every 100 ms so `role`, `disk_state` and `status` answer
 //! without a round trip; commands refresh it before they reply, so the caller reads its own
 //! change. Dropping the handle stops the export, persists the bitmap and closes the metadata
@@ -35,6 +37,8 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 const SNAPSHOT_EVERY: Duration = Duration::from_millis(100);
 /// Bitmap persistence period (pages changed since the last write only).
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
+/// How long a promotion waits for the replication link to stop showing the peer Primary.
+const PEER_DEMOTION_WAIT: Duration = Duration::from_secs(3);
 
 type Vol = MirroredVolume<Engine, FileDevice>;
 type Reply<T> = std_mpsc::Sender<Result<T, String>>;
@@ -47,6 +51,7 @@ enum Command {
     StartVerify(Reply<String>),
     MarkOutdated(Reply<bool>),
     PeerOutdated,
+    RecordCleanStop(Reply<bool>),
     Resync(bool, Reply<String>),
     Shutdown,
 }
@@ -197,6 +202,16 @@ impl VolumeControl for MirroredControl {
     fn resync(&mut self, discard_local: bool) -> Result<String, VolumeError> {
         self.call(|r| Command::Resync(discard_local, r))
     }
+    fn newest_proof(&self) -> Option<volume::NewestProof> {
+        self.snapshot().and_then(|s| s.status.newest)
+    }
+    fn link_connected(&self) -> bool {
+        self.snapshot()
+            .is_some_and(|s| s.status.connection == volume::Connection::Connected)
+    }
+    fn record_clean_primary_stop(&mut self) -> Result<bool, VolumeError> {
+        self.call(Command::RecordCleanStop)
+    }
     fn mount(&mut self) -> Result<Option<String>, VolumeError> {
         self.placement.up().map_err(|w| self.err(w))
     }
@@ -302,6 +317,13 @@ async fn data_path(
                 let Some(cmd) = cmd else { break };
                 match cmd {
                     Command::Promote(force, reply) => {
+                        // The cluster promotes on the peer's heartbeat; the link to a peer that
+                        // just demoted may still show it Primary for a moment.
+                        if matches!(vol.promote_refusal(), Some(volume::VolumeError::PeerIsPrimary { .. }))
+                            && !vol.wait_peer_not_primary(PEER_DEMOTION_WAIT).await
+                        {
+                            tracing::warn!(volume = %cfg.name, "the replication link still shows the peer Primary {} s after the cluster heard it step down", PEER_DEMOTION_WAIT.as_secs());
+                        }
                         let before = vol.status();
                         let was_connected = before.connection == volume::Connection::Connected
                             && before.role == volume::Role::Secondary;
@@ -376,6 +398,11 @@ async fn data_path(
                         vol.peer_outdated();
                         publish(&export);
                     }
+                    Command::RecordCleanStop(reply) => {
+                        let r = vol.record_clean_primary_stop().map_err(|e| e.to_string());
+                        publish(&export);
+                        let _ = reply.send(r);
+                    }
                     Command::Resync(discard_local, reply) => {
                         let r = if discard_local {
                             vol.discard_local_data().map(|()| {
@@ -393,13 +420,15 @@ async fn data_path(
             }
         }
     }
-    // Shutdown: the export first (in-flight requests drain), then replication, then a clean
-    // close of the metadata once nothing else holds the volume.
+    // Shutdown: the export first (in-flight requests drain), then replication (a Secondary
+    // connected to the Primary marks its copy Outdated and tells the Primary first), then a
+    // clean close of the metadata once nothing else holds the volume.
     if let Some(e) = export.take() {
         if let Err(why) = stop_export(&vol, e).await {
             tracing::warn!(volume = %cfg.name, %why, "stopping the export at shutdown");
         }
     }
+    vol.leave_outdated().await;
     replication.abort();
     let _ = replication.await;
     for _ in 0..100 {

@@ -4,8 +4,10 @@
 //! - [`heartbeat`]: the authenticated UDP heartbeat datagram (codec + HMAC).
 //! - [`liveness`]: per-path liveness and the peer's state (one path down = warning, all
 //!   down = peer lost).
-//! - [`decide`]: the failover decisions (fence, promote, demote), partition resolution and
-//!   the fence race guard.
+//! - [`decide`]: the failover decisions (fence, promote, demote), the start-up gate,
+//!   partition resolution, the fence race guard and the promotion announcement.
+//! - [`announce`]: heartbeat sequence numbers, acknowledgements, and whether the peer has
+//!   heard this node's promotion announcement.
 //!
 //! Runtime parts:
 //! - [`witness`]: HTTP HEAD probes of the witness targets.
@@ -17,6 +19,7 @@
 //! - [`daemon`]: `twinvol run`, tying it all together.
 //! - [`demo`]: `twinvol demo`, two nodes on one machine.
 
+pub mod announce;
 pub mod bringup;
 pub mod control;
 pub mod daemon;

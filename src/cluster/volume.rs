@@ -90,10 +90,27 @@ pub trait VolumeControl: Send {
     fn mark_outdated(&mut self) -> Result<bool, VolumeError> {
         Ok(false)
     }
-    /// The peer's heartbeat reports its copy not UpToDate while this node is Primary: writes
-    /// this copy completes alone can no longer be lost by a promotion of the peer (mirrored
-    /// volumes release writes held by `replication.outdate_wait_ms`; a no-op for others).
+    /// The peer's copy cannot be promoted without force any more (its heartbeat reports it
+    /// not UpToDate, or this node fenced the peer before promoting) while this node is
+    /// Primary: writes this copy completes alone can no longer be lost by a promotion of the
+    /// peer (mirrored volumes release writes held by `replication.outdate_wait_ms` and record
+    /// the fact for the start-up gate; a no-op for others).
     fn peer_outdated(&mut self) {}
+    /// Why this volume's metadata says its copy is the newest of the pair (the start-up gate's
+    /// proof), if it does; `None` for a volume without a peer copy.
+    fn newest_proof(&self) -> Option<crate::volume::NewestProof> {
+        None
+    }
+    /// Whether a replication link to the peer is connected now (proof the peer is alive).
+    fn link_connected(&self) -> bool {
+        false
+    }
+    /// This Primary stops cleanly and no peer can take the service over: record it, so the
+    /// node may promote after its next start without hearing its peer. Returns whether it was
+    /// recorded.
+    fn record_clean_primary_stop(&mut self) -> Result<bool, VolumeError> {
+        Ok(false)
+    }
     /// Starts an online verify against the peer (mirrored volumes only); the result shows in
     /// the status. Returns what was started.
     fn start_verify(&mut self) -> Result<String, VolumeError> {
@@ -166,6 +183,14 @@ async fn serve_until(
     mut stop: watch::Receiver<bool>,
     ready: std::sync::mpsc::Sender<Result<String, String>>,
 ) -> Result<(), String> {
+    // Owned for as long as it is served.
+    let _claim = match crate::engine::claim::DeviceClaim::take(&cfg.device) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return Err(e.to_string());
+        }
+    };
     let mut open = OpenOptions::new(&cfg.device);
     open.read_only = cfg.export.read_only;
     open.cache = cfg.cache;

@@ -146,17 +146,27 @@ impl DiskFlags {
     /// The node is primary and has not closed cleanly: found set at open, it means the
     /// primary crashed and the activity-log extents may differ from the peer.
     pub const CRASHED_PRIMARY: u32 = 1 << 5;
+    /// This node recorded the peer's copy as Outdated (the peer said so in its heartbeat,
+    /// stopped while connected, or was fenced by this node's promotion): the peer cannot be
+    /// promoted without force, so this copy is the newest. Cleared when the peer is in sync
+    /// again or this copy becomes a resync target.
+    pub const PEER_OUTDATED: u32 = 1 << 6;
+    /// This node stopped cleanly as Primary with no peer able to take the service over: its
+    /// copy is the newest. Cleared at the next promotion or connection to the peer.
+    pub const PRIMARY_CLEAN_STOP: u32 = 1 << 7;
     /// All known bits.
-    pub const ALL: u32 = (1 << 6) - 1;
+    pub const ALL: u32 = (1 << 8) - 1;
 
     /// Names of the bits, in bit order.
-    pub const NAMES: [(u32, &'static str); 6] = [
+    pub const NAMES: [(u32, &'static str); 8] = [
         (Self::CONSISTENT, "consistent"),
         (Self::UP_TO_DATE, "up-to-date"),
         (Self::OUTDATED, "outdated"),
         (Self::WAS_PRIMARY, "was-primary"),
         (Self::INITIAL_SYNC_DONE, "initial-sync-done"),
         (Self::CRASHED_PRIMARY, "crashed-primary"),
+        (Self::PEER_OUTDATED, "peer-outdated"),
+        (Self::PRIMARY_CLEAN_STOP, "primary-clean-stop"),
     ];
 
     /// Whether `bit` is set.
@@ -365,7 +375,9 @@ impl Decision {
 /// 4. the peer is ahead (local current == peer bitmap, or local current in peer history)
 ///    and the local side is not, or the reverse (local bitmap == peer current, or peer
 ///    current in local history) -> resync from the side that is ahead: a bitmap resync when
-///    its bitmap id is the other's current, else a full sync;
+///    its bitmap id is the other's current, or when the other holds no bitmap id and has the
+///    ahead side's bitmap id in its history (a finished resync whose end the source never
+///    saw acknowledged), else a full sync;
 /// 5. both are ahead of each other -> split brain, evidence `CurrentsCrossed`;
 /// 6. bitmap ids equal (non-zero) -> split brain;
 /// 7. any history id in common -> split brain (the most recent common id is reported);
@@ -405,7 +417,13 @@ fn ahead_of(ahead: &GenIds, behind: &GenIds) -> Option<bool> {
     if ahead.bitmap != 0 && ahead.bitmap == behind.current {
         Some(false)
     } else if in_history(behind.current, &ahead.history) {
-        Some(true)
+        // `behind` finished a resync to a generation `ahead` has left since (the source lost
+        // the acknowledgement of the resync's end and moved on), wrote nothing after it (no
+        // bitmap id), and passed through `ahead`'s bitmap generation before it: `ahead`'s
+        // bitmap, tracking since then, covers every difference.
+        let bitmap_covers =
+            ahead.bitmap != 0 && behind.bitmap == 0 && in_history(ahead.bitmap, &behind.history);
+        Some(!bitmap_covers)
     } else {
         None
     }
@@ -698,6 +716,64 @@ mod tests {
         // Zero bitmap / history slots never count as a match.
         let (a, b) = (node(1, 0xA, 0, [0, 0]), node(2, 0xB, 0, [0, 0]));
         assert_eq!(decide(&a, &b), Decision::UnrelatedData);
+    }
+
+    #[test]
+    fn a_resync_whose_end_the_source_never_saw_acknowledged_converges_with_a_bitmap_resync() {
+        // a (source, Primary) at X tracking since Y; b resynced from Y and adopted X, but a
+        // lost the connection before the acknowledgement and began generation Z.
+        let (x, y, z) = (0x1111, 0x2222, 0x3333);
+        let mut a = GenIds {
+            current: x,
+            bitmap: y,
+            history: [0x99, 0],
+        };
+        let mut b = GenIds {
+            current: y,
+            bitmap: 0,
+            history: [0x99, 0],
+        };
+        b.resync_finished_as_target(&a, false);
+        a.new_current(z);
+        let d = decide(
+            &node(0, a.current, a.bitmap, a.history),
+            &node(1, b.current, b.bitmap, b.history),
+        );
+        assert_eq!(
+            d,
+            Decision::BitmapResync {
+                direction: LocalToPeer
+            },
+            "{a:?} {b:?}"
+        );
+        // The same again: the second resync's end is lost too.
+        b.resync_finished_as_target(&a, false);
+        a.new_current(0x4444);
+        let d = decide(
+            &node(0, a.current, a.bitmap, a.history),
+            &node(1, b.current, b.bitmap, b.history),
+        );
+        assert_eq!(
+            d,
+            Decision::BitmapResync {
+                direction: LocalToPeer
+            },
+            "{a:?} {b:?}"
+        );
+    }
+
+    #[test]
+    fn an_old_generation_from_before_the_bitmap_still_needs_a_full_sync() {
+        // b is at q, older than a's bitmap generation y: a's bitmap does not cover q..y.
+        let (q, y, x) = (0x10, 0x20, 0x30);
+        let a = node(0, x, y, [q, 0]);
+        let b = node(1, q, 0, [0, 0]);
+        assert_eq!(
+            decide(&a, &b),
+            Decision::FullSync {
+                direction: LocalToPeer
+            }
+        );
     }
 
     #[test]

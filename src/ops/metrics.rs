@@ -1064,6 +1064,7 @@ mod tests {
             },
             current_generation: "00ff".into(),
             link_error: None,
+            newest: None,
             verify: None,
         }
     }

@@ -51,7 +51,7 @@ use crate::repl::resync::{Progress, RateController};
 use crate::repl::wire::{Data, DataFlags, Message, VerifyReply};
 
 pub use status::{
-    Connection, Counters, ResyncRole, ResyncStatus, Role, VerifyStatus, VolumeStatus,
+    Connection, Counters, NewestProof, ResyncRole, ResyncStatus, Role, VerifyStatus, VolumeStatus,
 };
 
 /// Largest payload of one Data frame made from WRITE_ZEROES/TRIM.
@@ -214,6 +214,10 @@ struct State {
     /// This resync target failed to store resync data during the current resync: the resync
     /// must not finish (logged once per resync).
     resync_apply_failed: bool,
+    /// This source sent ResyncDone of a resync by generation and has not recorded its end:
+    /// the peer may have adopted this node's current generation, so losing the connection
+    /// now needs a new one (see `teardown`).
+    peer_may_hold_current: bool,
 }
 
 /// One write in [`State::held_writes`] for as long as this lives.
@@ -296,6 +300,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             apply_failed: false,
             peer_failed_logged: false,
             resync_apply_failed: false,
+            peer_may_hold_current: false,
         };
         Self {
             local,
@@ -339,15 +344,56 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
     }
 
     fn disk_word(flags: DiskFlags) -> &'static str {
-        if flags.has(DiskFlags::OUTDATED) {
-            "outdated"
-        } else if !flags.has(DiskFlags::CONSISTENT) {
+        // Inconsistent first: an Outdated copy being resynced is incomplete, not just behind.
+        if !flags.has(DiskFlags::CONSISTENT) {
             "inconsistent"
+        } else if flags.has(DiskFlags::OUTDATED) {
+            "outdated"
         } else if flags.has(DiskFlags::UP_TO_DATE) {
             "up-to-date"
         } else {
             "consistent"
         }
+    }
+
+    /// What the flags prove about this copy being the newest (see [`NewestProof`]).
+    fn newest_of(flags: DiskFlags) -> Option<NewestProof> {
+        let usable = flags.has(DiskFlags::CONSISTENT)
+            && flags.has(DiskFlags::UP_TO_DATE)
+            && !flags.has(DiskFlags::OUTDATED);
+        if !usable {
+            None
+        } else if flags.has(DiskFlags::PRIMARY_CLEAN_STOP) {
+            Some(NewestProof::PrimaryAtCleanStop)
+        } else if flags.has(DiskFlags::PEER_OUTDATED) {
+            Some(NewestProof::PeerOutdated)
+        } else {
+            None
+        }
+    }
+
+    /// The refusal a promotion would meet now because of the peer (its link shows it Primary).
+    pub fn promote_refusal(&self) -> Option<VolumeError> {
+        let st = self.st.borrow();
+        (st.peer_primary && st.session.is_some()).then(|| VolumeError::PeerIsPrimary {
+            volume: self.settings.volume.clone(),
+        })
+    }
+
+    /// Waits up to `limit` until the replication link no longer shows a Primary peer (the peer
+    /// demoted and dropped its connection, or the connection was lost). Returns whether it
+    /// happened: the cluster may hear the peer's demotion in a heartbeat a moment before the
+    /// link's end reaches this node.
+    pub async fn wait_peer_not_primary(&self, limit: std::time::Duration) -> bool {
+        tokio::time::timeout(
+            limit,
+            self.wait_until(|v| {
+                let st = v.st.borrow();
+                !(st.peer_primary && st.session.is_some())
+            }),
+        )
+        .await
+        .is_ok()
     }
 
     /// Makes this node Primary. Without `force` the copy must be consistent and up to date.
@@ -357,10 +403,8 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         if self.role() == Role::Primary {
             return Ok(());
         }
-        if self.st.borrow().peer_primary && self.st.borrow().session.is_some() {
-            return Err(VolumeError::PeerIsPrimary {
-                volume: self.settings.volume.clone(),
-            });
+        if let Some(e) = self.promote_refusal() {
+            return Err(e);
         }
         let (flags, ids) = {
             let m = self.meta.borrow();
@@ -397,6 +441,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 f.set(DiskFlags::WAS_PRIMARY, true);
                 f.set(DiskFlags::CRASHED_PRIMARY, true);
                 f.set(DiskFlags::OUTDATED, false);
+                f.set(DiskFlags::PRIMARY_CLEAN_STOP, false);
                 if force {
                     f.set(DiskFlags::CONSISTENT, true);
                     f.set(DiskFlags::UP_TO_DATE, true);
@@ -505,6 +550,49 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         }
     }
 
+    /// A Secondary connected to a Primary stops as planned: its copy is marked Outdated on disk
+    /// first (it will lack what the Primary writes from now on), then the Primary is told, so
+    /// it neither waits for this copy nor holds writes for it. The session ends. Returns
+    /// whether that was done (a Primary, or a Secondary not connected to a Primary, does
+    /// nothing: its copy's state is as it was).
+    pub async fn leave_outdated(&self) -> bool {
+        let (tx, kill) = {
+            let st = self.st.borrow();
+            match &st.session {
+                Some(s) if st.role == Role::Secondary && st.peer_primary => {
+                    (s.tx.clone(), s.kill.clone())
+                }
+                _ => return false,
+            }
+        };
+        match self.flag_outdated() {
+            Ok(_) => {
+                tracing::warn!(volume = %self.settings.volume, "stopping while connected to the Primary: this copy is marked OUTDATED (it will lack the Primary's next writes) and is resynced when it returns")
+            }
+            Err(e) => {
+                tracing::error!(volume = %self.settings.volume, error = %e, "stopping: cannot record the Outdated flag on disk; not telling the Primary (its writes wait for `outdate_wait_ms` as after any loss)");
+                return false;
+            }
+        }
+        let _ = tx.send(Message::Disconnect {
+            reason: crate::repl::wire::DisconnectReason::OutdatedStop,
+            detail: format!(
+                "node {} stops; its copy is marked Outdated",
+                self.settings.node
+            ),
+        });
+        // The writer pushes what is queued once every sender is gone (the session's own
+        // goes at its end).
+        drop(tx);
+        kill.notify_one();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            self.wait_until(|v| v.st.borrow().session.is_none()),
+        )
+        .await;
+        ended.is_ok()
+    }
+
     /// Persists the bitmap and records a clean shutdown (no write may be in flight).
     pub fn close(self) -> Result<D, StoreError> {
         self.meta.into_inner().close_clean()
@@ -573,6 +661,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             verify: st.verify.clone(),
             current_generation: format!("{:016x}", sb.gen.current),
             link_error: st.link_health.report(now),
+            newest: Self::newest_of(sb.flags),
         }
     }
 
@@ -1006,8 +1095,11 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         Ok(())
     }
 
-    /// The peer reported its copy Outdated (its heartbeat says so): writes this Primary
-    /// completes alone can no longer be lost by a promotion of the peer. Releases held writes.
+    /// The peer's copy can no longer be promoted without force (its heartbeat says it is not
+    /// UpToDate, it stopped as Outdated, or this node fenced it before promoting): writes this
+    /// Primary completes alone can no longer be lost by a promotion of the peer. Releases held
+    /// writes and records [`DiskFlags::PEER_OUTDATED`] on a Primary (the start-up gate's proof
+    /// that this copy is the newest).
     pub fn peer_outdated(&self) {
         let mut st = self.st.borrow_mut();
         if st.session.is_none() && !st.peer_outdated {
@@ -1016,8 +1108,48 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 tracing::info!(volume = %self.settings.volume, held = st.held_writes, "the peer's copy is outdated: held writes complete on this copy alone");
             }
         }
+        let record = st.session.is_none() && st.role == Role::Primary;
         drop(st);
+        if record {
+            self.record_peer_outdated(true);
+        }
         self.wake.notify_waiters();
+    }
+
+    /// Sets or clears [`DiskFlags::PEER_OUTDATED`] durably (logged when the write fails).
+    fn record_peer_outdated(&self, on: bool) {
+        if self
+            .meta
+            .borrow()
+            .superblock()
+            .flags
+            .has(DiskFlags::PEER_OUTDATED)
+            == on
+        {
+            return;
+        }
+        if let Err(e) = self
+            .meta
+            .borrow_mut()
+            .update_state(|_, f| f.set(DiskFlags::PEER_OUTDATED, on))
+        {
+            tracing::error!(volume = %self.settings.volume, error = %e, "cannot record whether the peer's copy is outdated");
+        }
+    }
+
+    /// A Primary stops cleanly and no peer can take the service over: records
+    /// [`DiskFlags::PRIMARY_CLEAN_STOP`], so that it may promote again after a start without
+    /// hearing its peer. Returns whether it was recorded (a Secondary records nothing).
+    pub fn record_clean_primary_stop(&self) -> Result<bool, VolumeError> {
+        if self.role() != Role::Primary {
+            return Ok(false);
+        }
+        self.meta
+            .borrow_mut()
+            .update_state(|_, f| f.set(DiskFlags::PRIMARY_CLEAN_STOP, true))
+            .map_err(|e| self.meta_err(e))?;
+        tracing::info!(volume = %self.settings.volume, "recorded: Primary at a clean stop with no peer to hand over to (this copy is the newest)");
+        Ok(true)
     }
 
     /// Whether a write completing now would be acknowledged on this copy alone while the peer
@@ -1358,7 +1490,7 @@ mod tests {
                 tx: tokio::sync::mpsc::unbounded_channel().0,
                 kill: Rc::new(Notify::new()),
             });
-            v.teardown(7);
+            v.teardown(7, false);
             assert!(
                 completes_within(&v, 2, 200).await.is_none(),
                 "a new loss did not hold"
@@ -1476,7 +1608,7 @@ mod tests {
                 assert!(!v.meta.borrow().activity_log().is_hot(1));
                 v.on_ack(d5.seq, 0);
                 // The loss of the peer sets the bits of the rest and releases them.
-                v.teardown(3);
+                v.teardown(3, false);
             };
             tokio::join!(writes, peer);
             assert_eq!(done.get(), 5);

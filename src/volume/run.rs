@@ -338,6 +338,13 @@ async fn serve(
         f.publish(vol.status());
     }
     let _ = vol.local().flush().await;
+    // A planned stop: a Secondary connected to its Primary marks its copy Outdated and tells
+    // the Primary; a Primary with no peer connected records that it stopped as the newest copy.
+    if !vol.leave_outdated().await && vol.status().connection != super::Connection::Connected {
+        if let Err(e) = vol.record_clean_primary_stop() {
+            tracing::error!(error = %e, "cannot record the clean stop of the Primary");
+        }
+    }
     // Stop the helpers, then close the metadata cleanly (activity log emptied, crashed-primary
     // flag cleared) once nothing else holds the volume.
     replication.abort();

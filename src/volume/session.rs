@@ -165,6 +165,8 @@ pub enum SessionEnd {
     Refused(Refusal),
     /// Asked to stop (role change): reconnect at once.
     Dropped,
+    /// The peer, a Secondary, stopped as planned and marked its copy Outdated first.
+    PeerLeftOutdated(String),
 }
 
 impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
@@ -345,6 +347,9 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             }
             _ => None,
         };
+        if let Err(e) = self.settle_newest(&decided, &peer) {
+            return SessionEnd::Lost(e.to_string());
+        }
         let kill = Rc::new(Notify::new());
         let session_id = {
             let mut st = self.st.borrow_mut();
@@ -395,22 +400,52 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         drop(resync_task);
         drop(ahead_task);
         drop(tx);
-        self.teardown(session_id);
+        self.teardown(session_id, matches!(end, SessionEnd::PeerLeftOutdated(_)));
         tracing::warn!(volume = %vol, end = ?end, "replication disconnected");
         end
     }
 
+    /// What a connection settles about which copy is the newest (the start-up gate's proofs,
+    /// [`DiskFlags::PRIMARY_CLEAN_STOP`] and [`DiskFlags::PEER_OUTDATED`]): the peer now knows
+    /// this node's generation, so a clean-stop record has served; a peer in sync and up to date,
+    /// or this copy about to be resynced from the peer, means the peer is not behind this one.
+    fn settle_newest(
+        &self,
+        decided: &Plan,
+        peer: &Side,
+    ) -> Result<(), crate::meta::store::StoreError> {
+        let peer_current =
+            peer.gen.flags.has(DiskFlags::UP_TO_DATE) && !peer.gen.flags.has(DiskFlags::OUTDATED);
+        let peer_caught_up =
+            matches!(decided, Plan::Target { .. }) || (*decided == Plan::InSync && peer_current);
+        let flags = self.meta.borrow().superblock().flags;
+        let stale_stop = flags.has(DiskFlags::PRIMARY_CLEAN_STOP);
+        let stale_outdated = peer_caught_up && flags.has(DiskFlags::PEER_OUTDATED);
+        if !stale_stop && !stale_outdated {
+            return Ok(());
+        }
+        self.meta.borrow_mut().update_state(|_, f| {
+            f.set(DiskFlags::PRIMARY_CLEAN_STOP, false);
+            if stale_outdated {
+                f.set(DiskFlags::PEER_OUTDATED, false);
+            }
+        })
+    }
+
     /// Ends the session: every outstanding item stays (or becomes again) dirty; a Primary
     /// starts a new generation so a later promotion of the peer is detected as such.
-    pub(super) fn teardown(&self, session_id: u64) {
-        let pendings: Vec<_> = {
+    /// `peer_left_outdated`: the peer stopped as planned with its copy marked Outdated, so
+    /// this node's writes need not wait for it (and the fact is recorded).
+    pub(super) fn teardown(&self, session_id: u64, peer_left_outdated: bool) {
+        let (pendings, peer_may_hold_current): (Vec<_>, bool) = {
             let mut st = self.st.borrow_mut();
             if st.session.as_ref().map(|s| s.id) != Some(session_id) {
                 return;
             }
             st.session = None;
-            // A new loss: the peer is not known outdated until its heartbeat says so again.
-            st.peer_outdated = false;
+            // A new loss: the peer is not known outdated until it says so again (its planned
+            // stop just did).
+            st.peer_outdated = peer_left_outdated;
             st.hold_until = None;
             st.hold_expired = false;
             st.inflight_bytes = 0;
@@ -418,13 +453,14 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             st.resync_lock = None;
             st.verify_lock = None;
             st.resync_apply_failed = false;
+            let peer_may_hold_current = std::mem::take(&mut st.peer_may_hold_current);
             // Dropping the senders ends a verify waiting for digests.
             st.verify_waiters.clear();
             st.resync = None;
             if matches!(st.connection, Connection::Connected) {
                 st.connection = Connection::Connecting;
             }
-            st.pending.drain().collect()
+            (st.pending.drain().collect(), peer_may_hold_current)
         };
         {
             let mut m = self.meta.borrow_mut();
@@ -433,7 +469,13 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     let _ = m.mark_dirty(p.range.start, p.range.end - p.range.start);
                 }
             }
-            if self.role() == Role::Primary {
+            // A new generation when the peer may hold this node's current one (in sync, or a
+            // resync whose end was sent): a later promotion of the peer is then told from this
+            // node's writes. A source still tracking since the peer's generation (bitmap id set,
+            // end not sent) keeps its ids: the peer is behind and Inconsistent, and a new
+            // generation per cut would push the peer's out of the two-slot history.
+            let needs_new = m.superblock().gen.bitmap == 0 || peer_may_hold_current;
+            if self.role() == Role::Primary && needs_new {
                 if let Ok(new) = crate::meta::gen::random_id() {
                     if let Err(e) = m.update_state(|g, _| g.new_current(new)) {
                         tracing::error!(volume = %self.settings.volume, error = %e, "cannot record the new generation after losing the peer");
@@ -441,6 +483,12 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 }
             }
             let _ = m.persist_bitmap();
+        }
+        if peer_left_outdated {
+            tracing::info!(volume = %self.settings.volume, "the peer stopped as planned and marked its copy Outdated: writes complete here without waiting for it, and it is resynced when it returns");
+            if self.role() == Role::Primary {
+                self.record_peer_outdated(true);
+            }
         }
         for (_, mut p) in pendings {
             if p.al_held {
@@ -504,6 +552,10 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     let _ = tx.send(Message::Pong { nonce });
                 }
                 Message::Pong { .. } => {}
+                Message::Disconnect {
+                    reason: DisconnectReason::OutdatedStop,
+                    detail,
+                } => return SessionEnd::PeerLeftOutdated(detail),
                 Message::Disconnect { reason, detail } => {
                     return SessionEnd::Lost(format!("peer disconnected: {reason:?}: {detail}"));
                 }
@@ -879,14 +931,20 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         .await;
         let done = {
             let mut st = self.st.borrow_mut();
-            Self::send_tracked(&mut st, PendingKind::Control, 0..0, Instant::now(), |seq| {
-                Message::ResyncDone { seq }
-            })
+            let sent =
+                Self::send_tracked(&mut st, PendingKind::Control, 0..0, Instant::now(), |seq| {
+                    Message::ResyncDone { seq }
+                });
+            if sent.is_some() && by_generation {
+                st.peer_may_hold_current = true;
+            }
+            sent
         };
         let Some((_, rx)) = done else { return };
         match rx.await {
             Ok(true) => {}
             Ok(false) => {
+                self.st.borrow_mut().peer_may_hold_current = false;
                 // The peer failed to store some of it (or to record the end): it stays
                 // Inconsistent, and the pieces it failed stay dirty here.
                 tracing::error!(volume = %self.settings.volume, left = self.meta.borrow().bitmap().dirty_bytes(), "the peer could not finish the resync (it failed to store resync data or to record the end): its copy stays Inconsistent; after its device is fixed, `twinvol resync` copies what is left");
@@ -901,9 +959,13 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             let r = self.meta.borrow_mut().update_state(|g, f| {
                 g.resync_finished_as_source();
                 f.set(DiskFlags::INITIAL_SYNC_DONE, true);
+                // The peer holds this copy's generation now.
+                f.set(DiskFlags::PEER_OUTDATED, false);
             });
             if let Err(e) = r {
                 tracing::error!(volume = %self.settings.volume, error = %e, "cannot record the finished resync");
+            } else {
+                self.st.borrow_mut().peer_may_hold_current = false;
             }
         }
         let _ = self.meta.borrow_mut().persist_bitmap();
@@ -1026,7 +1088,7 @@ fn session_ended<T: BlockTarget + 'static, D: MetaDevice + 'static>(
     let (kind, message, operator) = match end {
         SessionEnd::Lost(m) => ("session-lost", m, false),
         SessionEnd::Misconfigured(m) => ("volume-mismatch", m, true),
-        SessionEnd::Refused(_) | SessionEnd::Dropped => return,
+        SessionEnd::Refused(_) | SessionEnd::Dropped | SessionEnd::PeerLeftOutdated(_) => return,
     };
     if vol.link_failed(kind, message.clone(), operator) && operator {
         tracing::error!(volume = %vol.settings.volume, error = %message, "replication session refused; only the operator can fix this");

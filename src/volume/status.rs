@@ -102,6 +102,28 @@ pub struct Counters {
 }
 
 /// Everything an operator or the cluster daemon needs about one volume.
+/// Why this node's own metadata says its copy is the newest of the pair, so that it may
+/// promote after a start without having heard its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NewestProof {
+    /// It was Primary when it stopped cleanly, with no peer able to take over.
+    PrimaryAtCleanStop,
+    /// It recorded the peer's copy Outdated (the peer said so, or stopped while connected).
+    PeerOutdated,
+}
+
+impl std::fmt::Display for NewestProof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NewestProof::PrimaryAtCleanStop => {
+                "it was Primary at a clean stop with no peer to hand over to"
+            }
+            NewestProof::PeerOutdated => "it recorded the peer's copy as Outdated",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct VolumeStatus {
     /// Volume name.
@@ -141,6 +163,10 @@ pub struct VolumeStatus {
     /// Why the replication link is down: the last failure since the last connection (cleared
     /// when a connection is made or the plan refuses one, which `connection` then explains).
     pub link_error: Option<LinkProblem>,
+    /// Why this copy's metadata says it is the newest of the pair, if it does (the start-up
+    /// gate lets such a node promote without having heard its peer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub newest: Option<NewestProof>,
 }
 
 /// An online verify (`twinvol verify`): progress while running, the result after.

@@ -327,6 +327,9 @@ pub enum DisconnectReason {
     ProtocolError,
     /// The peer did not answer in time.
     Timeout,
+    /// A Secondary stops while connected: it marked its copy Outdated before sending this,
+    /// so the Primary may complete writes without it (and need not wait for it).
+    OutdatedStop,
     /// A code this version does not know (kept so it can be logged).
     Other(u16),
 }
@@ -345,6 +348,7 @@ impl DisconnectReason {
             UnrelatedData => 7,
             ProtocolError => 8,
             Timeout => 9,
+            OutdatedStop => 10,
             Other(c) => c,
         }
     }
@@ -362,6 +366,7 @@ impl DisconnectReason {
             7 => UnrelatedData,
             8 => ProtocolError,
             9 => Timeout,
+            10 => OutdatedStop,
             c => Other(c),
         }
     }

@@ -72,8 +72,8 @@ fn digests_for(length: u32) -> impl Strategy<Value = Digests> {
 
 fn reason() -> impl Strategy<Value = DisconnectReason> {
     prop_oneof![
-        (1u16..=9).prop_map(DisconnectReason::from_code),
-        (10u16..).prop_map(DisconnectReason::Other)
+        (1u16..=10).prop_map(DisconnectReason::from_code),
+        (11u16..).prop_map(DisconnectReason::Other)
     ]
 }
 
