@@ -19,6 +19,7 @@ pub mod cloud;
 pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod failpoint;
 pub mod fibhash;
 pub mod meta;
 pub mod nbd;

@@ -1066,3 +1066,59 @@ fn checksum_resync_after_a_crash_sends_only_the_chunk_that_differs() {
         "images differ after the checksum resync"
     );
 }
+
+#[test]
+fn cuts_at_every_step_of_a_resync_converge_by_bitmap_never_by_a_full_sync() {
+    let dir = scratch();
+    let (mut a, mut b) = pair(dir.path(), "", "");
+    let size = start_in_sync(&mut a, &mut b);
+    let points = [
+        "cut-during-bitmap-exchange",
+        "cut-during-resync",
+        "cut-before-resync-end",
+        "cut-before-resync-end-ack",
+    ];
+    for (round, point) in points.into_iter().enumerate() {
+        // b steps away; a writes 4 MiB that the resync at b's return must carry.
+        b.stop();
+        let mut c = Client::connect(&a);
+        for i in 0..4u64 {
+            let at = (8 + round as u64 * 4 + i) * MIB;
+            c.write(at, &pattern(300 + at, MIB as usize)).unwrap();
+        }
+        c.flush().unwrap();
+        drop(c);
+        // b returns and its connection is cut at `point`; the pair must converge anyway.
+        b.start_with(&["--secondary"], "info", &[("TWINVOL_FAILPOINTS", point)]);
+        b.wait_for(point, IN_SYNC, |s| {
+            s["disk"] == "up-to-date" && s["connection"]["state"] == "connected"
+        });
+        a.wait_connected_in_sync(IN_SYNC);
+        assert!(
+            b.log_text().lines().any(
+                |l| l.contains("fail point fired") && l.contains(&format!("point=\"{point}\""))
+            ),
+            "{point} never fired:\n{}",
+            b.log_text()
+        );
+    }
+    let full = a
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("connection plan") && l.contains("full: true"))
+        .count();
+    assert_eq!(full, 0, "a cut made a full sync:\n{}", a.log_text());
+    let sent = a.counter("resync_bytes_sent");
+    assert!(
+        sent < 40 * MIB,
+        "bitmap resyncs carry what was written (16 MiB and the pieces cut), not the {} MiB device: {sent}",
+        DEV / MIB
+    );
+    a.stop();
+    b.stop();
+    assert_eq!(
+        a.data_checksum(size),
+        b.data_checksum(size),
+        "copies differ"
+    );
+}

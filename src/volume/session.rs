@@ -269,6 +269,9 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 return SessionEnd::Lost("replication writer stopped".into());
             }
         }
+        if crate::failpoint::hit("cut-during-bitmap-exchange") {
+            return SessionEnd::Lost("fail point: cut during the bitmap exchange".into());
+        }
         let geometry = self.meta.borrow().bitmap().geometry();
         let peer_bitmap = match recv_bitmap(reader, geometry, self.settings.ping_timeout * 2).await
         {
@@ -592,6 +595,9 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     if self.role() == Role::Primary {
                         return SessionEnd::Lost("peer sent resync data to a Primary".into());
                     }
+                    if crate::failpoint::hit("cut-during-resync") {
+                        return SessionEnd::Lost("fail point: cut during the resync".into());
+                    }
                     let b = match r.payload {
                         ResyncPayload::Bytes(b) => b,
                         ResyncPayload::InSync => {
@@ -689,7 +695,15 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 }
                 Message::ResyncDone { seq } => {
                     applying.drain().await;
+                    if crate::failpoint::hit("cut-before-resync-end") {
+                        return SessionEnd::Lost("fail point: cut before the resync's end".into());
+                    }
                     let status = self.finish_as_target(peer_hello).await;
+                    if crate::failpoint::hit("cut-before-resync-end-ack") {
+                        return SessionEnd::Lost(
+                            "fail point: cut before the resync's end was acknowledged".into(),
+                        );
+                    }
                     let _ = tx.send(Message::Ack { seq, status });
                 }
                 other => {

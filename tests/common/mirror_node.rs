@@ -123,6 +123,12 @@ socket = "{sock}"
 
     /// [`Self::start`] with `TWINVOL_LOG` at `level` (e.g. `trace` to see every log line).
     pub fn start_logging(&mut self, role: &[&str], level: &str) {
+        self.start_with(role, level, &[]);
+    }
+
+    /// [`Self::start`] with `TWINVOL_LOG` at `level` and extra environment variables (e.g.
+    /// `TWINVOL_FAILPOINTS`).
+    pub fn start_with(&mut self, role: &[&str], level: &str, env: &[(&str, &str)]) {
         let _ = std::fs::remove_file(&self.status);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -146,6 +152,7 @@ socket = "{sock}"
             .arg(&self.status)
             .args(role)
             .env("TWINVOL_LOG", level)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
