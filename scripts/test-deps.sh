@@ -6,7 +6,7 @@ set -euo pipefail
 # systemd: systemd-analyze verify; udev: udevadm test; shellcheck; debootstrap + dpkg-dev: the .deb
 # test (cargo-deb runs dpkg-shlibdeps) and its install into a chroot.
 APT_PACKAGES=(nbdkit libnbd-bin fio nftables qemu-utils iproute2 e2fsprogs fuse3 python3-venv curl openssl ca-certificates
-  systemd udev shellcheck debootstrap dpkg-dev)
+  systemd udev shellcheck debootstrap dpkg-dev libfuse2)
 VENV="${TWINVOL_VENV:-$HOME/.cache/twinvol-venv}"
 
 missing=()
@@ -25,9 +25,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 # prometheus_client: its OpenMetrics parser checks the /metrics text (tests/ops_daemon.rs, tests/ops_status.rs).
-if ! "$VENV/bin/python" -c 'import moto, flask, prometheus_client.openmetrics.parser' >/dev/null 2>&1; then
-  echo "test-deps: installing moto[server] and prometheus_client into $VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6' 'prometheus_client>=0.20,<1'
+# fusepy (over libfuse2): tests/support/faultyfs.py, the file system that fails writes, reads or
+# fsync on command (disk-error tests).
+if ! "$VENV/bin/python" -c 'import moto, flask, prometheus_client.openmetrics.parser, fuse' >/dev/null 2>&1; then
+  echo "test-deps: installing moto[server], prometheus_client and fusepy into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6' 'prometheus_client>=0.20,<1' 'fusepy==3.0.1'
 fi
 # cargo-deb builds the .deb in tests/packaging.rs (into ~/.cargo/bin; pinned: tests pack the dev profile).
 if ! command -v cargo-deb >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-deb" ]; then

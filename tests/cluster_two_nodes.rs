@@ -3,8 +3,12 @@
 //! off, and the lab cloud provider. Requires 127.0.0.2 on the loopback interface (Linux has
 //! the whole 127/8); setting up the lab fails loudly otherwise.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use common::mirror_pair::FaultyFs;
 
 use twinvol::cluster::control::Request;
 use twinvol::cluster::demo::{is_primary, Lab, LabOptions, NbdClient};
@@ -683,4 +687,71 @@ fn a_second_daemon_on_the_same_device_is_refused_and_nobody_is_fenced() {
         assert!(!l.plan(n).contains("\"fence\""), "{}", l.plan(n));
     }
     assert!(!second_dir.join("state").join("twinvol.pid").exists());
+}
+
+#[test]
+fn with_on_disk_error_failover_a_primary_whose_disk_fails_hands_the_service_to_the_peer() {
+    let d = tempfile::tempdir().unwrap();
+    let mut o = options();
+    o.extra_replication = "on_disk_error = \"failover\"\n".into();
+    let mut l = lab(d.path(), &o);
+    // node-a's volume lives on a file system that fails on command.
+    let fs = FaultyFs::mount(&d.path().join("faulty"));
+    let img = fs.mount.join("volume.img");
+    std::fs::copy(&l.volumes[A], &img).unwrap();
+    std::fs::remove_file(&l.volumes[A]).unwrap();
+    std::os::unix::fs::symlink(&img, &l.volumes[A]).unwrap();
+    l.start(A).unwrap();
+    l.start(B).unwrap();
+    l.wait_for(A, Duration::from_secs(20), is_primary)
+        .unwrap_or_else(|| panic!("node-a never promoted:\n{}", l.log(A)));
+    l.wait_for(B, Duration::from_secs(20), |s| {
+        s["volumes"][0]["disk"] == "up-to-date"
+            && s["volumes"][0]["replication"]["connection"]["state"] == "connected"
+    })
+    .unwrap_or_else(|| panic!("node-b never in sync:\n{}", l.log(B)));
+    let mut c = NbdClient::connect(&l.exports[A]).unwrap();
+    for i in 0..8 {
+        c.write(i * 4096, &block(i)).unwrap();
+    }
+    c.flush().unwrap();
+    fs.fail("all");
+    // This write meets the failed disk: it is served by node-b's copy, and node-a hands over.
+    c.write(8 * 4096, &block(8)).unwrap_or_else(|e| {
+        panic!(
+            "the write reached the application as an error: {e}\n{}",
+            l.log(A)
+        )
+    });
+    drop(c);
+    l.wait_for(B, Duration::from_secs(20), is_primary)
+        .unwrap_or_else(|| {
+            panic!(
+                "node-b never took over:\n{}\nnode-a:\n{}",
+                l.log(B),
+                l.log(A)
+            )
+        });
+    never_two_primaries(&l, Duration::from_secs(2));
+    let a = l.status(A).unwrap();
+    assert_eq!(a["role"], "secondary", "{a}");
+    assert!(
+        l.log(A).contains("handing the service over"),
+        "{}",
+        l.log(A)
+    );
+    assert!(
+        !l.plan(B).contains("\"fence\""),
+        "a live node is not fenced: {}",
+        l.plan(B)
+    );
+    let mut c = NbdClient::connect(&l.exports[B]).unwrap();
+    for i in 0..9 {
+        assert_eq!(
+            c.read(i * 4096, 4096).unwrap(),
+            block(i),
+            "block {i} on node-b"
+        );
+    }
+    fs.fail("none");
 }

@@ -16,88 +16,15 @@ use std::time::{Duration, Instant};
 use common::mirror_node::{
     fio_kill_rounds, key_file, pattern, write_key, xorshift, Client, FioPass, MirrorNode, FIO_DEV,
 };
+use common::mirror_pair::{
+    data_size, device_on_small_fs, free_port, node, pair, pair_of, pair_sized, start_in_sync, DEV,
+    IN_SYNC,
+};
 use common::{bin, scratch, sh};
 
 const MIB: u64 = 1024 * 1024;
-const DEV: u64 = 64 * MIB;
 
 type Node = MirrorNode;
-
-/// How long a pair may take to connect and settle.
-const IN_SYNC: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Node `name` on 127.0.0.x (`address`), replicating with `peer` at `peer_addr`.
-fn node(
-    dir: &Path,
-    (name, peer): (&'static str, &'static str),
-    (address, peer_addr): (SocketAddr, SocketAddr),
-    key: &Path,
-    dev_size: u64,
-    extra: &str,
-) -> Node {
-    let replication = format!(
-        r#"address = "{address}"
-peer = "{peer_addr}"
-peer_id = "{peer}"
-key_file = "{key}"
-ping_timeout_secs = 2
-{extra}"#,
-        key = key.display()
-    );
-    MirrorNode::create(dir, name, dev_size, &replication, None)
-}
-
-/// Two nodes "a" (127.0.0.1, listens) and "b" (127.0.0.2, connects) on fresh [`DEV`]-byte
-/// devices that skip the initial sync (both zero, same generation).
-fn pair(dir: &Path, extra_a: &str, extra_b: &str) -> (Node, Node) {
-    pair_sized(dir, DEV, extra_a, extra_b)
-}
-
-/// [`pair`] on devices of `dev_size` bytes.
-fn pair_sized(dir: &Path, dev_size: u64, extra_a: &str, extra_b: &str) -> (Node, Node) {
-    let k = write_key(dir);
-    let (a, b) = pair_of(dir, (&k, &k), (dev_size, dev_size), (extra_a, extra_b));
-    for n in [&a, &b] {
-        n.skip_initial_sync();
-    }
-    (a, b)
-}
-
-/// Nodes "a" (127.0.0.1, listens) and "b" (127.0.0.2, connects), each with its own key file,
-/// device size and extra replication settings, on fresh devices (no initial sync skipped).
-fn pair_of(
-    dir: &Path,
-    (key_a, key_b): (&Path, &Path),
-    (size_a, size_b): (u64, u64),
-    (extra_a, extra_b): (&str, &str),
-) -> (Node, Node) {
-    let a_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let b_addr: SocketAddr = format!("127.0.0.2:{}", free_port()).parse().unwrap();
-    let a = node(dir, ("a", "b"), (a_addr, b_addr), key_a, size_a, extra_a);
-    let b = node(dir, ("b", "a"), (b_addr, a_addr), key_b, size_b, extra_b);
-    (a, b)
-}
-
-/// Starts b as Secondary and a as Primary, waits until they are in sync; returns the data size.
-fn start_in_sync(a: &mut Node, b: &mut Node) -> u64 {
-    b.start(&["--secondary"]);
-    a.start(&["--primary"]);
-    a.wait_connected_in_sync(IN_SYNC);
-    data_size(a)
-}
-
-fn data_size(node: &Node) -> u64 {
-    let c = Client::connect(node);
-    c.export.size
-}
 
 #[test]
 fn every_acknowledged_sync_write_is_on_the_secondary_after_the_primary_is_sigkilled() {
@@ -554,48 +481,6 @@ fn devices_of_different_sizes_never_connect_and_both_statuses_say_why() {
 }
 
 /// A tmpfs of a given size mounted on a directory, lazily unmounted when dropped.
-struct SmallFs(std::path::PathBuf);
-
-impl SmallFs {
-    fn mount(dir: &Path, size: &str) -> SmallFs {
-        std::fs::create_dir_all(dir).unwrap();
-        sh(&format!(
-            "mount -t tmpfs -o size={size} twinvol-test {}",
-            dir.display()
-        ));
-        SmallFs(dir.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        sh(&format!(
-            "mount -o remount,size={size} {}",
-            self.0.display()
-        ));
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// Moves `node`'s device onto a fresh tmpfs of `size` at `dir` (the device path becomes a
-/// symlink): its sparse data region fills up after about `size` of writes and every further
-/// write fails with ENOSPC, as a failing disk would fail them.
-fn device_on_small_fs(node: &Node, dir: &Path, size: &str) -> SmallFs {
-    let small = SmallFs::mount(dir, size);
-    let img = small.0.join("device.img");
-    sh(&format!(
-        "cp --sparse=always {} {}",
-        node.device.display(),
-        img.display()
-    ));
-    std::fs::remove_file(&node.device).unwrap();
-    std::os::unix::fs::symlink(&img, &node.device).unwrap();
-    small
-}
-
 #[test]
 fn a_secondary_whose_disk_fails_writes_is_outdated_before_the_primary_completes_them() {
     let dir = scratch();

@@ -52,10 +52,12 @@ fn base() -> VolumeStatus {
             activity_log_waits: 0,
             local_apply_errors: 0,
             peer_write_errors: 0,
+            local_disk_errors: 0,
         },
         current_generation: "7a3f00c19e2b4d11".into(),
         link_error: None,
         newest: None,
+        detached: None,
         verify: None,
     }
 }

@@ -860,8 +860,26 @@ impl Node {
         });
     }
 
+    /// A volume's disk failed and its policy is `failover`: hand the service over to a peer
+    /// that can take it (alive, Secondary, UpToDate); until then the volume keeps serving
+    /// through the peer's copy.
+    async fn fail_over_a_failed_disk(&mut self) {
+        if self.role() != Role::Primary || !self.volumes.iter().any(|v| v.wants_failover()) {
+            return;
+        }
+        let PeerView::Alive(s) = self.monitor.view() else {
+            return;
+        };
+        if s.role != Role::Secondary || s.disk != DiskState::UpToDate || s.cannot_promote {
+            return;
+        }
+        self.controller.stand_down();
+        self.demote("this node's disk failed (on_disk_error = \"failover\"): handing the service over to the peer").await;
+    }
+
     async fn tick(&mut self) {
         self.maybe_check_cloud();
+        self.fail_over_a_failed_disk().await;
         self.advertise();
         let now = self.now();
         for ev in self.monitor.tick(now) {

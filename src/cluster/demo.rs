@@ -88,6 +88,8 @@ pub struct LabOptions {
     pub netns: bool,
     /// `replication.outdate_wait_ms` of both nodes (0: not written, writes are not held).
     pub outdate_wait_ms: u64,
+    /// More `[volume.replication]` lines for both nodes (e.g. `on_disk_error = "failover"`).
+    pub extra_replication: String,
 }
 
 impl Default for LabOptions {
@@ -107,6 +109,7 @@ impl Default for LabOptions {
             volume_size: 64 << 20,
             netns: false,
             outdate_wait_ms: 0,
+            extra_replication: String::new(),
         }
     }
 }
@@ -672,9 +675,12 @@ record = "db.lab.internal."
                 r1 = relay_ports[n][1],
                 witness = witness_list,
                 outdate_wait = if o.outdate_wait_ms > 0 {
-                    format!("outdate_wait_ms = {}\n", o.outdate_wait_ms)
+                    format!(
+                        "outdate_wait_ms = {}\n{}",
+                        o.outdate_wait_ms, o.extra_replication
+                    )
                 } else {
-                    String::new()
+                    o.extra_replication.clone()
                 },
                 grace = no.isolation_grace_ms,
                 start = no

@@ -71,6 +71,7 @@ struct Snapshot {
 /// rule, which also refuses while the connected peer is Primary).
 pub struct MirroredControl {
     name: String,
+    on_disk_error: crate::config::DiskErrorPolicy,
     placement: super::mount::Placement,
     commands: mpsc::UnboundedSender<Command>,
     snapshot: Arc<Mutex<Snapshot>>,
@@ -108,6 +109,12 @@ impl MirroredControl {
         };
         let kind = choose_engine(cfg.engine.forced()).map_err(|e| err(e.to_string()))?;
         let placement_cfg = cfg.clone();
+        let on_disk_error = cfg
+            .replication
+            .as_ref()
+            .map_or(crate::config::DiskErrorPolicy::PassThrough, |r| {
+                r.on_disk_error
+            });
         let (commands, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std_mpsc::channel::<Result<Arc<Mutex<Snapshot>>, String>>();
         let node = node.to_string();
@@ -123,6 +130,7 @@ impl MirroredControl {
         match ready_rx.recv_timeout(OPEN_TIMEOUT) {
             Ok(Ok(snapshot)) => Ok(Self {
                 name,
+                on_disk_error,
                 placement: super::mount::Placement::new(placement_cfg),
                 commands,
                 snapshot,
@@ -211,6 +219,10 @@ impl VolumeControl for MirroredControl {
     }
     fn record_clean_primary_stop(&mut self) -> Result<bool, VolumeError> {
         self.call(Command::RecordCleanStop)
+    }
+    fn wants_failover(&self) -> bool {
+        self.on_disk_error == crate::config::DiskErrorPolicy::Failover
+            && self.snapshot().is_some_and(|s| s.status.detached.is_some())
     }
     fn mount(&mut self) -> Result<Option<String>, VolumeError> {
         self.placement.up().map_err(|w| self.err(w))

@@ -105,6 +105,11 @@ pub trait VolumeControl: Send {
     fn link_connected(&self) -> bool {
         false
     }
+    /// This Primary's disk failed and was detached, and the volume's `on_disk_error` is
+    /// `"failover"`: the node should hand the service over to its peer.
+    fn wants_failover(&self) -> bool {
+        false
+    }
     /// This Primary stops cleanly and no peer can take the service over: record it, so the
     /// node may promote after its next start without hearing its peer. Returns whether it was
     /// recorded.

@@ -15,7 +15,9 @@ pub mod cloud;
 pub mod replication;
 
 pub use cloud::CloudConfig;
-pub use replication::{MetadataPlacement, ReplicationConfig, ReplicationMode, SplitBrainPolicy};
+pub use replication::{
+    DiskErrorPolicy, MetadataPlacement, ReplicationConfig, ReplicationMode, SplitBrainPolicy,
+};
 pub mod cluster;
 
 pub use cluster::ClusterConfig;

@@ -19,6 +19,20 @@ pub enum ReplicationMode {
     Async,
 }
 
+/// What a Primary does when its own disk fails a write, a read or a flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskErrorPolicy {
+    /// Mark this copy failed and serve every read and write through the peer's copy, which
+    /// holds all of it (DRBD's `on-io-error detach`); the application sees no error.
+    #[default]
+    Detach,
+    /// As `detach`, then hand the service over to the peer (the daemon stands down).
+    Failover,
+    /// Return the error to the application; the region is marked dirty for the resync.
+    PassThrough,
+}
+
 /// What to do when both sides wrote independently (split brain).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 #[serde(into = "String")]
@@ -129,6 +143,11 @@ pub struct ReplicationConfig {
     /// acknowledged alone while the peer could still take over with a copy that lacks it.
     #[serde(default)]
     pub outdate_wait_ms: u64,
+    /// What a Primary does when its own disk fails (`"detach"`, the default, `"failover"` or
+    /// `"pass-through"`). Detaching needs a connected, up-to-date peer; otherwise the error
+    /// goes to the application.
+    #[serde(default)]
+    pub on_disk_error: DiskErrorPolicy,
 }
 
 fn default_max_inflight() -> u64 {

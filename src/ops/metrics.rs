@@ -1061,10 +1061,12 @@ mod tests {
                 activity_log_waits: 6,
                 local_apply_errors: 0,
                 peer_write_errors: 2,
+                local_disk_errors: 0,
             },
             current_generation: "00ff".into(),
             link_error: None,
             newest: None,
+            detached: None,
             verify: None,
         }
     }

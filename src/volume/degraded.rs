@@ -96,6 +96,8 @@ async fn serve(kind: EngineKind, opts: DegradedOptions) -> Result<(), DegradedEr
         ping_timeout: Duration::from_secs(1),
         checksum_resync: false,
         outdate_wait: Duration::ZERO,
+        // No peer to detach to: a disk error goes to the application.
+        on_disk_error: crate::config::DiskErrorPolicy::PassThrough,
     };
     let vol = Rc::new(MirroredVolume::new(local, store, settings).holding(claim));
     vol.promote(false)?;

@@ -23,6 +23,7 @@
 
 pub mod control;
 pub mod degraded;
+mod detach;
 pub mod link_health;
 pub mod plan;
 pub mod run;
@@ -129,6 +130,8 @@ pub struct Settings {
     /// the peer is known Outdated ([`MirroredVolume::peer_outdated`]) or the connection is
     /// back (`replication.outdate_wait_ms`; zero holds nothing).
     pub outdate_wait: std::time::Duration,
+    /// What a Primary does when its own disk fails (`replication.on_disk_error`).
+    pub on_disk_error: crate::config::DiskErrorPolicy,
 }
 
 /// What an outstanding sequence number stands for.
@@ -138,8 +141,12 @@ enum PendingKind {
     App,
     /// A resync piece (ResyncData).
     Resync,
-    /// A Flush or ResyncDone.
+    /// A ResyncDone.
     Control,
+    /// A Flush of the peer's device.
+    Flush,
+    /// An application write served by the peer alone (this node's disk is detached).
+    Through,
 }
 
 #[derive(Debug)]
@@ -218,6 +225,19 @@ struct State {
     /// the peer may have adopted this node's current generation, so losing the connection
     /// now needs a new one (see `teardown`).
     peer_may_hold_current: bool,
+    /// This Primary's disk failed and was detached (why): I/O goes through the peer.
+    detached: Option<String>,
+    /// ReadRequests sent (a detached Primary's reads), by seq, waiting for the peer's bytes.
+    read_waiters: HashMap<u64, oneshot::Sender<crate::repl::wire::ReadReply>>,
+    /// The connected peer serves a detached Primary (its Hello's features).
+    peer_serves_detached: bool,
+    /// The connected peer's copy was up to date when it connected and has not failed a write.
+    peer_up_to_date: bool,
+    /// A disk error that could not be detached was logged.
+    detach_refusal_logged: bool,
+    /// Regions the peer acknowledged since its last good flush (sync mode): a failed flush
+    /// makes them dirty here.
+    peer_unflushed: DirtyBitmap,
 }
 
 /// One write in [`State::held_writes`] for as long as this lives.
@@ -301,6 +321,12 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             peer_failed_logged: false,
             resync_apply_failed: false,
             peer_may_hold_current: false,
+            detached: None,
+            read_waiters: HashMap::new(),
+            peer_serves_detached: false,
+            peer_up_to_date: false,
+            detach_refusal_logged: false,
+            peer_unflushed: DirtyBitmap::new(geometry),
         };
         Self {
             local,
@@ -410,14 +436,18 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             let m = self.meta.borrow();
             (m.superblock().flags, m.superblock().gen)
         };
+        let failed_apply = self.st.borrow().apply_failed;
         let ok = flags.has(DiskFlags::CONSISTENT)
             && flags.has(DiskFlags::UP_TO_DATE)
-            && ids.current != JUST_CREATED;
+            && ids.current != JUST_CREATED
+            && !failed_apply;
         if !ok && !force {
             return Err(VolumeError::NotUpToDate {
                 volume: self.settings.volume.clone(),
                 disk: if ids.current == JUST_CREATED {
                     "freshly created (never synced)"
+                } else if failed_apply {
+                    "outdated (it failed to store a replicated write)"
                 } else {
                     Self::disk_word(flags)
                 },
@@ -461,12 +491,25 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         if self.role() == Role::Secondary {
             return Ok(());
         }
-        self.st.borrow_mut().role = Role::Secondary;
-        {
+        let was_detached = {
+            let mut st = self.st.borrow_mut();
+            st.role = Role::Secondary;
+            // A detached disk is resynced from the new Primary (or fails again, and is then
+            // Outdated): it is this node's disk again.
+            st.detached.take().is_some()
+        };
+        let recorded = {
             let mut m = self.meta.borrow_mut();
-            m.persist_bitmap().map_err(|e| self.meta_err(e))?;
-            m.update_state(|_, f| f.set(DiskFlags::CRASHED_PRIMARY, false))
-                .map_err(|e| self.meta_err(e))?;
+            m.persist_bitmap()
+                .and_then(|_| m.update_state(|_, f| f.set(DiskFlags::CRASHED_PRIMARY, false)))
+        };
+        match recorded {
+            Ok(()) => {}
+            // The failed disk may refuse its metadata too; the peer holds the truth.
+            Err(e) if was_detached => {
+                tracing::warn!(volume = %self.settings.volume, error = %e, "demoting the detached copy: its metadata could not be written (the peer's generation says it is behind)")
+            }
+            Err(e) => return Err(self.meta_err(e)),
         }
         tracing::info!(volume = %self.settings.volume, "demoted to Secondary");
         self.drop_session("demoted");
@@ -622,7 +665,14 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             node: self.settings.node.clone(),
             role: st.role,
             connection: st.connection.clone(),
-            disk: Self::disk_word(sb.flags),
+            disk: if st.detached.is_some() {
+                "detached"
+            } else if st.apply_failed && sb.flags.has(DiskFlags::CONSISTENT) {
+                // Outdated in memory even when the flag could not be written.
+                "outdated"
+            } else {
+                Self::disk_word(sb.flags)
+            },
             mode: match self.settings.mode {
                 ReplicationMode::Sync => "sync",
                 ReplicationMode::Async => "async",
@@ -662,6 +712,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             current_generation: format!("{:016x}", sb.gen.current),
             link_error: st.link_health.report(now),
             newest: Self::newest_of(sb.flags),
+            detached: st.detached.clone(),
         }
     }
 
@@ -732,7 +783,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         }
         let (tx, rx) = oneshot::channel();
         let bytes = range.end - range.start;
-        if kind != PendingKind::Control {
+        if !matches!(kind, PendingKind::Control | PendingKind::Flush) {
             st.inflight_bytes += bytes;
         }
         st.pending.insert(
@@ -911,13 +962,33 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         };
         let ok = p.peer_ok == Some(true);
         let bytes = p.range.end - p.range.start;
-        if p.kind != PendingKind::Control {
+        if !matches!(p.kind, PendingKind::Control | PendingKind::Flush) {
             st.inflight_bytes = st.inflight_bytes.saturating_sub(bytes);
         }
         match (ok, &p.kind) {
             // Resync pieces are chunk-aligned: both copies now hold every chunk they cover.
             (true, PendingKind::Resync) => self.clear_synced(&st, p.range.clone()),
-            // A replicated application write never set bits (the activity log covers a crash).
+            // On the peer's disk, durable at its next good flush.
+            (true, PendingKind::App) => {
+                let _ = st
+                    .peer_unflushed
+                    .set(p.range.start, p.range.end - p.range.start);
+            }
+            // Every write the peer acknowledged before this flush is durable there (it applies
+            // and acknowledges in order).
+            (true, PendingKind::Flush) => st.peer_unflushed.clear_all(),
+            // The peer's flush failed: what it acknowledged since its last good flush may be
+            // lost there, so those regions become dirty here.
+            (false, PendingKind::Flush) => {
+                let runs: Vec<Range<u64>> = st.peer_unflushed.dirty_runs().collect();
+                st.peer_unflushed.clear_all();
+                let mut m = self.meta.borrow_mut();
+                for r in runs {
+                    let _ = m.mark_dirty(r.start, r.end - r.start);
+                }
+                st.oldest_unreplicated.get_or_insert(p.sent_at);
+            }
+            // A write the peer alone holds, or a resync's end.
             (true, _) | (false, PendingKind::Control) => {}
             (false, _) => {
                 let _ = self
@@ -960,6 +1031,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             }
             if status != 0 {
                 st.counters.peer_write_errors += 1;
+                st.peer_up_to_date = false;
                 if !std::mem::replace(&mut st.peer_failed_logged, true) {
                     tracing::error!(volume = %self.settings.volume, seq, errno = status, error = %std::io::Error::from_raw_os_error(status as i32), "the peer failed to store a write: its copy is Outdated (Inconsistent during a resync), the region stays dirty here and is resynced at the next connection (logged once per connection; count: peer_write_errors)");
                     drop(st);
@@ -999,6 +1071,9 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
     /// A write on the Primary. `data` is shared, not copied, by the local write and the Data
     /// frame (an aligned buffer from the NBD server goes to the disk and to the socket as is).
     async fn write_primary(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
+        if self.st.borrow().detached.is_some() {
+            return self.write_through_peer(offset, data, fua).await;
+        }
         let len = data.len() as u64;
         let range = offset..offset + len;
         // The activity log covers the write against a crash of this node until both copies
@@ -1047,13 +1122,19 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         })
         .await;
         if let Err(e) = prepared {
-            return Err(eio(
+            let e = eio(
                 format!(
                     "recording write {offset}+{len} in the metadata of {}",
                     self.settings.volume
                 ),
                 e,
-            ));
+            );
+            // The metadata sits on this node's disk (or another local one): a failure there
+            // is a disk error like any other.
+            if self.try_detach("metadata write", &e) {
+                return self.write_through_peer(offset, data, fua).await;
+            }
+            return Err(e);
         }
         let app_id = {
             let mut st = self.st.borrow_mut();
@@ -1063,12 +1144,22 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             id
         };
         let sent = self.replicate(offset, data.clone(), fua);
+        let retry = data.clone();
         let res = self.local.write_bytes(offset, data, fua).await;
         self.st.borrow_mut().app_ranges.remove(&app_id);
-        if res.is_err() {
-            // The peer may or may not apply its copy: the region is dirty, a resync settles it.
-            let _ = self.meta.borrow_mut().mark_dirty(offset, len);
-        }
+        // This disk failed the write: detached, the peer serves it (and everything after);
+        // otherwise the peer may or may not apply its copy, so the region is dirty and a
+        // resync settles it.
+        let detached = match &res {
+            Err(e) => {
+                let d = self.try_detach("write", e);
+                if !d {
+                    let _ = self.meta.borrow_mut().mark_dirty(offset, len);
+                }
+                d
+            }
+            Ok(()) => false,
+        };
         if sent.is_none() {
             // Never sent: its bits are set (`mark_unsent`), so the log may let it go. A sent
             // write is let go when it leaves `pending` (`try_finish`, `teardown`).
@@ -1078,6 +1169,10 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         if res.is_err() {
             if let Some((seq, _)) = sent {
                 self.local_done(seq);
+            }
+            if detached {
+                // Sent again, as one this disk lacks: the peer records it for this copy.
+                return self.write_through_peer(offset, retry, fua).await;
             }
             return res;
         }
@@ -1228,7 +1323,14 @@ impl<T: BlockTarget, D: MetaDevice> BlockTarget for MirroredVolume<T, D> {
     }
 
     async fn read(&self, offset: u64, buf: AlignedBuf) -> (BlockResult<()>, AlignedBuf) {
-        self.local.read(offset, buf).await
+        if self.st.borrow().detached.is_some() {
+            return self.read_through_peer(offset, buf).await;
+        }
+        let (r, buf) = self.local.read(offset, buf).await;
+        match &r {
+            Err(e) if self.try_detach("read", e) => self.read_through_peer(offset, buf).await,
+            _ => (r, buf),
+        }
     }
 
     async fn write(
@@ -1258,9 +1360,12 @@ impl<T: BlockTarget, D: MetaDevice> BlockTarget for MirroredVolume<T, D> {
         if self.role() != Role::Primary {
             return self.local.flush().await;
         }
+        if self.st.borrow().detached.is_some() {
+            return self.flush_through_peer().await;
+        }
         let sent = if self.settings.mode == ReplicationMode::Sync {
             let mut st = self.st.borrow_mut();
-            Self::send_tracked(&mut st, PendingKind::Control, 0..0, Instant::now(), |seq| {
+            Self::send_tracked(&mut st, PendingKind::Flush, 0..0, Instant::now(), |seq| {
                 Message::Flush { seq }
             })
         } else {
@@ -1270,7 +1375,11 @@ impl<T: BlockTarget, D: MetaDevice> BlockTarget for MirroredVolume<T, D> {
         if let Some((_, rx)) = sent {
             let _ = rx.await;
         }
-        r
+        match &r {
+            // Writes this disk acknowledged may be lost: the peer holds them all.
+            Err(e) if self.try_detach("flush", e) => self.flush_through_peer().await,
+            _ => r,
+        }
     }
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
@@ -1294,10 +1403,21 @@ impl<T: BlockTarget, D: MetaDevice> BlockTarget for MirroredVolume<T, D> {
     }
 
     async fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
+        if self.st.borrow().detached.is_some() {
+            return Ok(());
+        }
         self.local.cache(offset, len).await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
+        if self.st.borrow().detached.is_some() {
+            // The local allocation map is not the peer's: report plain data.
+            return Ok(vec![Extent {
+                length: len,
+                hole: false,
+                zero: false,
+            }]);
+        }
         self.local.block_status(offset, len).await
     }
 }
@@ -1354,6 +1474,7 @@ mod tests {
             ping_timeout: std::time::Duration::from_secs(1),
             checksum_resync: false,
             outdate_wait,
+            on_disk_error: crate::config::DiskErrorPolicy::Detach,
         };
         MirroredVolume::new(target, meta, settings)
     }

@@ -16,6 +16,8 @@ pub struct Side {
     pub dirty_chunks: u64,
     /// The node is Primary now.
     pub primary: bool,
+    /// The node's disk is detached after a failure: its I/O goes through the peer.
+    pub detached: bool,
 }
 
 /// Why a connection is refused; kept in the status until the next attempt.
@@ -84,7 +86,7 @@ fn direction_plan(direction: Direction, full: bool) -> Plan {
 /// tie-break here depends only on the pair, not on which side asks. Further invariants: a
 /// Primary is never a Target; a Source is Consistent; unrelated data, split brain under
 /// `disconnect`, and two Primaries never copy anything; a bitmap (non-full) resync happens only
-/// when a bitmap bounds the differences.
+/// when a bitmap bounds the differences; nothing is copied to or from a detached node.
 pub fn plan(local: &Side, peer: &Side, policy: &SplitBrainPolicy) -> Plan {
     if local.primary && peer.primary {
         return Plan::Refuse(Refusal::BothPrimary);
@@ -93,6 +95,10 @@ pub fn plan(local: &Side, peer: &Side, policy: &SplitBrainPolicy) -> Plan {
         return Plan::Refuse(Refusal::SameNode {
             node: local.name.clone(),
         });
+    }
+    // A detached node has no disk to resync to or from: it only uses the peer's copy.
+    if local.detached || peer.detached {
+        return Plan::InSync;
     }
     let p = match gen::decide(&local.gen, &peer.gen) {
         Decision::NoResync => Plan::InSync,
@@ -193,6 +199,7 @@ mod tests {
             },
             dirty_chunks: dirty,
             primary,
+            detached: false,
         }
     }
 

@@ -250,6 +250,7 @@ pub fn open_volume(
         ping_timeout: Duration::from_secs(r.ping_timeout_secs),
         checksum_resync: r.checksum_resync,
         outdate_wait: Duration::from_millis(r.outdate_wait_ms),
+        on_disk_error: r.on_disk_error,
     };
     let vol = MirroredVolume::new(local, store, settings).holding(data_claim);
     let mut link_cfg = LinkConfig::new(r.address, r.peer, key, vol.hello());

@@ -39,6 +39,9 @@ use crate::repl::wire::{
 
 /// Bit of `Hello::disk_state` above the metadata flags: the sender is Primary now.
 pub const HELLO_PRIMARY: u32 = 1 << 31;
+/// Bit of `Hello::disk_state`: the sender's disk is detached (its I/O goes through the peer);
+/// no resync runs to or from it.
+pub const HELLO_DETACHED: u32 = 1 << 30;
 /// Largest resync piece.
 const RESYNC_PIECE: u64 = 1 << 20;
 /// Resync pieces in flight.
@@ -175,6 +178,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         let m = self.meta.borrow();
         let sb = m.superblock();
         let primary = self.role() == Role::Primary;
+        let detached = self.st.borrow().detached.is_some();
         Hello {
             proto_min: PROTOCOL_VERSION,
             proto_max: PROTOCOL_VERSION,
@@ -182,10 +186,13 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             node_id: self.settings.node.clone(),
             peer_node_id: self.settings.peer.clone(),
             generations: to_generations(&sb.gen),
-            disk_state: sb.flags.0 | if primary { HELLO_PRIMARY } else { 0 },
+            disk_state: sb.flags.0
+                | if primary { HELLO_PRIMARY } else { 0 }
+                | if detached { HELLO_DETACHED } else { 0 },
             bitmap_granularity: sb.granularity.bytes(),
             device_size: sb.data_size,
             features: features::VERIFY
+                | features::DETACHED_PRIMARY
                 | if self.settings.checksum_resync {
                     features::CHECKSUM_RESYNC
                 } else {
@@ -205,6 +212,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             },
             dirty_chunks: m.bitmap().dirty_chunks(),
             primary: self.role() == Role::Primary,
+            detached: self.st.borrow().detached.is_some(),
         }
     }
 
@@ -300,6 +308,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             },
             dirty_chunks: peer_bitmap.dirty_chunks(),
             primary: peer_hello.disk_state & HELLO_PRIMARY != 0,
+            detached: peer_hello.disk_state & HELLO_DETACHED != 0,
         };
         let decided = plan::plan(&local, &peer, &self.settings.split_brain_policy);
         tracing::info!(volume = %vol, plan = ?decided, local = ?local.gen.ids, peer = ?peer.gen.ids, "replication connection plan");
@@ -364,6 +373,11 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 kill: kill.clone(),
             });
             st.peer_primary = peer.primary;
+            st.peer_serves_detached = peer_hello.features & features::DETACHED_PRIMARY != 0;
+            st.peer_up_to_date = peer.gen.flags.has(DiskFlags::UP_TO_DATE)
+                && !peer.gen.flags.has(DiskFlags::OUTDATED)
+                && !peer.detached
+                && decided == Plan::InSync;
             st.connection = Connection::Connected;
             st.link_health.connected();
             st.peer_failed_logged = false;
@@ -457,8 +471,10 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             st.verify_lock = None;
             st.resync_apply_failed = false;
             let peer_may_hold_current = std::mem::take(&mut st.peer_may_hold_current);
-            // Dropping the senders ends a verify waiting for digests.
+            // Dropping the senders ends a verify waiting for digests, and a detached Primary's
+            // reads.
             st.verify_waiters.clear();
+            st.read_waiters.clear();
             st.resync = None;
             if matches!(st.connection, Connection::Connected) {
                 st.connection = Connection::Connecting;
@@ -468,7 +484,9 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         {
             let mut m = self.meta.borrow_mut();
             for (_, p) in &pendings {
-                if p.kind != PendingKind::Control && p.range.end > p.range.start {
+                if !matches!(p.kind, PendingKind::Control | PendingKind::Flush)
+                    && p.range.end > p.range.start
+                {
                     let _ = m.mark_dirty(p.range.start, p.range.end - p.range.start);
                 }
             }
@@ -515,6 +533,10 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         let mut last_rx = Instant::now();
         let mut nonce = 0u64;
         let applying = Applying::default();
+        // Regions this Secondary acknowledged since its last good flush.
+        let unflushed = Rc::new(std::cell::RefCell::new(DirtyBitmap::new(
+            self.meta.borrow().bitmap().geometry(),
+        )));
         loop {
             // Messages already read (a batch of acks arrives in one read) are taken without a
             // timer and a clock reading each; `last_rx` is when the stream last gave bytes.
@@ -568,20 +590,28 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     }
                     if d.flags.flush() {
                         applying.drain().await;
-                        if let Err(e) = self.local.flush().await {
-                            let status = e.raw_errno() as u32;
+                        let status = self.flush_applied(&unflushed).await;
+                        if status != 0 {
                             let _ = tx.send(Message::Ack { seq: d.seq, status });
                             continue;
                         }
                     }
                     let range = d.offset..d.offset + d.data.len() as u64;
+                    if d.flags.local_missing() {
+                        self.record_primary_missing(range.start, range.end - range.start);
+                    }
                     let slot = applying.admit(range).await;
-                    let (vol, tx) = (self.clone(), tx.clone());
+                    let (vol, tx, unflushed) = (self.clone(), tx.clone(), unflushed.clone());
                     tokio::task::spawn_local(async move {
                         let len = d.data.len() as u64;
-                        let status = vol.apply(d.offset, d.data, d.flags.fua()).await;
+                        let fua = d.flags.fua();
+                        let status = vol.apply(d.offset, d.data, fua).await;
                         if status == 0 {
                             vol.st.borrow_mut().counters.data_bytes_applied += len;
+                            if !fua {
+                                // Acknowledged, but durable only at the next good flush.
+                                let _ = unflushed.borrow_mut().set(d.offset, len);
+                            }
                         } else {
                             // Outdated before the Primary hears of the failure and completes
                             // the write on its copy alone.
@@ -674,6 +704,48 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                         }
                     });
                 }
+                Message::ReadRequest(q) => {
+                    let range = q.offset..q.offset.saturating_add(u64::from(q.length));
+                    if self.role() == Role::Primary || range.end > self.info.size {
+                        return SessionEnd::Lost(format!(
+                            "peer sent a read request this node cannot serve ({}+{})",
+                            q.offset, q.length
+                        ));
+                    }
+                    // Admitted in arrival order: every earlier write to the region is applied
+                    // before it is read.
+                    let slot = applying.admit(range).await;
+                    let (vol, tx) = (self.clone(), tx.clone());
+                    tokio::task::spawn_local(async move {
+                        let buf = vol.local.alloc_buf_for_overwrite(q.length as usize);
+                        let (r, buf) = vol.local.read(q.offset, buf).await;
+                        drop(slot);
+                        let (status, data) = match r {
+                            Ok(()) => (0, buf.into_bytes()),
+                            Err(e) => {
+                                tracing::error!(volume = %vol.settings.volume, error = %e, "reading for the detached Primary failed");
+                                (e.raw_errno() as u32, Bytes::new())
+                            }
+                        };
+                        let _ = tx.send(Message::ReadReply(crate::repl::wire::ReadReply {
+                            seq: q.seq,
+                            offset: q.offset,
+                            status,
+                            data,
+                        }));
+                    });
+                }
+                Message::ReadReply(r) => {
+                    let waiter = self.st.borrow_mut().read_waiters.remove(&r.seq);
+                    match waiter {
+                        Some(w) => {
+                            let _ = w.send(r);
+                        }
+                        None => {
+                            tracing::warn!(volume = %self.settings.volume, seq = r.seq, "read reply nobody waits for ignored");
+                        }
+                    }
+                }
                 Message::VerifyReply(r) => {
                     let waiter = self.st.borrow_mut().verify_waiters.remove(&r.seq);
                     match waiter {
@@ -687,10 +759,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 }
                 Message::Flush { seq } => {
                     applying.drain().await;
-                    let status = match self.local.flush().await {
-                        Ok(()) => 0,
-                        Err(e) => e.raw_errno() as u32,
-                    };
+                    let status = self.flush_applied(&unflushed).await;
                     let _ = tx.send(Message::Ack { seq, status });
                 }
                 Message::ResyncDone { seq } => {
@@ -709,6 +778,34 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 other => {
                     tracing::warn!(volume = %self.settings.volume, kind = ?other.kind(), "unexpected replication message ignored");
                 }
+            }
+        }
+    }
+
+    /// Flushes this Secondary's device after the writes applied so far; returns the Ack status.
+    /// A failed flush may have lost every write acknowledged since the last good one: they
+    /// become dirty here and the copy Outdated before the failure is acknowledged, so the next
+    /// connection resyncs them.
+    async fn flush_applied(&self, unflushed: &std::cell::RefCell<DirtyBitmap>) -> u32 {
+        match self.local.flush().await {
+            Ok(()) => {
+                unflushed.borrow_mut().clear_all();
+                0
+            }
+            Err(e) => {
+                let errno = e.raw_errno() as u32;
+                let runs: Vec<Range<u64>> = unflushed.borrow().dirty_runs().collect();
+                unflushed.borrow_mut().clear_all();
+                {
+                    let mut m = self.meta.borrow_mut();
+                    for r in &runs {
+                        let _ = m.mark_dirty(r.start, r.end - r.start);
+                    }
+                    let _ = m.persist_bitmap();
+                }
+                let bytes: u64 = runs.iter().map(|r| r.end - r.start).sum();
+                self.apply_failed(0, bytes, errno);
+                errno
             }
         }
     }
@@ -983,7 +1080,14 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             }
         }
         let _ = self.meta.borrow_mut().persist_bitmap();
-        self.st.borrow_mut().resync = None;
+        let current = self.session_is(session_id);
+        {
+            let mut st = self.st.borrow_mut();
+            st.resync = None;
+            if current {
+                st.peer_up_to_date = true;
+            }
+        }
         tracing::info!(volume = %self.settings.volume, left = self.meta.borrow().bitmap().dirty_bytes(), "resync finished as source");
     }
 }

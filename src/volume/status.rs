@@ -99,9 +99,12 @@ pub struct Counters {
     /// peer's copy is Outdated (Inconsistent during a resync) until a resync completes.
     #[serde(default)]
     pub peer_write_errors: u64,
+    /// Errors of this node's own disk on the Primary (each detaches it, or goes to the
+    /// application when it cannot be detached).
+    #[serde(default)]
+    pub local_disk_errors: u64,
 }
 
-/// Everything an operator or the cluster daemon needs about one volume.
 /// Why this node's own metadata says its copy is the newest of the pair, so that it may
 /// promote after a start without having heard its peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -124,6 +127,7 @@ impl std::fmt::Display for NewestProof {
     }
 }
 
+/// Everything an operator or the cluster daemon needs about one volume.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct VolumeStatus {
     /// Volume name.
@@ -167,6 +171,10 @@ pub struct VolumeStatus {
     /// gate lets such a node promote without having heard its peer).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub newest: Option<NewestProof>,
+    /// This Primary's disk failed and was detached (why): its reads and writes are served
+    /// by the peer's copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detached: Option<String>,
 }
 
 /// An online verify (`twinvol verify`): progress while running, the result after.

@@ -314,6 +314,15 @@ impl Client {
     pub fn flush(&mut self) -> std::io::Result<()> {
         nbd::client::NbdClient::new(&mut self.s, &self.export).flush()
     }
+
+    /// Reads `len` bytes at `offset`.
+    pub fn read(&mut self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        let mut c = nbd::client::NbdClient::new(&mut self.s, &self.export);
+        c.seek(SeekFrom::Start(offset))?;
+        let mut v = vec![0u8; len as usize];
+        c.read_exact(&mut v)?;
+        Ok(v)
+    }
 }
 
 /// A xorshift64 sequence from `seed` (non-zero): the tests' random kill moments and seeds.

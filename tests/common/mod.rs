@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod mirror_node;
+pub mod mirror_pair;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};

@@ -48,6 +48,10 @@ pub enum MessageKind {
     VerifyRequest = 0x40,
     /// [`VerifyReply`].
     VerifyReply = 0x41,
+    /// [`ReadRequest`].
+    ReadRequest = 0x42,
+    /// [`ReadReply`].
+    ReadReply = 0x43,
     /// [`Message::Ping`].
     Ping = 0x50,
     /// [`Message::Pong`].
@@ -59,11 +63,12 @@ pub enum MessageKind {
 impl MessageKind {
     /// For kinds whose payload may end in bulk data (the bytes of a write): how many payload
     /// bytes come before that data. Data: epoch, flags, length (16); ResyncData: length and
-    /// form (5, the form being 0 = bytes).
+    /// form (5, the form being 0 = bytes); ReadReply: status and length (8).
     pub fn bulk_lead(self) -> Option<usize> {
         match self {
             MessageKind::Data => Some(16),
             MessageKind::ResyncData => Some(5),
+            MessageKind::ReadReply => Some(8),
             _ => None,
         }
     }
@@ -85,6 +90,8 @@ impl MessageKind {
             0x32 => ResyncDone,
             0x40 => VerifyRequest,
             0x41 => VerifyReply,
+            0x42 => ReadRequest,
+            0x43 => ReadReply,
             0x50 => Ping,
             0x51 => Pong,
             0x7f => Disconnect,
@@ -105,6 +112,8 @@ impl MessageKind {
                 | ResyncDone
                 | VerifyRequest
                 | VerifyReply
+                | ReadRequest
+                | ReadReply
         )
     }
 
@@ -113,7 +122,13 @@ impl MessageKind {
         use MessageKind::*;
         matches!(
             self,
-            Data | BitmapChunk | ResyncRequest | ResyncData | VerifyRequest | VerifyReply
+            Data | BitmapChunk
+                | ResyncRequest
+                | ResyncData
+                | VerifyRequest
+                | VerifyReply
+                | ReadRequest
+                | ReadReply
         )
     }
 }
@@ -140,6 +155,8 @@ pub mod features {
     pub const CHECKSUM_RESYNC: u64 = 1 << 1;
     /// Online verify (VerifyRequest/VerifyReply).
     pub const VERIFY: u64 = 1 << 2;
+    /// Serves a detached Primary: answers ReadRequest and honours Data's LOCAL_MISSING.
+    pub const DETACHED_PRIMARY: u64 = 1 << 3;
 }
 
 /// First message each side sends: who it is and what state its copy is in.
@@ -178,8 +195,11 @@ impl DataFlags {
     pub const FUA: u32 = 1 << 0;
     /// Flush the peer's device before applying this write (NBD FLUSH ordering).
     pub const FLUSH: u32 = 1 << 1;
+    /// The sender's own disk does not hold this write (it is detached after a disk error):
+    /// the receiver, now the only copy with it, records the region dirty for the sender.
+    pub const LOCAL_MISSING: u32 = 1 << 2;
     /// All defined bits; others are reserved and must be zero.
-    pub const ALL: u32 = Self::FUA | Self::FLUSH;
+    pub const ALL: u32 = Self::FUA | Self::FLUSH | Self::LOCAL_MISSING;
 
     /// Whether FUA is set.
     pub fn fua(self) -> bool {
@@ -189,6 +209,42 @@ impl DataFlags {
     pub fn flush(self) -> bool {
         self.0 & Self::FLUSH != 0
     }
+    /// Whether LOCAL_MISSING is set.
+    pub fn local_missing(self) -> bool {
+        self.0 & Self::LOCAL_MISSING != 0
+    }
+}
+
+/// Largest region one [`ReadRequest`] asks for (the NBD server's largest request).
+pub const MAX_READ: u32 = 32 << 20;
+
+/// A Primary whose disk failed (detached) reads a region from the peer's copy.
+///
+/// Invariant: `length` is in 1..=[`MAX_READ`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRequest {
+    /// Request number, echoed by the reply.
+    pub seq: u64,
+    /// Byte offset of the region.
+    pub offset: u64,
+    /// Length of the region.
+    pub length: u32,
+}
+
+/// The answer to a [`ReadRequest`]: the bytes, or the errno of a failed read.
+///
+/// Invariant: `status == 0` and `data.len()` is the requested length, or `status != 0` and
+/// `data` is empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadReply {
+    /// The request number answered.
+    pub seq: u64,
+    /// Byte offset of the region.
+    pub offset: u64,
+    /// 0, or the errno of the peer's read.
+    pub status: u32,
+    /// The region's bytes (empty on failure).
+    pub data: Bytes,
 }
 
 /// One application write to mirror.
@@ -424,6 +480,10 @@ pub enum Message {
     VerifyRequest(VerifyRequest),
     /// Verify: digests.
     VerifyReply(VerifyReply),
+    /// A detached Primary reads from the peer's copy.
+    ReadRequest(ReadRequest),
+    /// The bytes of a [`ReadRequest`].
+    ReadReply(ReadReply),
     /// Liveness probe.
     Ping {
         /// Echoed by the Pong.
@@ -486,6 +546,14 @@ fn check_digests(length: u32, d: &Digests) -> Result<(), String> {
     Ok(())
 }
 
+fn check_read_length(length: u32) -> Result<(), String> {
+    if (1..=MAX_READ).contains(&length) {
+        Ok(())
+    } else {
+        Err(format!("read length {length} is not in 1..={MAX_READ}"))
+    }
+}
+
 fn check_node_id(field: &str, s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > MAX_NODE_ID_LEN {
         return Err(format!(
@@ -513,6 +581,8 @@ impl Message {
             Message::ResyncDone { .. } => MessageKind::ResyncDone,
             Message::VerifyRequest(_) => MessageKind::VerifyRequest,
             Message::VerifyReply(_) => MessageKind::VerifyReply,
+            Message::ReadRequest(_) => MessageKind::ReadRequest,
+            Message::ReadReply(_) => MessageKind::ReadReply,
             Message::Ping { .. } => MessageKind::Ping,
             Message::Pong { .. } => MessageKind::Pong,
             Message::Disconnect { .. } => MessageKind::Disconnect,
@@ -532,6 +602,8 @@ impl Message {
             Message::ResyncData(r) => (r.seq, r.offset),
             Message::VerifyRequest(r) => (r.seq, r.offset),
             Message::VerifyReply(r) => (r.seq, r.offset),
+            Message::ReadRequest(r) => (r.seq, r.offset),
+            Message::ReadReply(r) => (r.seq, r.offset),
             _ => (0, 0),
         }
     }
@@ -641,6 +713,22 @@ impl Message {
                 check_digests(v.length, &v.digests).map_err(bad)?;
                 out.put_u32(v.length);
                 put_digests(out, &v.digests);
+            }
+            Message::ReadRequest(r) => {
+                check_read_length(r.length).map_err(bad)?;
+                out.put_u32(r.length);
+            }
+            Message::ReadReply(r) => {
+                let len = u32::try_from(r.data.len())
+                    .ok()
+                    .filter(|l| *l <= MAX_READ)
+                    .ok_or_else(|| bad(format!("{} bytes, at most {MAX_READ}", r.data.len())))?;
+                if r.status != 0 && len != 0 {
+                    return Err(bad(format!("status {} with {len} bytes of data", r.status)));
+                }
+                out.put_u32(r.status);
+                out.put_u32(len);
+                return Ok(Some(r.data.clone()));
             }
             Message::Ping { nonce } | Message::Pong { nonce } => out.put_u64(*nonce),
             Message::Disconnect { reason, detail } => {
@@ -804,6 +892,32 @@ impl Message {
                     offset,
                     length,
                     digests,
+                })
+            }
+            MessageKind::ReadRequest => {
+                let length = r.u32()?;
+                check_read_length(length).map_err(|p| r.bad(p))?;
+                Message::ReadRequest(ReadRequest {
+                    seq,
+                    offset,
+                    length,
+                })
+            }
+            MessageKind::ReadReply => {
+                let status = r.u32()?;
+                let len = r.u32()?;
+                if len > MAX_READ {
+                    return Err(r.bad(format!("{len} bytes, at most {MAX_READ}")));
+                }
+                if status != 0 && len != 0 {
+                    return Err(r.bad(format!("status {status} with {len} bytes of data")));
+                }
+                let data = r.bytes(len as usize)?;
+                Message::ReadReply(ReadReply {
+                    seq,
+                    offset,
+                    status,
+                    data,
                 })
             }
             MessageKind::Ping => Message::Ping { nonce: r.u64()? },

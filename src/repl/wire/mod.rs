@@ -21,7 +21,8 @@ pub use frame::{
 };
 pub use message::{
     BitmapChunk, Data, DataFlags, Digests, DisconnectReason, Generations, Hello, Message,
-    MessageKind, ResyncData, ResyncMode, ResyncPayload, ResyncRequest, VerifyReply, VerifyRequest,
+    MessageKind, ReadReply, ReadRequest, ResyncData, ResyncMode, ResyncPayload, ResyncRequest,
+    VerifyReply, VerifyRequest, MAX_READ,
 };
 
 /// Protocol version (message semantics) this build speaks; negotiated in the Hello.

@@ -202,6 +202,30 @@ pub(crate) fn message() -> impl Strategy<Value = Message> {
                 })
             })
         }),
+        (any::<u64>(), any::<u64>(), 1u32..=MAX_READ).prop_map(|(seq, offset, length)| {
+            Message::ReadRequest(ReadRequest {
+                seq,
+                offset,
+                length,
+            })
+        }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            prop_oneof![payload(20_000).prop_map(Ok), (1u32..).prop_map(Err)]
+        )
+            .prop_map(|(seq, offset, r)| {
+                let (status, data) = match r {
+                    Ok(b) => (0, b),
+                    Err(errno) => (errno, Bytes::new()),
+                };
+                Message::ReadReply(ReadReply {
+                    seq,
+                    offset,
+                    status,
+                    data,
+                })
+            }),
         any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
         (reason(), "[ -~]{0,200}")
