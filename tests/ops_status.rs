@@ -58,6 +58,7 @@ fn base() -> VolumeStatus {
         link_error: None,
         newest: None,
         detached: None,
+        wrote_alone: false,
         verify: None,
     }
 }

@@ -225,6 +225,7 @@ mod tests {
                 newest: None,
                 link_connected: false,
                 intent_acked: acked,
+                copies_compared: true,
             };
             match self.c.decide(i) {
                 Action::Promote => {

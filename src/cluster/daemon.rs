@@ -318,11 +318,13 @@ impl Node {
         )
     }
 
-    /// A mirrored volume here is disconnected with acknowledged writes the peer lacks.
+    /// A mirrored volume here is disconnected and wrote alone while Primary (it may have
+    /// acknowledged writes the peer lacks), whatever its role now: a Primary that stood down
+    /// right after writing alone must still tell its peer that its copy is behind.
     fn peer_lacks_writes(&self) -> bool {
         self.volumes.iter().any(|v| {
             v.status().replication.is_some_and(|r| {
-                r.connection != crate::volume::Connection::Connected && r.rpo_bytes > 0
+                r.connection != crate::volume::Connection::Connected && r.wrote_alone
             })
         })
     }
@@ -376,7 +378,7 @@ impl Node {
         if self.controller.wants_primary() {
             flags |= FLAG_WANTS_PRIMARY;
         }
-        if self.role() == Role::Primary && self.peer_lacks_writes() {
+        if self.peer_lacks_writes() {
             flags |= FLAG_PEER_OUTDATED;
         }
         if self.controller.promoting() {
@@ -901,11 +903,21 @@ impl Node {
             newest: self.newest(),
             link_connected: self.link_connected(),
             intent_acked,
+            copies_compared: self
+                .volumes
+                .iter()
+                .filter(|v| v.status().replication.is_some())
+                .all(|v| v.link_connected()),
         };
         let before = self.controller.reason().to_string();
+        let was_yielding = self.controller.yielding();
         let action = self.controller.decide(inputs);
         if self.controller.reason() != before {
             tracing::info!(decision = self.controller.reason(), "decision");
+        }
+        if was_yielding != self.controller.yielding() {
+            // The stand-down ended (the peer serves): persisted in role.json.
+            self.publish();
         }
         // An announcement raised or withdrawn goes out at once.
         self.advertise();

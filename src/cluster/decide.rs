@@ -124,6 +124,10 @@ pub struct Inputs {
     /// The peer's newest heartbeat acknowledged one of ours that announced this node's
     /// promotion ([`Controller::promoting`]); always true for a peer too old to acknowledge.
     pub intent_acked: bool,
+    /// Every mirrored volume's replication link is connected, so both copies were compared
+    /// (a copy behind the peer's is then a resync target, not UpToDate); true without
+    /// mirrored volumes.
+    pub copies_compared: bool,
 }
 
 /// The decision state of one node.
@@ -273,6 +277,12 @@ impl Controller {
     pub fn decide(&mut self, i: Inputs) -> Action {
         if let PeerView::Alive(st) = i.peer {
             self.last_peer_role = Some(st.role);
+            // A stand-down (operator demote or switchover, a failed bring-up, check or disk,
+            // automatic switchback) has done its work once the peer serves: this node is an
+            // ordinary standby again, which takes over if the peer stands down in turn.
+            if st.role == Role::Primary && i.role == Role::Secondary {
+                self.yielding = false;
+            }
             // A fence under way finishes (its answer is kept); any other proof or query
             // is void once the peer is heard again.
             if !matches!(self.fence, FenceState::InProgress) {
@@ -404,6 +414,23 @@ impl Controller {
                         "Secondary; both Secondary, the preferred peer takes the service",
                     );
                 };
+                // Both say UpToDate, but only the replication link's comparison of the
+                // generations tells which copy is newer (after a double failure the peer may
+                // have served after this node): unless this node's metadata proves it newest,
+                // or the operator forces it, wait until every copy is compared.
+                if !i.copies_compared
+                    && i.newest.is_none()
+                    && s.disk == DiskState::UpToDate
+                    && !forced
+                {
+                    self.withdraw();
+                    return self.say(
+                        Action::None,
+                        format!(
+                            "{why}; waiting for the replication link to compare both copies first"
+                        ),
+                    );
+                }
                 self.announce_then_promote(i, why, s.cannot_promote)
             }
             PeerView::Unknown => {
@@ -613,6 +640,7 @@ mod tests {
             newest: None,
             link_connected: false,
             intent_acked: true,
+            copies_compared: true,
         }
     }
 
@@ -1185,5 +1213,135 @@ mod tests {
         );
         assert_eq!(decide_acked(&mut b, i), Action::Promote, "{}", b.reason());
         assert!(b.reason().contains("operator"), "{}", b.reason());
+    }
+}
+
+#[cfg(test)]
+mod stand_down_tests {
+    use super::*;
+    use crate::cluster::liveness::PeerStatus;
+
+    fn p(priority: u16) -> Params {
+        Params {
+            priority,
+            peer_priority: if priority == 10 { 20 } else { 10 },
+            fence: FenceMode::Cloud,
+            fence_delay: Duration::from_secs(3),
+            fence_retry: Duration::from_secs(5),
+            isolation_grace: Duration::from_secs(10),
+            switchback: Switchback::Intelligent,
+        }
+    }
+
+    fn peer(role: Role, yielding: bool) -> PeerView {
+        PeerView::Alive(PeerStatus {
+            role,
+            disk: DiskState::UpToDate,
+            priority: 10,
+            yielding,
+            wants_primary: false,
+            promoting: false,
+            cannot_promote: false,
+            ack: Default::default(),
+            version: crate::cluster::heartbeat::VERSION,
+        })
+    }
+
+    fn at(peer: PeerView) -> Inputs {
+        Inputs {
+            now: Duration::from_secs(1),
+            role: Role::Secondary,
+            disk: DiskState::UpToDate,
+            peer,
+            witness: WitnessView::Reachable,
+            heard_since_start: true,
+            newest: None,
+            link_connected: false,
+            intent_acked: true,
+            copies_compared: true,
+        }
+    }
+
+    #[test]
+    fn a_stand_down_ends_once_the_peer_serves_so_two_stand_downs_never_leave_the_pair_idle() {
+        // node-b stood down (its disk failed and it handed over); node-a serves.
+        let mut b = Controller::new(p(20));
+        b.stand_down();
+        assert_eq!(b.decide(at(peer(Role::Primary, false))), Action::None);
+        assert!(!b.yielding(), "the hand-over is done");
+        // Later node-a stands down in turn: node-b takes the service.
+        let i = at(peer(Role::Secondary, true));
+        assert_eq!(b.decide(i), Action::None, "announces first");
+        assert_eq!(b.decide(i), Action::Promote, "{}", b.reason());
+    }
+}
+
+#[cfg(test)]
+mod comparison_tests {
+    use super::*;
+    use crate::cluster::liveness::PeerStatus;
+
+    #[test]
+    fn both_up_to_date_after_a_restart_nobody_promotes_before_the_copies_are_compared() {
+        let p = Params {
+            priority: 10,
+            peer_priority: 20,
+            fence: FenceMode::Cloud,
+            fence_delay: Duration::from_secs(3),
+            fence_retry: Duration::from_secs(5),
+            isolation_grace: Duration::from_secs(10),
+            switchback: Switchback::Intelligent,
+        };
+        let mut a = Controller::new(p);
+        let peer = PeerView::Alive(PeerStatus {
+            role: Role::Secondary,
+            disk: DiskState::UpToDate,
+            priority: 20,
+            yielding: false,
+            wants_primary: false,
+            promoting: false,
+            cannot_promote: false,
+            ack: Default::default(),
+            version: crate::cluster::heartbeat::VERSION,
+        });
+        let mut i = Inputs {
+            now: Duration::from_secs(1),
+            role: Role::Secondary,
+            disk: DiskState::UpToDate,
+            peer,
+            witness: WitnessView::Reachable,
+            heard_since_start: true,
+            newest: None,
+            link_connected: false,
+            intent_acked: true,
+            copies_compared: false,
+        };
+        for _ in 0..3 {
+            assert_eq!(a.decide(i), Action::None);
+            assert!(!a.promoting());
+        }
+        assert!(a.reason().contains("compare"), "{}", a.reason());
+        // With the copies compared (this one was not made a resync target) it goes ahead.
+        i.copies_compared = true;
+        assert_eq!(a.decide(i), Action::None);
+        assert_eq!(a.decide(i), Action::Promote);
+        // Or with proof that this copy is the newest.
+        let mut b = Controller::new(p_clone());
+        i.copies_compared = false;
+        i.newest = Some(NewestProof::PeerOutdated);
+        assert_eq!(b.decide(i), Action::None);
+        assert_eq!(b.decide(i), Action::Promote);
+    }
+
+    fn p_clone() -> Params {
+        Params {
+            priority: 10,
+            peer_priority: 20,
+            fence: FenceMode::Cloud,
+            fence_delay: Duration::from_secs(3),
+            fence_retry: Duration::from_secs(5),
+            isolation_grace: Duration::from_secs(10),
+            switchback: Switchback::Intelligent,
+        }
     }
 }

@@ -1067,6 +1067,7 @@ mod tests {
             link_error: None,
             newest: None,
             detached: None,
+            wrote_alone: false,
             verify: None,
         }
     }

@@ -238,6 +238,13 @@ struct State {
     /// Regions the peer acknowledged since its last good flush (sync mode): a failed flush
     /// makes them dirty here.
     peer_unflushed: DirtyBitmap,
+    /// This Primary lost a peer that may hold its current generation: the first write it
+    /// issues alone starts a new one (DRBD's lazy new current UUID), so a node that wrote
+    /// nothing alone never looks like a split brain.
+    new_current_due: bool,
+    /// Since the connection was lost this node wrote alone as Primary (or had writes in
+    /// flight then): the peer may lack acknowledged writes.
+    wrote_alone: bool,
 }
 
 /// One write in [`State::held_writes`] for as long as this lives.
@@ -327,6 +334,8 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             peer_up_to_date: false,
             detach_refusal_logged: false,
             peer_unflushed: DirtyBitmap::new(geometry),
+            new_current_due: false,
+            wrote_alone: false,
         };
         Self {
             local,
@@ -479,7 +488,11 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 }
             })
             .map_err(|e| self.meta_err(e))?;
-        self.st.borrow_mut().role = Role::Primary;
+        {
+            let mut st = self.st.borrow_mut();
+            st.role = Role::Primary;
+            st.new_current_due = false;
+        }
         tracing::info!(volume = %self.settings.volume, generation = format!("{new:016x}"), "promoted to Primary");
         self.drop_session("promoted");
         Ok(())
@@ -494,6 +507,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         let was_detached = {
             let mut st = self.st.borrow_mut();
             st.role = Role::Secondary;
+            st.new_current_due = false;
             // A detached disk is resynced from the new Primary (or fails again, and is then
             // Outdated): it is this node's disk again.
             st.detached.take().is_some()
@@ -624,16 +638,21 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
                 self.settings.node
             ),
         });
-        // The writer pushes what is queued once every sender is gone (the session's own
-        // goes at its end).
         drop(tx);
+        // The Primary ends the connection when it has read the Disconnect: waiting for that
+        // (rather than cutting the connection at once) makes sure it was delivered.
+        let wait = std::time::Duration::from_secs(2);
+        let closed = |v: &Self| v.st.borrow().session.is_none();
+        if tokio::time::timeout(wait, self.wait_until(closed))
+            .await
+            .is_ok()
+        {
+            return true;
+        }
         kill.notify_one();
-        let ended = tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            self.wait_until(|v| v.st.borrow().session.is_none()),
-        )
-        .await;
-        ended.is_ok()
+        tokio::time::timeout(wait, self.wait_until(closed))
+            .await
+            .is_ok()
     }
 
     /// Persists the bitmap and records a clean shutdown (no write may be in flight).
@@ -713,6 +732,7 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             link_error: st.link_health.report(now),
             newest: Self::newest_of(sb.flags),
             detached: st.detached.clone(),
+            wrote_alone: st.wrote_alone,
         }
     }
 
@@ -822,6 +842,12 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             self.go_ahead(st, "the replication queue is full");
         }
         if st.session.is_none() || st.ahead {
+            if st.session.is_none() {
+                st.wrote_alone = true;
+                if std::mem::take(&mut st.new_current_due) {
+                    self.begin_lone_generation();
+                }
+            }
             self.mark_unsent(st, offset, len);
             return None;
         }
@@ -843,6 +869,27 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
             None => {
                 self.mark_unsent(st, offset, len);
                 None
+            }
+        }
+    }
+
+    /// The first write this Primary issues alone since it lost a peer that may hold its
+    /// current generation: a new generation begins, durably, before the write touches the
+    /// disk, so the next connection tells this node's lone writes from a promotion of the peer.
+    fn begin_lone_generation(&self) {
+        let r = gen::random_id().map_err(|e| e.to_string()).and_then(|new| {
+            self.meta
+                .borrow_mut()
+                .update_state(|g, _| g.new_current(new))
+                .map(|_| new)
+                .map_err(|e| e.to_string())
+        });
+        match r {
+            Ok(new) => {
+                tracing::info!(volume = %self.settings.volume, generation = format!("{new:016x}"), "writing without the peer: a new generation begins")
+            }
+            Err(e) => {
+                tracing::error!(volume = %self.settings.volume, error = %e, "cannot record the new generation of writes made without the peer")
             }
         }
     }
@@ -1074,6 +1121,10 @@ impl<T: BlockTarget, D: MetaDevice> MirroredVolume<T, D> {
         if self.st.borrow().detached.is_some() {
             return self.write_through_peer(offset, data, fua).await;
         }
+        // Without the peer, a write waits before it touches this disk while the peer could
+        // still take over (`outdate_wait`, DRBD's I/O freeze): if this node is fenced meanwhile,
+        // its copy holds nothing the new Primary lacks and no generation of its own.
+        self.hold_while_peer_may_take_over().await;
         let len = data.len() as u64;
         let range = offset..offset + len;
         // The activity log covers the write against a crash of this node until both copies
@@ -1574,9 +1625,10 @@ mod tests {
             .ok()
     }
 
-    /// Sync mode with `outdate_wait`, Primary, no connection: a write lands on this copy at
-    /// once but is not acknowledged until the peer's copy is known outdated; after that,
-    /// writes complete at once until the connection is lost again.
+    /// Sync mode with `outdate_wait`, Primary, no connection: a write does not touch this copy
+    /// (and is not acknowledged) until the peer's copy is known outdated, so a node fenced while
+    /// it holds writes has nothing the new Primary lacks; after that, writes complete at once
+    /// until the connection is lost again.
     #[test]
     fn a_write_without_the_peer_waits_for_the_peer_to_be_outdated() {
         run(async {
@@ -1588,8 +1640,8 @@ mod tests {
             assert!(early.is_err(), "acknowledged before the peer was outdated");
             assert_eq!(
                 v.local().snapshot(0, 4096),
-                vec![7; 4096],
-                "not written locally"
+                vec![0; 4096],
+                "written to this copy while the peer could still take over"
             );
             let s = v.status();
             assert_eq!(s.held_writes, 1);
@@ -1599,6 +1651,7 @@ mod tests {
                 .await
                 .expect("still held after the peer was outdated")
                 .unwrap();
+            assert_eq!(v.local().snapshot(0, 4096), vec![7; 4096]);
             assert_eq!(v.status().held_writes, 0);
             assert!(v.status().peer_outdated);
             completes_within(&v, 1, 100)

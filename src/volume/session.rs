@@ -170,6 +170,9 @@ pub enum SessionEnd {
     Dropped,
     /// The peer, a Secondary, stopped as planned and marked its copy Outdated first.
     PeerLeftOutdated(String),
+    /// This node's metadata could not record what the plan needs (a failing disk): only the
+    /// operator can fix it (retry later, as after a refusal).
+    LocalMetadata(String),
 }
 
 impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
@@ -345,22 +348,44 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     .replace_bitmap(union)
                     .and_then(|_| m.persist_bitmap().map(|_| ()))
                 {
-                    return SessionEnd::Lost(e.to_string());
+                    return SessionEnd::LocalMetadata(e.to_string());
                 }
                 if matches!(decided, Plan::Target { .. }) {
                     if let Err(e) = m.update_state(|_, f| {
                         f.set(DiskFlags::CONSISTENT, false);
                         f.set(DiskFlags::UP_TO_DATE, false);
                     }) {
-                        return SessionEnd::Lost(e.to_string());
+                        return SessionEnd::LocalMetadata(e.to_string());
                     }
                 }
-                Some((matches!(decided, Plan::Source { .. }), full))
+                Some((matches!(decided, Plan::Source { .. }), full, true))
+            }
+            // Same generation, but regions may differ (writes in flight when the last
+            // connection was lost, on either side): the Primary resyncs their union, as after
+            // an async catch-up; the generations do not move.
+            Plan::InSync
+                if local.primary
+                    && !local.detached
+                    && !peer.detached
+                    && (local.dirty_chunks > 0 || peer.dirty_chunks > 0) =>
+            {
+                let mut m = self.meta.borrow_mut();
+                let mut union = m.bitmap().clone();
+                if union.merge(&peer_bitmap).is_err() {
+                    return SessionEnd::Lost("peer bitmap geometry differs".into());
+                }
+                if let Err(e) = m
+                    .replace_bitmap(union)
+                    .and_then(|_| m.persist_bitmap().map(|_| ()))
+                {
+                    return SessionEnd::LocalMetadata(e.to_string());
+                }
+                Some((true, false, false))
             }
             _ => None,
         };
         if let Err(e) = self.settle_newest(&decided, &peer) {
-            return SessionEnd::Lost(e.to_string());
+            return SessionEnd::LocalMetadata(e.to_string());
         }
         let kill = Rc::new(Notify::new());
         let session_id = {
@@ -373,6 +398,10 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                 kill: kill.clone(),
             });
             st.peer_primary = peer.primary;
+            // The peer is back: the plan decided on the current ids (and resyncs what it
+            // lacks).
+            st.new_current_due = false;
+            st.wrote_alone = false;
             st.peer_serves_detached = peer_hello.features & features::DETACHED_PRIMARY != 0;
             st.peer_up_to_date = peer.gen.flags.has(DiskFlags::UP_TO_DATE)
                 && !peer.gen.flags.has(DiskFlags::OUTDATED)
@@ -384,7 +413,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             st.counters.connections += 1;
             st.ahead = false;
             st.unsent.clear_all();
-            if let Some((source, _)) = resync {
+            if let Some((source, _, _)) = resync {
                 st.resync = Some(self.resync_run(if source {
                     ResyncRole::Source
                 } else {
@@ -402,8 +431,9 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             !full && self.settings.checksum_resync && peer_hello.features & features::VERIFY != 0
         };
         let resync_task = match resync {
-            Some((true, full)) => Some(AbortOnDrop(tokio::task::spawn_local(
-                self.clone().resync_source(session_id, true, checksum(full)),
+            Some((true, full, by_generation)) => Some(AbortOnDrop(tokio::task::spawn_local(
+                self.clone()
+                    .resync_source(session_id, by_generation, checksum(full)),
             ))),
             _ => None,
         };
@@ -471,6 +501,11 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
             st.verify_lock = None;
             st.resync_apply_failed = false;
             let peer_may_hold_current = std::mem::take(&mut st.peer_may_hold_current);
+            // Writes in flight when the connection went: the peer may lack them (in async mode
+            // they were acknowledged already).
+            if st.role == Role::Primary && st.pending.values().any(|p| p.kind == PendingKind::App) {
+                st.wrote_alone = true;
+            }
             // Dropping the senders ends a verify waiting for digests, and a detached Primary's
             // reads.
             st.verify_waiters.clear();
@@ -490,19 +525,16 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     let _ = m.mark_dirty(p.range.start, p.range.end - p.range.start);
                 }
             }
-            // A new generation when the peer may hold this node's current one (in sync, or a
-            // resync whose end was sent): a later promotion of the peer is then told from this
-            // node's writes. A source still tracking since the peer's generation (bitmap id set,
-            // end not sent) keeps its ids: the peer is behind and Inconsistent, and a new
-            // generation per cut would push the peer's out of the two-slot history.
-            let needs_new = m.superblock().gen.bitmap == 0 || peer_may_hold_current;
-            if self.role() == Role::Primary && needs_new {
-                if let Ok(new) = crate::meta::gen::random_id() {
-                    if let Err(e) = m.update_state(|g, _| g.new_current(new)) {
-                        tracing::error!(volume = %self.settings.volume, error = %e, "cannot record the new generation after losing the peer");
-                    }
-                }
-            }
+            // A new generation is due when the peer may hold this node's current one (in sync,
+            // or a resync whose end was sent); it begins at the first write issued alone
+            // (`begin_lone_generation`), so a later promotion of the peer is told from this
+            // node's own writes, and a node fenced before it wrote alone is simply resynced.
+            // A source still tracking since the peer's generation (bitmap id set, end not sent)
+            // needs none: the peer is behind and Inconsistent, and a new generation per cut
+            // would push the peer's out of the two-slot history.
+            let due = self.role() == Role::Primary
+                && (m.superblock().gen.bitmap == 0 || peer_may_hold_current);
+            self.st.borrow_mut().new_current_due = due;
             let _ = m.persist_bitmap();
         }
         if peer_left_outdated {
@@ -1132,7 +1164,9 @@ pub async fn keep_connected<T: BlockTarget + 'static, D: MetaDevice + 'static>(
 ) -> Result<(), LinkError> {
     let listen = vol.settings.node < vol.settings.peer;
     let after = |end: &SessionEnd| match end {
-        SessionEnd::Refused(_) | SessionEnd::Misconfigured(_) => REFUSED_RETRY,
+        SessionEnd::Refused(_) | SessionEnd::Misconfigured(_) | SessionEnd::LocalMetadata(_) => {
+            REFUSED_RETRY
+        }
         _ => Duration::from_millis(100),
     };
     if listen {
@@ -1206,6 +1240,7 @@ fn session_ended<T: BlockTarget + 'static, D: MetaDevice + 'static>(
     let (kind, message, operator) = match end {
         SessionEnd::Lost(m) => ("session-lost", m, false),
         SessionEnd::Misconfigured(m) => ("volume-mismatch", m, true),
+        SessionEnd::LocalMetadata(m) => ("local-metadata", m, true),
         SessionEnd::Refused(_) | SessionEnd::Dropped | SessionEnd::PeerLeftOutdated(_) => return,
     };
     if vol.link_failed(kind, message.clone(), operator) && operator {

@@ -175,6 +175,11 @@ pub struct VolumeStatus {
     /// by the peer's copy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detached: Option<String>,
+    /// Since the connection was lost this node, as Primary, wrote alone or had writes in
+    /// flight: the peer's copy may lack acknowledged writes (its heartbeats say so until the
+    /// peer is connected again, whatever this node's role by then).
+    #[serde(default)]
+    pub wrote_alone: bool,
 }
 
 /// An online verify (`twinvol verify`): progress while running, the result after.
