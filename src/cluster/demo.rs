@@ -768,6 +768,17 @@ record = "db.lab.internal."
         c.wait().map(|s| s.success()).unwrap_or(false)
     }
 
+    /// Sends `sig` to node `n`'s process (e.g. SIGSTOP and SIGCONT to hang it); false when it
+    /// is not running.
+    pub fn signal(&self, n: usize, sig: nix::sys::signal::Signal) -> bool {
+        match &self.children[n] {
+            Some(c) => {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig).is_ok()
+            }
+            None => false,
+        }
+    }
+
     /// Whether node `n`'s process has exited (e.g. fenced by its peer); reaps it.
     pub fn exited(&mut self, n: usize) -> bool {
         match &mut self.children[n] {
