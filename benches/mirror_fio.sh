@@ -190,7 +190,8 @@ echo "| setup | job | bandwidth | IOPS | node a CPU s/GiB | node b CPU s/GiB | d
 echo "|---|---|---|---|---|---|---|---|---|---|"
 # no_peer ROUND: the jobs against `twinvol export` on DEV_A.
 no_peer() {
-  mkmd
+  # A plain export refuses a device holding twinvol metadata (the mirror rounds write it).
+  "$TWINVOL" wipe-md --device "$A" --force >/dev/null
   "${PIN_A[@]}" "$TWINVOL" export "$A" --socket "$W/plain.sock" --engine uring 2>"$W/plain.log" &
   P=$!
   sleep 1; jobs_run "no peer (twinvol export)" "$W/plain.sock" "$1" "$P" ""; kill $P; wait $P 2>/dev/null || true

@@ -1,4 +1,5 @@
-//! The metadata subcommands: `create-md`, `show-md`, `dump-bitmap`, `new-current-uuid`.
+//! The metadata subcommands: `create-md`, `show-md`, `dump-bitmap`, `new-current-uuid`,
+//! `wipe-md`.
 //! `main.rs` parses [`MetaCommand`] and calls [`run`]; everything printed goes to `out`.
 
 use std::io::{self, Write};
@@ -55,6 +56,16 @@ pub enum MetaCommand {
         #[arg(long, default_value_t = 1)]
         peer_node_id: u32,
         /// Overwrite existing twinvol metadata (its bitmap and generation ids are lost).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Erase the metadata (both superblock slots are zeroed): the device is a plain device
+    /// again. Its bitmap and generation ids are lost; the data area is untouched.
+    WipeMd {
+        /// Devices.
+        #[command(flatten)]
+        location: MetaLocation,
+        /// Required: the volume's mirror state is lost.
         #[arg(long)]
         force: bool,
     },
@@ -250,6 +261,7 @@ pub fn run(cmd: MetaCommand, out: &mut dyn Write) -> Result<(), MetaCliError> {
             force,
             out,
         ),
+        MetaCommand::WipeMd { location, force } => wipe_md(&location, force, out),
         MetaCommand::ShowMd { location, json } => show_md(&location, json, out),
         MetaCommand::DumpBitmap { location, json } => dump_bitmap(&location, json, out),
         MetaCommand::NewCurrentUuid {
@@ -259,6 +271,56 @@ pub fn run(cmd: MetaCommand, out: &mut dyn Write) -> Result<(), MetaCliError> {
             uuid,
         } => new_current_uuid(&location, clear_bitmap, force, uuid, out),
     }
+}
+
+/// Zeroes both superblock slots (claimed device), after checking they hold twinvol metadata.
+fn wipe_md(location: &MetaLocation, force: bool, out: &mut dyn Write) -> Result<(), MetaCliError> {
+    let path = location.meta_path();
+    let mut dev = open_dev(path, true)?;
+    let found = store::probe(&mut dev).map_err(store_err(path))?;
+    if found == store::Probed::Nothing {
+        writeln!(
+            out,
+            "{}: no twinvol metadata; nothing to wipe",
+            path.display()
+        )
+        .map_err(MetaCliError::Output)?;
+        return Ok(());
+    }
+    if !force {
+        return Err(MetaCliError::BadArgument {
+            arg: "force",
+            value: "absent".into(),
+            why: format!(
+                "{} holds twinvol metadata; add --force to erase it (its bitmap and generation ids are lost, the data is kept)",
+                path.display()
+            ),
+        });
+    }
+    let len = dev.len();
+    let zero = [0u8; format::BLOCK];
+    for slot in 0..2u8 {
+        let Some(at) = format::superblock_offset_on_device(len, slot) else {
+            continue;
+        };
+        dev.write_at(at, &zero)
+            .map_err(|source| MetaCliError::Store {
+                path: path.to_path_buf(),
+                source: StoreError::Io {
+                    what: format!("erasing superblock slot {slot} at offset {at}"),
+                    source,
+                },
+            })?;
+    }
+    dev.flush().map_err(|source| MetaCliError::Store {
+        path: path.to_path_buf(),
+        source: StoreError::Io {
+            what: "flushing the erased superblocks".into(),
+            source,
+        },
+    })?;
+    writeln!(out, "{}: twinvol metadata erased", path.display()).map_err(MetaCliError::Output)?;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -723,6 +785,27 @@ mod tests {
     }
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn wipe_md_needs_force_then_leaves_a_plain_device_with_its_data() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("vol.img");
+        std::fs::write(&f, vec![0x5au8; 16 << 20]).unwrap();
+        let p = f.to_str().unwrap();
+        run_words(&["create-md", "--device", p]).unwrap();
+        let e = run_words(&["wipe-md", "--device", p]).unwrap_err();
+        assert!(e.contains("--force"), "{e}");
+        run_words(&["wipe-md", "--device", p, "--force"]).unwrap();
+        let mut dev = FileDevice::open(&f, false).unwrap();
+        assert_eq!(store::probe(&mut dev).unwrap(), store::Probed::Nothing);
+        let data = std::fs::read(&f).unwrap();
+        assert!(
+            data[..1 << 20].iter().all(|b| *b == 0x5a),
+            "the data area is kept"
+        );
+        let again = run_words(&["wipe-md", "--device", p]).unwrap();
+        assert!(again.contains("nothing to wipe"), "{again}");
+    }
 
     #[test]
     fn show_md_on_fresh_metadata_says_fresh() {
