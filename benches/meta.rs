@@ -1,4 +1,4 @@
-//! Metadata costs (issue 3):
+//! Metadata costs:
 //! 1. dirty tracking of one 4 KiB random write that hits the activity log (timed);
 //! 2. metadata writes per 100,000 uniformly random 4 KiB writes across 1 GiB and 100 GiB,
 //!    from the activity-log model and counted on the real store over an in-memory device

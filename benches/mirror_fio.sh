@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Replication benchmark (issue 4): fio through NBD against the same engine with no peer
+# Replication benchmark: fio through NBD against the same engine with no peer
 # (`twinvol export`), a sync mirror and an async mirror. Ratios are what matters.
 #
 # Usage: benches/mirror_fio.sh DEV_A DEV_B ADDR_A ADDR_B [RUNTIME_SECS]
@@ -7,7 +7,7 @@
 #   each node. Node a (the Primary, with fio) runs here; DEV_B is a path on node b.
 #   One machine: /var/tmp/a.img /var/tmp/b.img 127.0.0.1:7789 127.0.0.2:7790. To give node b a
 #   store of its own, put DEV_B in RAM: on a tmpfs mounted with huge=always its writes cost
-#   node b a third less CPU than on /dev/shm (docs/BENCHMARKS.md, session 13).
+#   node b a third less CPU than on /dev/shm (docs/BENCHMARKS.md).
 #   Two machines (e.g. EC2 instances with an EBS volume and a replication ENI each):
 #     RUN_B="ssh ec2-user@10.0.1.20 sudo" TWINVOL_B=/usr/local/bin/twinvol \
 #       benches/mirror_fio.sh /dev/nvme1n1 /dev/nvme1n1 10.0.1.10:7789 10.0.1.20:7789 30
@@ -33,7 +33,7 @@
 #      WORK_PARENT (default /dev/shm): where the work directory is made; keep it off DEV_A's
 #      file system (see below).
 #      SETTLE_SECS (default 0): idle seconds before every job, so that no job runs in the wake
-#      of the one before it (see docs/BENCHMARKS.md, session 8).
+#      of the one before it (see docs/BENCHMARKS.md).
 #      RESULTS (default unset): a file to which each row is also appended as a record for
 #      programs, "round|setup|job|MiB/s|node a CPU s/GiB|node b CPU s/GiB" (benches/mirror_ab.sh).
 # Each row also shows DEV_A's block device over the job (all its writers): the milliseconds a
@@ -63,8 +63,8 @@ command -v fio >/dev/null || { echo "fio missing: run scripts/test-deps.sh" >&2;
 bin_line=$(check_binary "$TWINVOL")
 # The work directory (node a's status file, rewritten every 100 ms, logs, sockets) is on tmpfs,
 # as /run is on a real node: on the file system of DEV_A the status file's renames waited for
-# journal commits that held DEV_A's writes too (0.25-0.4 s with no write completing, measured
-# in session 8), a cost the no-peer run, which writes no status file, did not pay.
+# journal commits that held DEV_A's writes too (0.25-0.4 s with no write completing, measured),
+# a cost the no-peer run, which writes no status file, did not pay.
 W=$(mktemp -d "$WORK_PARENT/twinvol-bench-XXXX")
 . "$(dirname "$0")/node_b.sh"
 cleanup() {
@@ -166,7 +166,7 @@ w, sec, ms = (0, 0, 0) if "-" in d0 else (int(y) - int(x) for x, y in zip(d0.spl
 out += ["%.2f" % (ms / w), "%.0f" % (sec * 512 / 1024 / w)] if w else ["-", "-"]
 # This machine's CPUs over the job: the share idle, and the share the hypervisor gave to
 # others while a CPU here wanted to run (steal; it varied from 0 to 16% between runs of the
-# same job on the development VM, see docs/BENCHMARKS.md, session 13).
+# same job on the development VM, see docs/BENCHMARKS.md).
 d = [int(y) - int(x) for x, y in zip(t0.split(), t1.split())]
 out += ["%.0f" % (100 * d[1] / d[0]), "%.0f" % (100 * d[2] / d[0])] if d[0] else ["-", "-"]
 print(*out)
@@ -220,7 +220,7 @@ mirror() {
   python3 - "$W/a.json" "$mode" <<'PY' || true
 import json, sys
 c = json.load(open(sys.argv[1]))["counters"]
-# Frames per socket write: how well node a's writer batched (counted since session 9).
+# Frames per socket write: how well node a's writer batched .
 per_write = "%.1f" % (c["frames_sent"] / c["writes_sent"]) if c.get("writes_sent") else "not counted"
 print("# %s: Data bytes sent %d, went ahead %d times (then resynced %d bytes), wire/payload %.3f, frames per socket write %s"
       % (sys.argv[2], c["data_bytes_sent"], c["ahead_events"], c["resync_bytes_sent"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Resync benchmark (issue 4): a full resync of DEV_A onto DEV_B (fresh metadata on both, so the
+# Resync benchmark: a full resync of DEV_A onto DEV_B (fresh metadata on both, so the
 # connect decision is a full initial sync from the Primary, promoted with --force), timed from the connection to the
 # end of the resync, with the resync payload and (when the interface is given) the bytes that
 # left node a's replication interface.

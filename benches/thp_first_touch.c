@@ -8,7 +8,7 @@
 //   /tmp/thp_first_touch [FRAG_GIB [COUNT]]
 // FRAG_GIB > 0 first maps that many GiB in 4 KiB pages, writes them all, and frees every other
 // page (MADV_DONTNEED), leaving half of it as 4 KiB holes. Compare /proc/vmstat's compact_stall
-// and thp_fault_fallback before and after. Figures: docs/BENCHMARKS.md, session 13.
+// and thp_fault_fallback before and after. Figures: docs/BENCHMARKS.md.
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -14,7 +14,7 @@ the measurement does not use (e.g. `taskset -c 1` with CPUS_A=0).
 `report` prints, for each interval in which node a wrote (to its replication socket) less than
 MIB_S, the interval's CPU ticks (u user, s system, i idle, w iowait, st steal) and every thread not
 running or sleeping in epoll: a thread in state D with syscall 82 is in rename(2), 75 fdatasync(2).
-Session 8 found the status-file stall this way (docs/BENCHMARKS.md).
+The status-file stall of the data-path thread was found this way (docs/BENCHMARKS.md).
 """
 import glob
 import signal

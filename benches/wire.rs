@@ -1,4 +1,4 @@
-//! Replication wire codec micro-benchmarks (issue 4): CRC32 and zstd level 1 throughput on one
+//! Replication wire codec micro-benchmarks: CRC32 and zstd level 1 throughput on one
 //! core, frame encode+decode of 4 KiB and 1 MiB data frames, and the wire/payload byte ratio
 //! for JSON-like data. Run: `nice -n 10 cargo bench --bench wire -- --warm-up-time 1 --measurement-time 3`.
 

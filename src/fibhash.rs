@@ -5,7 +5,7 @@
 //! (the peer's acks only look keys up, they never insert one), and the activity log's are
 //! bounded by the device size in a map bounded by its slot count. SipHash, the standard
 //! library's default, took 0.2% of the Primary's core for the volume's two maps in the async
-//! 4k benchmark (docs/BENCHMARKS.md, session 11).
+//! 4k benchmark (docs/BENCHMARKS.md).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};

@@ -221,7 +221,8 @@ fn netns_mirror_data_crosses_the_replication_pair_only() {
 /// before the cut. The writes in flight at the kill are on node a only; the devices' activity
 /// log has 16 slots of 1 MiB for writes spread over 256 MiB, so it turns over all the time,
 /// and the final comparison fails if it ever lets an extent go while a write in it is in
-/// flight (it did, before session 12: the copies differed after the resync).
+/// flight (an activity log that evicted the least recently used extent whatever was in flight
+/// in it made the copies differ after the resync).
 #[test]
 fn netns_fio_acknowledged_sync_writes_survive_a_cut_link_and_a_sigkilled_primary() {
     crash_rounds_with_the_link_cut("", true);
@@ -230,8 +231,9 @@ fn netns_fio_acknowledged_sync_writes_survive_a_cut_link_and_a_sigkilled_primary
 /// The same crash in async mode: acknowledged writes may be missing on node b (that is the
 /// mode's promise), but the resync after the restart must make both copies identical. The
 /// 4 MiB queue bound makes node a go ahead too, and the 16-slot activity log makes it go
-/// ahead to make room (`make_room_by_going_ahead`). Run against the code before session 12
-/// (`298e364`), this test and the sync one above both failed: the copies differed.
+/// ahead to make room (`make_room_by_going_ahead`). Against an activity log that evicted
+/// extents with writes in flight, this test and the sync one above both failed: the copies
+/// differed.
 #[test]
 fn netns_async_mirror_resyncs_to_identical_copies_after_a_cut_link_and_a_sigkilled_primary() {
     crash_rounds_with_the_link_cut("mode = \"async\"\nmax_inflight_bytes = 4194304", false);

@@ -106,7 +106,7 @@ impl AlignedBuf {
 /// `madvise`, gives huge pages only to such mappings). Such a buffer is then physically
 /// contiguous, so a 1 MiB direct write reaches the device as one request. From scattered
 /// 4 KiB pages it needs 256 segments, more than a virtio disk takes (254 here), and the block
-/// layer splits it: measured in session 12 (docs/BENCHMARKS.md), no-peer 1 MiB writes ran at
+/// layer splits it: measured (docs/BENCHMARKS.md), no-peer 1 MiB writes ran at
 /// 892-940 MiB/s split and 1,460-1,551 MiB/s whole on the same disk.
 const HUGE_MIN: usize = 1 << 20;
 /// Size and alignment of a transparent huge page on x86-64 and (4 KiB granule) arm64.

@@ -3,7 +3,7 @@
 //! `twinvol mirror --status-file F` replaces F every 100 ms (write `F.tmp`, then rename over
 //! F, so a reader never sees half a file). Those are file-system metadata operations, and on
 //! ext4 a rename over an existing file can wait for the journal or for the disk: measured
-//! (docs/BENCHMARKS.md, session 8) the data-path thread sat 0.4 s in `rename(2)`, in D state
+//! (docs/BENCHMARKS.md) the data-path thread sat 0.4 s in `rename(2)`, in D state
 //! in `submit_bio_wait`, while fio's writes through NBD stopped. Here the caller only hands a
 //! snapshot over; a thread of this module writes it.
 //!

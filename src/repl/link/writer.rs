@@ -28,7 +28,7 @@ const BATCH_BYTES: usize = 4 << 20;
 /// How much lower than its creator's the writer's scheduling priority is (a nice increment)
 /// when it is not on the application's path ([`WriterThread::spawn`]'s `background`).
 ///
-/// Measured (docs/BENCHMARKS.md, session 6): with the Primary's data-path thread, its writer and
+/// Measured (docs/BENCHMARKS.md): with the Primary's data-path thread, its writer and
 /// fio on one core, async 4k writes at QD32 reached 0.76x of the no-peer figure with a 90th
 /// percentile latency of 3.2 ms against 0.9 ms with no peer: the writer, woken for every few
 /// frames, preempted the thread that completes the application's writes. At +10 it runs when
@@ -38,7 +38,7 @@ pub const BACKGROUND_NICE: i32 = 10;
 /// How long, in async mode ([`WriterThread::spawn`]'s `background`), a small batch of Data
 /// frames and acks waits once for company before it is written.
 ///
-/// Measured (docs/BENCHMARKS.md, session 9): async 4k writes at QD32 ran in one of two steady
+/// Measured (docs/BENCHMARKS.md): async 4k writes at QD32 ran in one of two steady
 /// states. In the good one each write of the Primary's writer carried about 24 frames; in the
 /// bad one about 3.6, and the Secondary's acks came back as finely, so every few frames cost a
 /// wake-up of the other node's thread in each direction (on this VM an inter-processor
