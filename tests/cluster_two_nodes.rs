@@ -755,3 +755,58 @@ fn with_on_disk_error_failover_a_primary_whose_disk_fails_hands_the_service_to_t
     }
     fs.fail("none");
 }
+
+#[test]
+fn an_authenticated_heartbeat_from_an_unexpected_address_is_reported_as_a_misconfiguration() {
+    use twinvol::cluster::heartbeat::{self, Ack, DiskState, Heartbeat, Role, VERSION};
+    let d = tempfile::tempdir().unwrap();
+    let l = started(d.path(), &options());
+    // A node holding this cluster's key (a third machine, a copied configuration) sends
+    // node-b's heartbeats to node-a from an address that is not node-b's.
+    let key = twinvol::repl::link::keyfile::load_key_file(&d.path().join("cluster.key")).unwrap();
+    let config = std::fs::read_to_string(&l.configs[A]).unwrap();
+    let local = config
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("local = "))
+        .map(|v| v.trim_matches('"').to_string())
+        .expect("node-a's first heartbeat address");
+    let hb = Heartbeat {
+        node_id: "node-b".into(),
+        path: 0,
+        role: Role::Secondary,
+        disk: DiskState::UpToDate,
+        flags: 0,
+        priority: 20,
+        incarnation: 0x5eed,
+        seq: 1,
+        ack: Ack::default(),
+        version: VERSION,
+    };
+    let s = std::net::UdpSocket::bind("127.0.0.3:0").expect("127.0.0.3 on loopback");
+    for seq in 1..4 {
+        let bytes = heartbeat::encode(&Heartbeat { seq, ..hb.clone() }, &key);
+        s.send_to(&bytes, &local).unwrap();
+    }
+    let st = l
+        .wait_for(A, Duration::from_secs(10), |s| {
+            s["misconfigured"].as_array().is_some_and(|m| {
+                m.iter()
+                    .any(|x| x.as_str().unwrap_or("").contains("127.0.0.3"))
+            })
+        })
+        .unwrap_or_else(|| panic!("node-a did not report it:\n{}", l.log(A)));
+    let text = st["misconfigured"].to_string();
+    assert!(
+        text.contains("another node uses this cluster's key"),
+        "{text}"
+    );
+    assert_eq!(
+        l.log(A).matches("MISCONFIGURATION").count(),
+        1,
+        "logged once:\n{}",
+        l.log(A)
+    );
+    // Nothing else changed: the forged heartbeats were not taken as node-b's.
+    never_two_primaries(&l, Duration::from_secs(1));
+    assert_eq!(role(&l, A).as_deref(), Some("primary"));
+}
