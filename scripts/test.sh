@@ -13,6 +13,8 @@ export AWS_EC2_METADATA_DISABLED=true
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== cargo clippy (lints in Cargo.toml; warnings are errors)"
+cargo clippy --all-targets -- -D warnings
 echo "== cargo test (unit, integration, benches in test mode)"
 cargo test --all-targets
 echo "== cargo test --doc"

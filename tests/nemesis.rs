@@ -275,8 +275,8 @@ fn heal(l: &mut Lab, fs: &[FaultyFs; 2], broken: &mut [bool; 2], downs: &mut Vec
         let _ = l.cut_replication(n, false);
         l.signal(n, Signal::SIGCONT);
     }
-    for n in 0..2 {
-        if std::mem::take(&mut broken[n]) && !l.exited(n) {
+    for (n, broken) in broken.iter_mut().enumerate() {
+        if std::mem::take(broken) && !l.exited(n) {
             downs.push(Down {
                 node: n,
                 at_us: now_us(),
