@@ -22,7 +22,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::{MirroredVolume, PendingKind, Role};
+use super::state::PendingKind;
+use super::{MirroredVolume, Role};
 use crate::block::{BlockError, BlockResult, BlockTarget};
 use crate::config::DiskErrorPolicy;
 use crate::engine::buf::AlignedBuf;

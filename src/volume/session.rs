@@ -14,7 +14,6 @@
 //! through). A frame that fails a CRC never reaches a message, so it is never written: the
 //! connection is reset, the sender keeps the region dirty, and the next connection resyncs it.
 
-use std::ops::Range;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -22,19 +21,20 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 
 use super::plan::{self, Plan, Refusal, Side};
-use super::{Connection, MirroredVolume, PendingKind, ResyncRole, ResyncRun, Role, SessionTx};
+use super::secondary::Applying;
+use super::state::{PendingKind, SessionTx};
+use super::{Connection, MirroredVolume, ResyncRole, Role};
 use crate::block::BlockTarget;
 use crate::config::ReplicationMode;
 use crate::meta::bitmap::DirtyBitmap;
 use crate::meta::device::MetaDevice;
 use crate::meta::gen::{DiskFlags, GenIds, NodeGen};
 use crate::repl::link::{self, Link, LinkConfig, LinkError, LinkListener, ThreadedReader};
-use crate::repl::resync::{pieces, Progress};
-use crate::repl::verify::{block_crcs, chunk_runs, valid_block_size, VERIFY_BLOCK, VERIFY_REGION};
+use crate::repl::verify::{block_crcs, valid_block_size, VERIFY_REGION};
 use crate::repl::wire::bitmap::{split, BitmapAssembler};
 use crate::repl::wire::{
-    message::features, DisconnectReason, Generations, Hello, Message, ResyncData, ResyncPayload,
-    VerifyReply, PROTOCOL_VERSION,
+    message::features, DisconnectReason, Generations, Hello, Message, ResyncPayload, VerifyReply,
+    PROTOCOL_VERSION,
 };
 
 /// Bit of `Hello::disk_state` above the metadata flags: the sender is Primary now.
@@ -42,10 +42,6 @@ pub const HELLO_PRIMARY: u32 = 1 << 31;
 /// Bit of `Hello::disk_state`: the sender's disk is detached (its I/O goes through the peer);
 /// no resync runs to or from it.
 pub const HELLO_DETACHED: u32 = 1 << 30;
-/// Largest resync piece.
-const RESYNC_PIECE: u64 = 1 << 20;
-/// Resync pieces in flight.
-const RESYNC_WINDOW: usize = 8;
 /// Largest bitmap chunk payload.
 const BITMAP_CHUNK: usize = 1 << 20;
 /// Wait after a refused connection before trying again.
@@ -75,75 +71,11 @@ fn to_generations(g: &GenIds) -> Generations {
     }
 }
 
-fn from_generations(g: &Generations) -> GenIds {
+pub(super) fn from_generations(g: &Generations) -> GenIds {
     GenIds {
         current: g.current,
         bitmap: g.bitmap,
         history: [g.history1, g.history2],
-    }
-}
-
-/// Received writes being applied: writes to disjoint ranges run concurrently (at most
-/// [`APPLY_WINDOW`]); a write overlapping one in progress waits for it, so the device ends
-/// exactly as if every frame were applied one by one in sequence order. Flush and ResyncDone
-/// wait for all of them.
-#[derive(Default, Clone)]
-struct Applying {
-    ranges: Rc<std::cell::RefCell<std::collections::HashMap<u64, Range<u64>>>>,
-    next: Rc<std::cell::Cell<u64>>,
-    done: Rc<Notify>,
-}
-
-/// Received writes applied concurrently.
-const APPLY_WINDOW: usize = 64;
-
-/// A write's place among those being applied; released on drop.
-struct ApplySlot {
-    owner: Applying,
-    id: u64,
-}
-
-impl Drop for ApplySlot {
-    fn drop(&mut self) {
-        self.owner.ranges.borrow_mut().remove(&self.id);
-        self.owner.done.notify_waiters();
-    }
-}
-
-impl Applying {
-    async fn wait(&self, ready: impl Fn(&std::collections::HashMap<u64, Range<u64>>) -> bool) {
-        loop {
-            let n = self.done.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if ready(&self.ranges.borrow()) {
-                return;
-            }
-            n.await;
-        }
-    }
-
-    /// Waits until `range` overlaps no write in progress and the window has room, then takes
-    /// a slot.
-    async fn admit(&self, range: Range<u64>) -> ApplySlot {
-        self.wait(|m| {
-            m.len() < APPLY_WINDOW
-                && m.values()
-                    .all(|r| !(r.start < range.end && range.start < r.end))
-        })
-        .await;
-        let id = self.next.get();
-        self.next.set(id + 1);
-        self.ranges.borrow_mut().insert(id, range);
-        ApplySlot {
-            owner: self.clone(),
-            id,
-        }
-    }
-
-    /// Waits until every write in progress completed.
-    async fn drain(&self) {
-        self.wait(|m| m.is_empty()).await;
     }
 }
 
@@ -814,313 +746,8 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         }
     }
 
-    /// Flushes this Secondary's device after the writes applied so far; returns the Ack status.
-    /// A failed flush may have lost every write acknowledged since the last good one: they
-    /// become dirty here and the copy Outdated before the failure is acknowledged, so the next
-    /// connection resyncs them.
-    async fn flush_applied(&self, unflushed: &std::cell::RefCell<DirtyBitmap>) -> u32 {
-        match self.local.flush().await {
-            Ok(()) => {
-                unflushed.borrow_mut().clear_all();
-                0
-            }
-            Err(e) => {
-                let errno = e.raw_errno() as u32;
-                let runs: Vec<Range<u64>> = unflushed.borrow().dirty_runs().collect();
-                unflushed.borrow_mut().clear_all();
-                {
-                    let mut m = self.meta.borrow_mut();
-                    for r in &runs {
-                        let _ = m.mark_dirty(r.start, r.end - r.start);
-                    }
-                    let _ = m.persist_bitmap();
-                }
-                let bytes: u64 = runs.iter().map(|r| r.end - r.start).sum();
-                self.apply_failed(0, bytes, errno);
-                errno
-            }
-        }
-    }
-
-    /// Marks this copy Inconsistent (durably) when a resync begins without a connect-time plan
-    /// (async catch-up after "ahead").
-    async fn mark_target(&self) {
-        let needs = {
-            let m = self.meta.borrow();
-            m.superblock().flags.has(DiskFlags::CONSISTENT)
-        };
-        if needs {
-            let r = self.meta.borrow_mut().update_state(|_, f| {
-                f.set(DiskFlags::CONSISTENT, false);
-                f.set(DiskFlags::UP_TO_DATE, false);
-            });
-            if let Err(e) = r {
-                tracing::error!(volume = %self.settings.volume, error = %e, "cannot mark the resync target inconsistent");
-            }
-            let mut st = self.st.borrow_mut();
-            if st.resync.is_none() {
-                st.resync = Some(ResyncRun {
-                    role: ResyncRole::Target,
-                    progress: Progress::new(u64::MAX / 2, Instant::now()),
-                });
-            }
-        }
-    }
-
-    /// Writes one received region; returns the Ack status (0 or errno). A payload the link
-    /// received aligned goes to the disk without a copy.
-    async fn apply(&self, offset: u64, data: Bytes, fua: bool) -> u32 {
-        if offset
-            .checked_add(data.len() as u64)
-            .is_none_or(|e| e > self.info.size)
-        {
-            tracing::error!(volume = %self.settings.volume, offset, len = data.len(), "peer wrote beyond the device; refused");
-            return libc::EINVAL as u32;
-        }
-        match self.local.write_bytes(offset, data, fua).await {
-            Ok(()) => 0,
-            Err(e) => {
-                // The callers mark the copy and log the first failure; this is every one.
-                tracing::debug!(volume = %self.settings.volume, error = %e, "applying a replicated write failed");
-                e.raw_errno() as u32
-            }
-        }
-    }
-
-    /// This resync target failed to store resync data (`errno`): the resync must not finish,
-    /// so this copy stays Inconsistent (it is already, since the resync began) and the source
-    /// keeps the region dirty. Logged once per resync.
-    fn resync_apply_failed(&self, offset: u64, len: u64, errno: u32) {
-        let mut st = self.st.borrow_mut();
-        st.counters.local_apply_errors += 1;
-        if !std::mem::replace(&mut st.resync_apply_failed, true) {
-            let error = std::io::Error::from_raw_os_error(errno as i32);
-            tracing::error!(volume = %self.settings.volume, offset, len, %error, "this copy failed to store resync data: it stays INCONSISTENT and the resync will not finish; check the device, then run `twinvol resync` (logged once per resync; count: local_apply_errors)");
-        }
-    }
-
-    async fn finish_as_target(&self, source: &Hello) -> u32 {
-        // Every piece before ResyncDone has been applied (the receiver drained them).
-        if std::mem::replace(&mut self.st.borrow_mut().resync_apply_failed, false) {
-            self.st.borrow_mut().resync = None;
-            return libc::EIO as u32;
-        }
-        if let Err(e) = self.local.flush().await {
-            return e.raw_errno() as u32;
-        }
-        let src = from_generations(&source.generations);
-        let mut m = self.meta.borrow_mut();
-        let mut clean = m.bitmap().clone();
-        clean.clear_all();
-        let r = m
-            .replace_bitmap(clean)
-            .and_then(|_| m.persist_bitmap().map(|_| ()))
-            .and_then(|_| {
-                m.update_state(|g, f| {
-                    let full = g.current == crate::meta::gen::JUST_CREATED;
-                    g.resync_finished_as_target(&src, full);
-                    f.set(DiskFlags::CONSISTENT, true);
-                    f.set(DiskFlags::UP_TO_DATE, true);
-                    f.set(DiskFlags::OUTDATED, false);
-                    f.set(DiskFlags::INITIAL_SYNC_DONE, true);
-                })
-            });
-        drop(m);
-        self.st.borrow_mut().resync = None;
-        match r {
-            Ok(()) => {
-                self.st.borrow_mut().apply_failed = false;
-                tracing::info!(volume = %self.settings.volume, "resync finished: this copy is up to date");
-                0
-            }
-            Err(e) => {
-                tracing::error!(volume = %self.settings.volume, error = %e, "cannot record the finished resync");
-                libc::EIO as u32
-            }
-        }
-    }
-
     pub(super) fn session_is(&self, id: u64) -> bool {
         self.st.borrow().session.as_ref().map(|s| s.id) == Some(id)
-    }
-
-    /// Async mode: when the volume went ahead and everything sent was acknowledged, resync
-    /// the bits left behind.
-    async fn ahead_watch(self: Rc<Self>, session_id: u64) {
-        loop {
-            self.wait_until(|v| {
-                let st = v.st.borrow();
-                st.ahead && st.inflight_bytes == 0 && st.resync.is_none()
-            })
-            .await;
-            if !self.session_is(session_id) {
-                return;
-            }
-            {
-                let mut st = self.st.borrow_mut();
-                st.ahead = false;
-                st.resync = Some(self.resync_run(ResyncRole::Source));
-            }
-            tracing::info!(volume = %self.settings.volume, "link caught up: resyncing what was left behind");
-            self.clone().resync_source(session_id, false, false).await;
-        }
-    }
-
-    /// Sends every dirty region as ResyncData (rate-limited, windowed), then ResyncDone; on
-    /// success records the finished resync (`by_generation`: the resync came from the
-    /// connect decision and the generation ids move on). `checksum`: each piece's block CRCs
-    /// are compared with the peer's first (VerifyRequest), chunks without a differing block
-    /// go as InSync (no data), the others as bytes.
-    pub(super) async fn resync_source(
-        self: Rc<Self>,
-        session_id: u64,
-        by_generation: bool,
-        checksum: bool,
-    ) {
-        let runs: Vec<Range<u64>> = self.meta.borrow().bitmap().dirty_runs().collect();
-        let gran = u64::from(self.meta.borrow().superblock().granularity.bytes());
-        for run in runs {
-            for piece in pieces(run, RESYNC_PIECE, gran) {
-                if !self.session_is(session_id) {
-                    return;
-                }
-                let len = piece.end - piece.start;
-                let wait = self.st.borrow_mut().rate.take(len, Instant::now());
-                if !wait.is_zero() {
-                    tokio::time::sleep(wait).await;
-                }
-                // The window, and in async mode also the in-flight bound shared with the
-                // application's Data frames (one piece may always go when nothing is in flight).
-                let bound = (self.settings.mode == ReplicationMode::Async)
-                    .then_some(self.settings.max_inflight_bytes);
-                self.wait_until(|v| {
-                    let st = v.st.borrow();
-                    st.pending
-                        .values()
-                        .filter(|p| p.kind == PendingKind::Resync)
-                        .count()
-                        < RESYNC_WINDOW
-                        && bound
-                            .is_none_or(|b| st.inflight_bytes == 0 || st.inflight_bytes + len <= b)
-                })
-                .await;
-                // Lock the piece against new application writes, wait for those in flight.
-                self.st.borrow_mut().resync_lock = Some(piece.clone());
-                self.wait_app_writes_clear(&piece).await;
-                let buf = self.local.alloc_buf_for_overwrite(len as usize);
-                let (r, buf) = self.local.read(piece.start, buf).await;
-                if let Err(e) = r {
-                    tracing::error!(volume = %self.settings.volume, error = %e, "resync read failed; dropping the connection");
-                    self.st.borrow_mut().resync_lock = None;
-                    self.wake.notify_waiters();
-                    self.drop_session("resync read failed");
-                    return;
-                }
-                let data = buf.into_bytes();
-                let runs = match checksum {
-                    true => self
-                        .peer_differing_blocks(session_id, piece.clone(), &data)
-                        .await
-                        .map(|d| chunk_runs(piece.start, len, VERIFY_BLOCK, gran, &d)),
-                    false => None,
-                }
-                .unwrap_or_else(|| vec![(piece.clone(), false)]);
-                {
-                    let mut st = self.st.borrow_mut();
-                    let _ = st.unsent.clear(piece.start, len);
-                    for (part, in_sync) in runs {
-                        let (offset, plen) = (part.start, part.end - part.start);
-                        let payload = if in_sync {
-                            ResyncPayload::InSync
-                        } else {
-                            let at = (part.start - piece.start) as usize;
-                            ResyncPayload::Bytes(data.slice(at..at + plen as usize))
-                        };
-                        let sent = Self::send_tracked(
-                            &mut st,
-                            PendingKind::Resync,
-                            part,
-                            Instant::now(),
-                            |seq| {
-                                Message::ResyncData(ResyncData {
-                                    seq,
-                                    offset,
-                                    length: plen as u32,
-                                    payload,
-                                })
-                            },
-                        );
-                        if sent.is_some() {
-                            if in_sync {
-                                st.counters.resync_bytes_in_sync += plen;
-                            } else {
-                                st.counters.resync_bytes_sent += plen;
-                            }
-                        }
-                    }
-                    st.resync_lock = None;
-                }
-                self.wake.notify_waiters();
-            }
-        }
-        self.wait_until(|v| {
-            !v.session_is(session_id)
-                || v.st
-                    .borrow()
-                    .pending
-                    .values()
-                    .all(|p| p.kind != PendingKind::Resync)
-        })
-        .await;
-        let done = {
-            let mut st = self.st.borrow_mut();
-            let sent =
-                Self::send_tracked(&mut st, PendingKind::Control, 0..0, Instant::now(), |seq| {
-                    Message::ResyncDone { seq }
-                });
-            if sent.is_some() && by_generation {
-                st.peer_may_hold_current = true;
-            }
-            sent
-        };
-        let Some((_, rx)) = done else { return };
-        match rx.await {
-            Ok(true) => {}
-            Ok(false) => {
-                self.st.borrow_mut().peer_may_hold_current = false;
-                // The peer failed to store some of it (or to record the end): it stays
-                // Inconsistent, and the pieces it failed stay dirty here.
-                tracing::error!(volume = %self.settings.volume, left = self.meta.borrow().bitmap().dirty_bytes(), "the peer could not finish the resync (it failed to store resync data or to record the end): its copy stays Inconsistent; after its device is fixed, `twinvol resync` copies what is left");
-                if self.session_is(session_id) {
-                    self.st.borrow_mut().resync = None;
-                }
-                return;
-            }
-            Err(_) => return,
-        }
-        if by_generation {
-            let r = self.meta.borrow_mut().update_state(|g, f| {
-                g.resync_finished_as_source();
-                f.set(DiskFlags::INITIAL_SYNC_DONE, true);
-                // The peer holds this copy's generation now.
-                f.set(DiskFlags::PEER_OUTDATED, false);
-            });
-            if let Err(e) = r {
-                tracing::error!(volume = %self.settings.volume, error = %e, "cannot record the finished resync");
-            } else {
-                self.st.borrow_mut().peer_may_hold_current = false;
-            }
-        }
-        let _ = self.meta.borrow_mut().persist_bitmap();
-        let current = self.session_is(session_id);
-        {
-            let mut st = self.st.borrow_mut();
-            st.resync = None;
-            if current {
-                st.peer_up_to_date = true;
-            }
-        }
-        tracing::info!(volume = %self.settings.volume, left = self.meta.borrow().bitmap().dirty_bytes(), "resync finished as source");
     }
 }
 
