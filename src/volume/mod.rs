@@ -23,6 +23,7 @@
 //! Everything runs on the volume's data-path thread: state sits in `RefCell`s that are never
 //! borrowed across an `.await`.
 
+pub mod bitmap_exchange;
 pub mod control;
 pub mod degraded;
 mod detach;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 
+use super::bitmap_exchange::recv_bitmap;
 use super::plan::{self, Plan, Refusal, Side};
 use super::secondary::Applying;
 use super::state::{PendingKind, SessionTx};
@@ -31,7 +32,7 @@ use crate::meta::device::MetaDevice;
 use crate::meta::gen::{DiskFlags, GenIds, NodeGen};
 use crate::repl::link::{self, Link, LinkConfig, LinkError, LinkListener, ThreadedReader};
 use crate::repl::verify::{block_crcs, valid_block_size, VERIFY_REGION};
-use crate::repl::wire::bitmap::{split, BitmapAssembler};
+use crate::repl::wire::bitmap::split;
 use crate::repl::wire::{
     message::features, DisconnectReason, Generations, Hello, Message, ResyncPayload, VerifyReply,
     PROTOCOL_VERSION,
@@ -220,10 +221,10 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
         {
             Ok(b) => b,
             Err(e) => {
-                if e.contains("CRC") || e.contains("magic") {
+                if e.is_corrupt_frame() {
                     self.st.borrow_mut().counters.corrupt_frames += 1;
                 }
-                return SessionEnd::Lost(e);
+                return SessionEnd::Lost(e.to_string());
             }
         };
         // No await from here to the session's registration below: a role change after this
@@ -527,7 +528,7 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
                     continue;
                 }
                 Ok(Err(e)) => {
-                    if matches!(e, LinkError::Wire { .. }) {
+                    if e.is_corrupt_frame() {
                         self.st.borrow_mut().counters.corrupt_frames += 1;
                         tracing::error!(volume = %self.settings.volume, error = %e, "corrupt replication frame refused (never written); resetting the connection");
                     }
@@ -748,38 +749,6 @@ impl<T: BlockTarget + 'static, D: MetaDevice + 'static> MirroredVolume<T, D> {
 
     pub(super) fn session_is(&self, id: u64) -> bool {
         self.st.borrow().session.as_ref().map(|s| s.id) == Some(id)
-    }
-}
-
-async fn recv_bitmap(
-    reader: &mut ThreadedReader,
-    geometry: crate::meta::bitmap::BitmapGeometry,
-    timeout: Duration,
-) -> Result<DirtyBitmap, String> {
-    let mut asm = BitmapAssembler::new(geometry.chunks().saturating_mul(10).max(1 << 16));
-    loop {
-        let m = match tokio::time::timeout(timeout, reader.recv()).await {
-            Err(_) => return Err("peer sent no bitmap in time".into()),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Ok(Ok(m)) => m,
-        };
-        match m {
-            Message::BitmapChunk(c) => {
-                if let Some(all) = asm.push(&c).map_err(|e| e.to_string())? {
-                    return DirtyBitmap::decode_rle(&all, geometry).map_err(|e| e.to_string());
-                }
-            }
-            Message::Disconnect { reason, detail } => {
-                return Err(format!("peer refused: {reason:?}: {detail}"))
-            }
-            Message::Ping { .. } | Message::Pong { .. } => {}
-            other => {
-                return Err(format!(
-                    "expected the peer's bitmap, got {:?}",
-                    other.kind()
-                ))
-            }
-        }
     }
 }
 

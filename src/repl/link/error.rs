@@ -183,6 +183,12 @@ impl LinkError {
         self.class().1
     }
 
+    /// True when the peer's bytes failed frame verification (checksum, magic, length): the
+    /// frame was refused before anything in it was used.
+    pub fn is_corrupt_frame(&self) -> bool {
+        matches!(self, Self::Wire { .. })
+    }
+
     /// One row per variant: its [`Self::kind`] and [`Self::needs_operator`].
     fn class(&self) -> (&'static str, bool) {
         use DisconnectReason as R;

@@ -21,7 +21,7 @@ mod socket;
 pub mod writer;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -65,6 +65,13 @@ fn pair_configs(key_a: &str, key_b: &str) -> (LinkListener, LinkConfig) {
     (listener, cb)
 }
 
+/// Two authenticated links over loopback: node "a" (accepted) and node "b" (connected).
+pub(crate) async fn connected_pair() -> (Link, Link) {
+    let (listener, cb) = pair_configs(KEY_A, KEY_A);
+    let (a, b) = tokio::join!(listener.accept(), connect(&cb));
+    (a.unwrap(), b.unwrap())
+}
+
 fn assert_no_key(text: &str) {
     for k in [KEY_A, KEY_B] {
         assert!(!text.contains(k), "key leaked: {text}");
